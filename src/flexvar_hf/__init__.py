@@ -1,0 +1,13 @@
+"""flexvar-hf: FlexVAR scale-wise autoregressive image generation for Hugging Face diffusers."""
+
+from .models import FlexVARKVCache, FlexVARTransformer2DModel, FlexVARTransformerOutput, FlexVQModel, VQEncoderOutput
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FlexVARKVCache",
+    "FlexVARTransformer2DModel",
+    "FlexVARTransformerOutput",
+    "FlexVQModel",
+    "VQEncoderOutput",
+]

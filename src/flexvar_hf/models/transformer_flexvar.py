@@ -1,0 +1,290 @@
+"""FlexVARTransformer2DModel: the scale-wise autoregressive transformer of FlexVAR."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.attention import FeedForward
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.normalization import AdaLayerNormContinuous, AdaLayerNormZero
+from diffusers.utils import BaseOutput
+
+from ..scales import ScaleLike, as_hw_list, flatten_grid, num_tokens
+
+# The per-head attention scale is exp(log_scale), clamped at exp(MAX_LOG_SCALE) = 100 as in the original.
+MAX_LOG_SCALE = math.log(100.0)
+
+
+@dataclass
+class FlexVARTransformerOutput(BaseOutput):
+    """
+    Args:
+        logits (`torch.Tensor` of shape `(batch_size, num_tokens, vocab_size)`):
+            Next-scale token logits for every token of the scales that were fed in, row-major per scale.
+    """
+
+    logits: torch.Tensor
+
+
+class FlexVARKVCache:
+    """Preallocated key/value cache for generating one scale per call.
+
+    Each layer gets `(batch, heads, max_tokens, head_dim)` key and value buffers; a call writes its tokens after the
+    ones already cached and attends to everything written so far.
+    """
+
+    def __init__(self, num_layers: int, batch_size: int, num_heads: int, max_tokens: int, head_dim: int, **tensor_kw):
+        shape = (batch_size, num_heads, max_tokens, head_dim)
+        self.keys = [torch.empty(shape, **tensor_kw) for _ in range(num_layers)]
+        self.values = [torch.empty(shape, **tensor_kw) for _ in range(num_layers)]
+        self.max_tokens = max_tokens
+        self.length = 0
+
+    def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this call's (B, H, l, D) keys and values for `layer`; return all cached ones including them."""
+        end = self.length + keys.shape[2]
+        if end > self.max_tokens:
+            raise ValueError(f"The KV cache holds {self.max_tokens} tokens; this call needs {end}.")
+        self.keys[layer][:, :, self.length : end] = keys
+        self.values[layer][:, :, self.length : end] = values
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def advance(self, num_new_tokens: int) -> None:
+        """Mark the tokens of the last call as cached (after every layer wrote them)."""
+        self.length += num_new_tokens
+
+
+class FlexVARAttention(nn.Module):
+    """Self-attention on L2-normalised queries and keys with a learnable per-head temperature.
+
+    The projection has a bias for queries and values but none for keys, as in VAR.
+    """
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.to_qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(dim))
+        self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.log_scale = nn.Parameter(torch.full((1, num_heads, 1, 1), math.log(4.0)))
+        self.to_out = nn.Linear(dim, dim)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        kv_cache: FlexVARKVCache | None = None,
+        layer_index: int = 0,
+    ) -> torch.Tensor:
+        batch, length, dim = hidden_states.shape
+        bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
+        qkv = F.linear(hidden_states, self.to_qkv.weight, bias)
+        query, key, value = qkv.view(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        query = F.normalize(query, dim=-1) * self.log_scale.clamp_max(MAX_LOG_SCALE).exp().to(query.dtype)
+        key = F.normalize(key, dim=-1)
+        if kv_cache is not None:
+            key, value = kv_cache.update(layer_index, key, value)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=1.0)
+        return self.to_out(out.transpose(1, 2).reshape(batch, length, dim))
+
+
+class FlexVARBlock(nn.Module):
+    """Transformer block with AdaLN-Zero conditioning on the class embedding."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = AdaLayerNormZero(dim)
+        self.attn = FlexVARAttention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.ff = FeedForward(dim, inner_dim=round(dim * mlp_ratio), activation_fn="gelu-approximate")
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        conditioning: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        kv_cache: FlexVARKVCache | None = None,
+        layer_index: int = 0,
+    ) -> torch.Tensor:
+        normed, gate_attn, shift_ff, scale_ff, gate_ff = self.norm1(hidden_states, emb=conditioning)
+        hidden_states = hidden_states + gate_attn[:, None] * self.attn(normed, attention_mask, kv_cache, layer_index)
+        normed = self.norm2(hidden_states) * (1 + scale_ff[:, None]) + shift_ff[:, None]
+        return hidden_states + gate_ff[:, None] * self.ff(normed)
+
+
+def sincos_position_grid(dim: int, size: int) -> torch.Tensor:
+    """The original's initial position grid (1, dim, size, size): sin of the row on even and cos of the column on
+    odd channels."""
+    frequencies = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    coords = torch.arange(size, dtype=torch.float32)
+    grid = torch.empty(size, size, dim)
+    grid[..., 0::2] = torch.sin(coords[:, None, None] * frequencies)
+    grid[..., 1::2] = torch.cos(coords[None, :, None] * frequencies)
+    return grid.permute(2, 0, 1).unsqueeze(0)
+
+
+def block_causal_mask(scales: Sequence[tuple[int, int]], num_cached: int, device: torch.device) -> torch.Tensor | None:
+    """Boolean (l_new, num_cached + l_new) mask: a token sees every cached token and the tokens of its own and
+    earlier scales. None when a single scale is fed (no masking needed)."""
+    if len(scales) == 1:
+        return None
+    scale_ids = torch.cat([torch.full((h * w,), i, device=device) for i, (h, w) in enumerate(scales)])
+    new = scale_ids[:, None] >= scale_ids[None, :]
+    cached = torch.ones(len(scale_ids), num_cached, dtype=torch.bool, device=device)
+    return torch.cat((cached, new), dim=1)
+
+
+class FlexVARTransformer2DModel(ModelMixin, ConfigMixin):
+    r"""
+    The FlexVAR transformer. It predicts the complete token map of each scale from all coarser scales, each given as
+    the normalised code vectors of the previous scale's tokens resized (bicubic) to the next scale. Position
+    embeddings are one learned 2D grid area-resized to every scale, so any sequence of scales of any aspect ratio
+    works; there are no step embeddings.
+
+    Args:
+        num_classes (`int`, defaults to 1000): Class labels; label `num_classes` is the unconditional one.
+        vocab_size (`int`, defaults to 8912): Codebook size of the tokenizer.
+        code_dim (`int`, defaults to 32): Code vector size of the tokenizer.
+        num_layers (`int`, defaults to 16): Depth.
+        hidden_size (`int`, defaults to 1024): Width (64 * depth in the released models).
+        num_attention_heads (`int`, defaults to 16): Heads (= depth in the released models).
+        mlp_ratio (`float`, defaults to 4.0): Feed-forward width relative to `hidden_size`.
+        pos_grid_size (`int`, defaults to 32): Side of the stored position grid.
+    """
+
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["FlexVARBlock"]
+
+    @register_to_config
+    def __init__(
+        self,
+        num_classes: int = 1000,
+        vocab_size: int = 8912,
+        code_dim: int = 32,
+        num_layers: int = 16,
+        hidden_size: int = 1024,
+        num_attention_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        pos_grid_size: int = 32,
+    ):
+        super().__init__()
+        if hidden_size % num_attention_heads:
+            raise ValueError(
+                f"hidden_size {hidden_size} must be divisible by num_attention_heads {num_attention_heads}."
+            )
+        self.code_embed = nn.Linear(code_dim, hidden_size)
+        self.class_embed = nn.Embedding(num_classes + 1, hidden_size)
+        self.start_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
+        self.pos_grid = nn.Parameter(sincos_position_grid(hidden_size, pos_grid_size))
+        self.blocks = nn.ModuleList(
+            [FlexVARBlock(hidden_size, num_attention_heads, mlp_ratio) for _ in range(num_layers)]
+        )
+        self.norm_out = AdaLayerNormContinuous(hidden_size, hidden_size, elementwise_affine=False, eps=1e-6)
+        self.proj_out = nn.Linear(hidden_size, vocab_size)
+        self.gradient_checkpointing = False
+        self.initialize_weights()
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """FlexVAR's initialisation for training from scratch (VAR's `init_weights` with its default arguments)."""
+        dim, depth = self.config.hidden_size, self.config.num_layers
+        std = math.sqrt(1 / dim / 3)
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.trunc_normal_(module.weight, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+        nn.init.trunc_normal_(self.start_token, std=std)
+        self.proj_out.weight.mul_(0.02)
+        self.norm_out.linear.weight.mul_(0.5)
+        for block in self.blocks:
+            block.attn.to_out.weight.div_(math.sqrt(2 * depth))
+            block.ff.net[2].weight.div_(math.sqrt(2 * depth))
+            # AdaLN-Zero rows: shift, scale, gate for attention, then for the feed-forward; gates start near zero.
+            rows = block.norm1.linear.weight.view(6, dim, dim)
+            rows.mul_(0.5)
+            rows[2].mul_(2e-5)
+            rows[5].mul_(2e-5)
+
+    def position_embeddings(self, scales: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """(1, sum(h*w), hidden) position embeddings: the grid area-resized to each scale, row-major."""
+        return torch.cat([flatten_grid(F.interpolate(self.pos_grid, size=hw, mode="area")) for hw in scales], dim=1)
+
+    def init_kv_cache(self, batch_size: int, max_tokens: int) -> FlexVARKVCache:
+        """An empty cache for `batch_size` sequences of up to `max_tokens` tokens, in the model's dtype and device."""
+        first = self.blocks[0].attn
+        return FlexVARKVCache(
+            len(self.blocks),
+            batch_size,
+            first.num_heads,
+            max_tokens,
+            first.head_dim,
+            dtype=self.dtype,
+            device=self.device,
+        )
+
+    def forward(
+        self,
+        class_labels: torch.LongTensor,
+        scales: Sequence[ScaleLike],
+        scale_inputs: torch.Tensor | None = None,
+        kv_cache: FlexVARKVCache | None = None,
+        return_dict: bool = True,
+    ) -> FlexVARTransformerOutput | tuple[torch.Tensor]:
+        """
+        Args:
+            class_labels (`torch.LongTensor` of shape `(B,)`): Labels in [0, num_classes]; `num_classes` is the
+                unconditional label. No label dropout happens here (training applies it).
+            scales: The scales fed in this call (int sides or (h, w) pairs). Without a cache (teacher forcing) these
+                are all scales of the sequence; with a cache, the scales that follow the cached ones.
+            scale_inputs (`torch.Tensor` of shape `(B, n, code_dim)`): Code vectors of every fed scale except the
+                first scale of the sequence (which takes the start token): each scale's input is the previous
+                scale's code map resized bicubic to it, flattened row-major. None when only the first scale is fed.
+            kv_cache (`FlexVARKVCache`, *optional*): Cache from `init_kv_cache` for incremental generation; the
+                tokens of this call are appended to it.
+
+        Returns:
+            `FlexVARTransformerOutput` with `logits` of shape `(B, tokens of the fed scales, vocab_size)`.
+        """
+        scales = as_hw_list(scales)
+        num_cached = 0 if kv_cache is None else kv_cache.length
+        starts_sequence = num_cached == 0
+        conditioning = self.class_embed(class_labels)
+        batch = conditioning.shape[0]
+        expected = num_tokens(scales) - (scales[0][0] * scales[0][1] if starts_sequence else 0)
+        if expected and (scale_inputs is None or scale_inputs.shape[:2] != (batch, expected)):
+            got = None if scale_inputs is None else tuple(scale_inputs.shape)
+            raise ValueError(
+                f"`scale_inputs` must have shape ({batch}, {expected}, code_dim) for these scales, got {got}."
+            )
+
+        pieces = []
+        if starts_sequence:
+            first_tokens = scales[0][0] * scales[0][1]
+            pieces.append((conditioning[:, None] + self.start_token).expand(batch, first_tokens, -1))
+        if expected:
+            pieces.append(self.code_embed(scale_inputs.to(self.code_embed.weight.dtype)))
+        hidden_states = torch.cat(pieces, dim=1) + self.position_embeddings(scales)
+        attention_mask = block_causal_mask(scales, num_cached, hidden_states.device)
+
+        for index, block in enumerate(self.blocks):
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                hidden_states = self._gradient_checkpointing_func(
+                    block, hidden_states, conditioning, attention_mask, kv_cache, index
+                )
+            else:
+                hidden_states = block(hidden_states, conditioning, attention_mask, kv_cache, index)
+        if kv_cache is not None:
+            kv_cache.advance(hidden_states.shape[1])
+
+        logits = self.proj_out(self.norm_out(hidden_states, conditioning))
+        if not return_dict:
+            return (logits,)
+        return FlexVARTransformerOutput(logits=logits)
