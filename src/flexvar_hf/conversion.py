@@ -146,19 +146,32 @@ VQ_RULES = _vq_rules()
 TRANSFORMER_RULES = _transformer_rules()
 
 
-def _apply_rules(state_dict: StateDict, rules: Iterable[RenameRule], reverse: bool) -> tuple[StateDict, list[str]]:
-    """Rename every key by the first rule that matches; returns the new dict and the keys no rule matched."""
-    renamed, unmatched = {}, []
+def _apply_rules(
+    state_dict: StateDict, rules: Iterable[RenameRule], reverse: bool
+) -> tuple[StateDict, dict[str, str], list[str]]:
+    """Rename every key by the first rule that matches.
+
+    Returns the renamed dict, a map from each new key to its source key, and the keys no rule matched."""
+    renamed, sources, unmatched = {}, {}, []
     for key, tensor in state_dict.items():
         for rule in rules:
             result = rule.apply(key, reverse)
             if result is not None:
                 new_key, transform = result
                 renamed[new_key] = transform(tensor) if transform is not None else tensor
+                sources[new_key] = key
                 break
         else:
             unmatched.append(key)
-    return renamed, unmatched
+    return renamed, sources, unmatched
+
+
+def _original_name(key: str, rules: Iterable[RenameRule]) -> str:
+    for rule in rules:
+        result = rule.apply(key, reverse=True)
+        if result is not None:
+            return result[0]
+    return key
 
 
 def _short_list(keys: Iterable[str], limit: int = 12) -> str:
@@ -167,15 +180,23 @@ def _short_list(keys: Iterable[str], limit: int = 12) -> str:
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def _check_keys(kind: str, produced: StateDict, expected: Iterable[str], unmatched: list[str]) -> None:
+def _check_keys(
+    kind: str,
+    produced: StateDict,
+    sources: dict[str, str],
+    unmatched: list[str],
+    expected: Iterable[str],
+    rules: Sequence[RenameRule],
+) -> None:
+    """Raise a CheckpointError naming, in the original's key names, every missing and every left-over key."""
     expected = set(expected)
-    missing = expected - produced.keys()
-    leftover = set(unmatched) | (produced.keys() - expected)
+    missing = [_original_name(key, rules) for key in expected - produced.keys()]
+    leftover = set(unmatched) | {sources[key] for key in produced.keys() - expected}
     problems = []
     if missing:
         problems.append(f"missing keys: {_short_list(missing)}")
     if leftover:
-        problems.append(f"left-over keys the {kind} has no place for: {_short_list(leftover)}")
+        problems.append(f"left-over keys with no place in the model: {_short_list(leftover)}")
     if problems:
         raise CheckpointError(f"This is not an original FlexVAR {kind} checkpoint ({'; '.join(problems)}).")
 
@@ -274,15 +295,15 @@ def convert_vq_state_dict(original: StateDict) -> tuple[dict, StateDict]:
     """Original VQ-16 state dict -> (FlexVQModel config, state dict)."""
     config = vq_config_from_original(original)
     kept = {k: v for k, v in original.items() if k not in VQ_DROPPED}
-    converted, unmatched = _apply_rules(kept, VQ_RULES, reverse=False)
+    converted, sources, unmatched = _apply_rules(kept, VQ_RULES, reverse=False)
     expected = FlexVQModel.from_config(config).state_dict().keys()
-    _check_keys("VQ tokenizer", converted, expected, unmatched)
+    _check_keys("VQ tokenizer", converted, sources, unmatched, expected, VQ_RULES)
     return config, converted
 
 
 def vq_state_dict_to_original(state_dict: StateDict) -> dict:
     """FlexVQModel state dict -> the original's `{"model": state_dict}` (codebook usage buffer reset to zeros)."""
-    original, unmatched = _apply_rules(state_dict, VQ_RULES, reverse=True)
+    original, _, unmatched = _apply_rules(state_dict, VQ_RULES, reverse=True)
     if unmatched:
         raise CheckpointError(f"Keys with no original counterpart: {_short_list(unmatched)}")
     dtype = state_dict["quantize.embedding.weight"].dtype
@@ -332,9 +353,9 @@ def convert_transformer_state_dict(original: StateDict) -> tuple[dict, StateDict
                 raise CheckpointError(f"{key} is not zero; FlexVAR's attention has no key bias.")
             continue
         kept[key] = tensor
-    converted, unmatched = _apply_rules(kept, TRANSFORMER_RULES, reverse=False)
+    converted, sources, unmatched = _apply_rules(kept, TRANSFORMER_RULES, reverse=False)
     expected = FlexVARTransformer2DModel.from_config(config).state_dict().keys()
-    _check_keys("transformer", converted, expected, unmatched)
+    _check_keys("transformer", converted, sources, unmatched, expected, TRANSFORMER_RULES)
     return config, converted
 
 
@@ -350,7 +371,7 @@ def transformer_state_dict_to_original(
 ) -> StateDict:
     """FlexVARTransformer2DModel state dict -> the original's raw state dict, with its non-weight buffers
     (`zero_k_bias`, and `attn_bias_for_masking` built for `train_patch_nums`)."""
-    original, unmatched = _apply_rules(state_dict, TRANSFORMER_RULES, reverse=True)
+    original, _, unmatched = _apply_rules(state_dict, TRANSFORMER_RULES, reverse=True)
     if unmatched:
         raise CheckpointError(f"Keys with no original counterpart: {_short_list(unmatched)}")
     dtype = original["word_embed.weight"].dtype
@@ -391,3 +412,64 @@ def load_original_transformer(
     state_dict = unwrap_state_dict(load_torch_file(path, allow_unsafe_pickle), source=str(path))
     config, converted = convert_transformer_state_dict(state_dict)
     return _build(FlexVARTransformer2DModel, config, converted, dtype, "transformer")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Whole pipelines
+
+
+def pipeline_from_original(
+    transformer_ckpt: str | Path,
+    vq_ckpt: str | Path,
+    dtype: torch.dtype | None = None,
+    allow_unsafe_pickle: bool = False,
+):
+    """Build a `FlexVARPipeline` from the original `.pth` files (ImageNet class names attached for 1000 classes)."""
+    from .imagenet import imagenet_id2label
+    from .pipelines import FlexVARPipeline
+    from .schedulers import FlexVARScaleScheduler
+
+    transformer = load_original_transformer(transformer_ckpt, dtype, allow_unsafe_pickle)
+    vqvae = load_original_vq(vq_ckpt, dtype, allow_unsafe_pickle)
+    if transformer.config.vocab_size != vqvae.config.num_codes or transformer.config.code_dim != vqvae.config.code_dim:
+        raise CheckpointError(
+            f"The transformer expects {transformer.config.vocab_size} codes of size {transformer.config.code_dim} but "
+            f"the VQ tokenizer has {vqvae.config.num_codes} of size {vqvae.config.code_dim}."
+        )
+    id2label = imagenet_id2label() if transformer.config.num_classes == 1000 else None
+    return FlexVARPipeline(transformer, vqvae, FlexVARScaleScheduler(), id2label=id2label)
+
+
+def convert_original_to_diffusers(
+    transformer_ckpt: str | Path,
+    vq_ckpt: str | Path,
+    output_dir: str | Path,
+    dtype: torch.dtype | None = None,
+    allow_unsafe_pickle: bool = False,
+    overwrite: bool = False,
+):
+    """Convert the original checkpoints into a diffusers pipeline folder, written atomically. Returns the pipeline."""
+    from .utils import atomic_directory
+
+    pipeline = pipeline_from_original(transformer_ckpt, vq_ckpt, dtype, allow_unsafe_pickle)
+    with atomic_directory(output_dir, overwrite=overwrite) as staging:
+        pipeline.save_pretrained(staging, safe_serialization=True)
+    return pipeline
+
+
+def convert_diffusers_to_original(
+    pipeline_dir: str | Path,
+    transformer_out: str | Path,
+    vq_out: str | Path,
+    train_patch_nums: Sequence[int] = DEFAULT_TRAIN_PATCH_NUMS,
+) -> None:
+    """Write a diffusers FlexVAR folder back as the original `FlexVARd*.pth` (raw state dict) and `FlexVAE.pth`
+    (`{"model": state_dict}`) files, each to a temporary name renamed into place."""
+    from .pipelines import FlexVARPipeline
+    from .utils import atomic_save
+
+    pipeline = FlexVARPipeline.from_pretrained(pipeline_dir)
+    transformer_sd = transformer_state_dict_to_original(pipeline.transformer.state_dict(), train_patch_nums)
+    vq_checkpoint = vq_state_dict_to_original(pipeline.vqvae.state_dict())
+    atomic_save(lambda tmp: torch.save(transformer_sd, tmp), transformer_out)
+    atomic_save(lambda tmp: torch.save(vq_checkpoint, tmp), vq_out)

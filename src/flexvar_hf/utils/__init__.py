@@ -1,0 +1,3 @@
+from .io import atomic_directory, atomic_save
+
+__all__ = ["atomic_directory", "atomic_save"]

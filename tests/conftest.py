@@ -1,0 +1,63 @@
+"""Shared fixtures: the parity checkpoints in ../shared/parity and the outputs the original code computed."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PARITY_DIR = Path(os.environ.get("FLEXVAR_PARITY_DIR", REPO_ROOT.parent / "shared" / "parity" / "original_d2"))
+
+# Tolerances stated in ../shared/parity/README.md for a correct float32 port on CPU.
+RELATIVE_TOLERANCE = 1e-4
+PIXEL_TOLERANCE = 1e-3
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+@pytest.fixture(scope="session")
+def parity_dir() -> Path:
+    if not (PARITY_DIR / "reference.safetensors").is_file():
+        pytest.fail(f"Parity fixtures not found at {PARITY_DIR} (set FLEXVAR_PARITY_DIR).")
+    return PARITY_DIR
+
+
+@pytest.fixture(scope="session")
+def reference(parity_dir) -> dict[str, torch.Tensor]:
+    return load_file(parity_dir / "reference.safetensors")
+
+
+@pytest.fixture(scope="session")
+def reference_info(parity_dir) -> dict:
+    return json.loads((parity_dir / "reference.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def transformer_ckpt(parity_dir) -> Path:
+    return parity_dir / "transformer_original.pth"
+
+
+@pytest.fixture(scope="session")
+def vq_ckpt(parity_dir) -> Path:
+    return parity_dir / "vq_original.pth"
+
+
+@pytest.fixture(scope="session")
+def parity_vq(vq_ckpt):
+    from flexvar_hf.conversion import load_original_vq
+
+    return load_original_vq(vq_ckpt)
+
+
+@pytest.fixture(scope="session")
+def parity_transformer(transformer_ckpt):
+    from flexvar_hf.conversion import load_original_transformer
+
+    return load_original_transformer(transformer_ckpt)

@@ -1,0 +1,154 @@
+"""FlexVQModel and FlexVARTransformer2DModel against the original code's outputs, and their own invariants."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flexvar_hf import FlexVARTransformer2DModel, FlexVQModel
+from flexvar_hf.scales import flatten_grid, resize_codes
+
+from conftest import PIXEL_TOLERANCE, RELATIVE_TOLERANCE, relative_error
+
+TRAIN_SCALES = [1, 2, 3, 4]
+
+
+def teacher_inputs_from_indices(vq, indices, scales):
+    codes = [vq.indices_to_codes(ix) for ix in indices]
+    return torch.cat([flatten_grid(resize_codes(c, (s, s))) for c, s in zip(codes[:-1], scales[1:])], dim=1)
+
+
+@torch.no_grad()
+def test_vq_encode_matches_original(parity_vq, reference):
+    latents = parity_vq.encode(reference["image"]).latents
+    assert latents.shape == (2, 32, 4, 4)
+    assert relative_error(latents, reference["latent"]) < RELATIVE_TOLERANCE
+
+
+@torch.no_grad()
+def test_vq_multiscale_indices_and_codes_match_original(parity_vq, reference):
+    indices = parity_vq.quantize_multiscale(reference["latent"], TRAIN_SCALES)
+    for i, (side, ix) in enumerate(zip(TRAIN_SCALES, indices)):
+        assert ix.shape == (2, side, side) and ix.dtype == torch.long
+        assert torch.equal(ix.flatten(1), reference[f"scale_{i}_indices"])
+        codes = parity_vq.indices_to_codes(ix)
+        assert relative_error(codes, reference[f"scale_{i}_quant"]) < RELATIVE_TOLERANCE
+        assert torch.allclose(codes.norm(dim=1), torch.ones(2, side, side), atol=1e-5)
+
+
+@torch.no_grad()
+def test_vq_decode_matches_original(parity_vq, reference):
+    indices = reference["scale_3_indices"].view(2, 4, 4)
+    pixels = parity_vq.decode_indices(indices).sample
+    assert pixels.shape == (2, 3, 64, 64)
+    assert (pixels - reference["decoded_from_last_scale"]).abs().max() < PIXEL_TOLERANCE
+
+
+@torch.no_grad()
+def test_teacher_inputs_built_from_tokens_match_fixture(parity_vq, reference):
+    indices = [reference[f"scale_{i}_indices"].view(2, s, s) for i, s in enumerate(TRAIN_SCALES)]
+    inputs = teacher_inputs_from_indices(parity_vq, indices, TRAIN_SCALES)
+    assert relative_error(inputs, reference["teacher_inputs"]) < RELATIVE_TOLERANCE
+
+
+@torch.no_grad()
+def test_teacher_forcing_logits_match_original(parity_transformer, reference, reference_info):
+    logits = parity_transformer(reference["labels"], TRAIN_SCALES, reference["teacher_inputs"]).logits
+    assert logits.shape == (2, 30, 8912)
+    assert relative_error(logits, reference["teacher_logits"]) < RELATIVE_TOLERANCE
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), reference["teacher_targets"].flatten())
+    assert loss.item() == pytest.approx(reference_info["teacher_cross_entropy"], rel=1e-4)
+
+
+def _incremental_logits(model, labels, scales, inputs):
+    cache = model.init_kv_cache(len(labels), sum(h * w for h, w in scales))
+    outputs, offset = [], 0
+    for i, (h, w) in enumerate(scales):
+        chunk = None if i == 0 else inputs[:, offset : offset + h * w]
+        offset += 0 if i == 0 else h * w
+        outputs.append(model(labels, [(h, w)], chunk, kv_cache=cache).logits)
+    assert cache.length == sum(h * w for h, w in scales)
+    return torch.cat(outputs, dim=1)
+
+
+@torch.no_grad()
+def test_incremental_path_equals_teacher_forcing_on_fixture(parity_transformer, reference):
+    scales = [(s, s) for s in TRAIN_SCALES]
+    full = parity_transformer(reference["labels"], scales, reference["teacher_inputs"]).logits
+    incremental = _incremental_logits(parity_transformer, reference["labels"], scales, reference["teacher_inputs"])
+    assert relative_error(incremental, full) < 1e-5
+
+
+@torch.no_grad()
+def test_incremental_path_non_square_scales_beyond_position_grid():
+    torch.manual_seed(0)
+    model = FlexVARTransformer2DModel(
+        num_classes=5, vocab_size=40, code_dim=8, num_layers=2, hidden_size=64, num_attention_heads=2, pos_grid_size=4
+    ).eval()
+    scales = [(1, 2), (2, 3), (3, 5), (6, 8)]  # non-square, and larger than the 4x4 stored grid
+    labels = torch.tensor([0, 4, 5])  # 5 is the unconditional label
+    inputs = torch.randn(3, sum(h * w for h, w in scales[1:]), 8)
+    full = model(labels, scales, inputs).logits
+    assert full.shape == (3, 2 + 6 + 15 + 48, 40)
+    incremental = _incremental_logits(model, labels, scales, inputs)
+    assert relative_error(incremental, full) < 1e-5
+    # Two scales in one cached call (block-causal inside the call) give the same logits too.
+    cache = model.init_kv_cache(3, 71)
+    first = model(labels, scales[:2], inputs[:, :6], kv_cache=cache).logits
+    rest = model(labels, scales[2:], inputs[:, 6:], kv_cache=cache).logits
+    assert relative_error(torch.cat((first, rest), dim=1), full) < 1e-5
+
+
+@torch.no_grad()
+def test_block_causal_mask_hides_later_scales():
+    torch.manual_seed(0)
+    model = FlexVARTransformer2DModel(
+        num_classes=3, vocab_size=16, code_dim=4, num_layers=1, hidden_size=32, num_attention_heads=2, pos_grid_size=8
+    ).eval()
+    labels = torch.tensor([1])
+    inputs = torch.randn(1, 4 + 9, 4)
+    base = model(labels, [1, 2, 3], inputs).logits
+    changed = inputs.clone()
+    changed[:, 4:] += 1.0  # change only the last scale's inputs
+    other = model(labels, [1, 2, 3], changed).logits
+    assert torch.allclose(base[:, :5], other[:, :5])  # earlier scales cannot see it
+    assert not torch.allclose(base[:, 5:], other[:, 5:])
+
+
+def test_transformer_rejects_wrong_scale_inputs():
+    model = FlexVARTransformer2DModel(
+        num_classes=3, vocab_size=16, code_dim=4, num_layers=1, hidden_size=32, num_attention_heads=2
+    )
+    with pytest.raises(ValueError, match="scale_inputs"):
+        model(torch.tensor([0]), [1, 2], torch.randn(1, 3, 4))
+    with pytest.raises(ValueError, match="scale"):
+        model(torch.tensor([0]), [(1, 2, 3)], None)
+
+
+@torch.no_grad()
+def test_vq_any_size_and_reconstruction_shapes():
+    torch.manual_seed(0)
+    vq = FlexVQModel(base_channels=32, channel_multipliers=(1, 2, 2), z_channels=16, num_codes=50, code_dim=8).eval()
+    assert vq.downsample_factor == 4
+    pixels = torch.rand(2, 3, 12, 20) * 2 - 1
+    latents = vq.encode(pixels).latents
+    assert latents.shape == (2, 8, 3, 5)
+    indices = vq.quantize_multiscale(latents, [1, (2, 3), (3, 5)])
+    assert [tuple(ix.shape) for ix in indices] == [(2, 1, 1), (2, 2, 3), (2, 3, 5)]
+    assert vq.decode_indices(indices[1]).sample.shape == (2, 3, 8, 12)
+    assert vq(pixels).sample.shape == pixels.shape
+    with pytest.raises(ValueError, match="divisible by 4"):
+        vq.encode(torch.zeros(1, 3, 10, 12))
+
+
+@torch.no_grad()
+def test_quantizer_picks_most_similar_code():
+    torch.manual_seed(0)
+    vq = FlexVQModel(base_channels=32, channel_multipliers=(1, 2), z_channels=8, num_codes=30, code_dim=6)
+    latents = torch.randn(3, 6, 2, 2)
+    indices = vq.quantize(latents)
+    codebook = vq.quantize.normalized_codebook()
+    cosine = torch.einsum("bchw,nc->bhwn", torch.nn.functional.normalize(latents, dim=1), codebook)
+    assert torch.equal(indices, cosine.argmax(-1))
+    # scaling a latent does not change its code (cosine nearest)
+    assert torch.equal(vq.quantize(latents * 7.5), indices)
