@@ -1,0 +1,3 @@
+from .scheduling_flexvar import FlexVARScaleScheduler, FlexVARSchedulerOutput
+
+__all__ = ["FlexVARScaleScheduler", "FlexVARSchedulerOutput"]

@@ -1,0 +1,556 @@
+"""Scale scheduler for FlexVAR: scale schedules, classifier-free guidance schedules and token sampling.
+
+FlexVAR (arXiv 2502.20313) generates an image as a sequence of token grids ("scales"), coarse to fine; each step
+predicts every token of one scale. This scheduler takes the place of a noise scheduler: `set_timesteps` picks the
+scales, and `step` turns the transformer's logits for the current scale into token indices.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from numbers import Integral, Real
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import BaseOutput
+
+GUIDANCE_SCHEDULES = ("linear", "constant")
+
+# Long-side schedules published with FlexVAR, keyed by (final side in tokens, number of steps).
+PUBLISHED_SCHEDULES: dict[tuple[int, int], tuple[int, ...]] = {
+    (16, 10): (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
+    (16, 13): (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 14, 16),
+    (32, 15): (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 14, 16, 23, 32),
+}
+
+# The original trainer's random schedule at side 16: [1, 2] + 5 sides from 3..10 + 2 from 11..15 + [16].
+TRAINING_PREFIX = (1, 2)
+TRAINING_NUM_LOW, TRAINING_NUM_HIGH = 5, 2
+TRAINING_SPLIT = (10, 16)  # low sides end at 10/16 of the final side
+TRAINING_FIXED_PROB = 0.05  # probability of the default schedule instead of a random one
+TRAINING_DROP_THRESHOLDS = (0.9, 0.95, 0.98, 0.99)  # one inner scale dropped per threshold a uniform draw exceeds
+TRAINING_CAP_WINDOW = 4  # over the token cap, drop one of the last four scales until under it
+
+
+@dataclass
+class FlexVARSchedulerOutput(BaseOutput):
+    """
+    Output of [`FlexVARScaleScheduler.step`].
+
+    Args:
+        indices (`torch.LongTensor` of shape `(batch_size, height, width)`):
+            Token indices chosen for the current scale, in `[0, vocab_size)`.
+    """
+
+    indices: torch.LongTensor
+
+
+def _round_half_up_ratio(numerator: int, denominator: int) -> int:
+    """`round(numerator / denominator)` for non-negative ints, halves rounded up, in exact integer arithmetic."""
+    return (2 * numerator + denominator) // (2 * denominator)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def _ratio_progression(num_steps: int, ratio: float) -> list[int]:
+    """Sides `s_0 = 1`, `s_{i+1} = max(s_i + 1, round(s_i * ratio))`: dense while `ratio * s < s + 1`."""
+    sides = [1]
+    for _ in range(num_steps - 1):
+        sides.append(max(sides[-1] + 1, math.floor(sides[-1] * ratio + 0.5)))
+    return sides
+
+
+def progressive_sides(num_steps: int, final_side: int) -> list[int]:
+    """
+    `num_steps` strictly increasing sides from 1 to `final_side` (both in tokens, `1 <= num_steps <= final_side`).
+
+    The sides follow `s_{i+1} = max(s_i + 1, round(r * s_i))` from `s_0 = 1` with the smallest ratio `r` that reaches
+    `final_side` in `num_steps` steps: every side while `r * s < s + 1`, then geometric. The last side is set to
+    `final_side` and earlier ones lowered where needed to keep them distinct. At side 16 this gives the published
+    10- and 13-step schedules, e.g. `progressive_sides(10, 16) == [1, 2, 3, 4, 5, 6, 8, 10, 13, 16]`.
+    """
+    if num_steps == 1:
+        return [final_side]
+    low, high = 1.0, float(final_side)  # ratio 1 gives 1..num_steps (too short), ratio final_side overshoots
+    for _ in range(64):
+        middle = (low + high) / 2
+        if _ratio_progression(num_steps, middle)[-1] >= final_side:
+            high = middle
+        else:
+            low = middle
+    sides = _ratio_progression(num_steps, high)
+    sides[-1] = final_side
+    for i in range(num_steps - 2, -1, -1):
+        sides[i] = min(sides[i], sides[i + 1] - 1)
+    return sides
+
+
+def default_num_steps(final_side: int) -> int:
+    """
+    Default number of scales for a final long side (in tokens), growing with `log2(final_side)`.
+
+    Every side up to 4; `4 + 3 * log2(side / 4)` up to 16 (10 steps at 16); `10 + 5 * log2(side / 16)` beyond
+    (15 at 32, 20 at 64); rounded, within `[1, final_side]`. E.g. 1, 2, 3, 4, 5, 6, 6, 7 steps for sides 1 to 8.
+    """
+    if final_side <= 4:
+        steps = final_side
+    elif final_side <= 16:
+        steps = 4 + 3 * math.log2(final_side / 4)
+    else:
+        steps = 10 + 5 * math.log2(final_side / 16)
+    return min(max(math.floor(steps + 0.5), 1), final_side)
+
+
+def filter_top_k(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Set logits below the `top_k`-th largest (per row, last dim) to -inf; ties at the threshold are kept. 0: off."""
+    if top_k <= 0 or top_k >= logits.shape[-1]:
+        return logits
+    threshold = logits.topk(top_k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < threshold, -float("inf"))
+
+
+def filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """
+    Nucleus filter with the original FlexVAR rule; `top_p` in (0, 1), else off.
+
+    With tokens sorted by ascending logit, a token is removed when the inclusive cumulative probability is
+    `<= 1 - top_p`; the best token is always kept. Equivalently, in descending order a token is kept while the
+    probability of the tokens before it is `< top_p`.
+    """
+    if top_p <= 0 or top_p >= 1:
+        return logits
+    sorted_logits, sorted_indices = logits.sort(dim=-1, descending=False)
+    remove_sorted = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
+    remove_sorted[..., -1] = False
+    remove = remove_sorted.scatter(-1, sorted_indices, remove_sorted)
+    return logits.masked_fill(remove, -float("inf"))
+
+
+class FlexVARScaleScheduler(SchedulerMixin, ConfigMixin):
+    """
+    Scheduler for FlexVAR scale-wise autoregressive generation; replaces a noise scheduler.
+
+    It owns the scale schedule (`set_timesteps`), the classifier-free guidance schedule (`guidance_scale_at`), token
+    sampling from logits (`step`) and the training-time random schedule (`sample_training_scales`). A scale is the
+    `(height, width)` of a token grid; a timestep is the index of a scale in `self.scales`.
+
+    Args:
+        vae_scale_factor (`int`, defaults to 16): Pixels per token along each side.
+        trained_sides (`tuple[int, ...]`): Sides at which the original samples; see `greedy_untrained_scales`.
+        max_sampled_side (`int`, defaults to 16): Largest side sampled from; above it the original takes the best
+            token, and the "linear" guidance schedule uses the full guidance scale.
+        greedy_untrained_scales (`bool`, defaults to True): The original's policy: at a scale with a side above
+            `max_sampled_side` or a side not in `trained_sides`, take the most likely token (argmax) instead of
+            sampling, whatever `top_k`/`top_p`/`temperature` say. False samples at every scale.
+        guidance_ramp_steps (`int`, defaults to 9): Steps over which the "linear" guidance schedule ramps to the full
+            guidance scale (the original's `min(n - 1, 9)`).
+        train_side (`int`, defaults to 16): Final side, in tokens, of the training schedule.
+        train_max_tokens (`int`, defaults to 680): Token budget of a training schedule at `train_side`; scaled with the
+            final area for other sizes.
+    """
+
+    config_name = "scheduler_config.json"
+    order = 1
+
+    @register_to_config
+    def __init__(
+        self,
+        vae_scale_factor: int = 16,
+        trained_sides: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16, 23, 24, 32),
+        max_sampled_side: int = 16,
+        greedy_untrained_scales: bool = True,
+        guidance_ramp_steps: int = 9,
+        train_side: int = 16,
+        train_max_tokens: int = 680,
+    ):
+        for name, value in (
+            ("vae_scale_factor", vae_scale_factor),
+            ("max_sampled_side", max_sampled_side),
+            ("guidance_ramp_steps", guidance_ramp_steps),
+            ("train_side", train_side),
+            ("train_max_tokens", train_max_tokens),
+        ):
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+        if not all(_is_int(side) and side > 0 for side in trained_sides):
+            raise ValueError(f"`trained_sides` must be positive ints, got {trained_sides!r}.")
+        self.scales: list[tuple[int, int]] | None = None
+        self.timesteps: torch.LongTensor | None = None
+        self.num_inference_steps: int | None = None
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Scale schedules
+
+    def token_grid(self, height: int, width: int) -> tuple[int, int]:
+        """Image size in pixels -> final token grid `(height, width) // vae_scale_factor`; checks the size."""
+        factor = self.config.vae_scale_factor
+        if not (_is_int(height) and _is_int(width) and height > 0 and width > 0) or height % factor or width % factor:
+            raise ValueError(
+                f"`height` and `width` must each be a positive multiple of {factor} (pixels per token), "
+                f"got {height!r}x{width!r}."
+            )
+        return height // factor, width // factor
+
+    @staticmethod
+    def long_sides_to_scales(long_sides: Sequence[int], grid: tuple[int, int]) -> list[tuple[int, int]]:
+        """
+        Map long-side values to `(h, w)` scales with the aspect ratio of the final `grid`.
+
+        The short side is `max(1, round(long * short_final / long_final))` (halves rounded up); a long side equal to
+        the final one gives `grid` exactly.
+        """
+        grid_h, grid_w = grid
+        long_final, short_final = max(grid), min(grid)
+        scales = []
+        for long_side in long_sides:
+            short_side = max(1, _round_half_up_ratio(long_side * short_final, long_final))
+            scales.append((long_side, short_side) if grid_h >= grid_w else (short_side, long_side))
+        return scales
+
+    def get_long_sides(self, num_inference_steps: int | None, final_side: int) -> list[int]:
+        """
+        Long sides (tokens) of an `num_inference_steps`-step schedule ending at `final_side`.
+
+        A published schedule where one exists (10 or 13 steps at 16, 15 at 32), else `progressive_sides`. None picks
+        10 steps at 16, 15 at 32 and `default_num_steps` elsewhere.
+        """
+        if num_inference_steps is None:
+            num_inference_steps = default_num_steps(final_side)
+        if not _is_int(num_inference_steps) or num_inference_steps < 1:
+            raise ValueError(f"`num_inference_steps` must be a positive int or None, got {num_inference_steps!r}.")
+        if num_inference_steps > final_side:
+            raise ValueError(
+                f"`num_inference_steps`={num_inference_steps} is more steps than distinct scales: the maximum is "
+                f"{final_side} steps for a long side of {final_side} tokens."
+            )
+        published = PUBLISHED_SCHEDULES.get((final_side, num_inference_steps))
+        if published is not None:
+            return list(published)
+        return progressive_sides(num_inference_steps, final_side)
+
+    def get_scales(self, num_inference_steps: int | None, height: int, width: int) -> list[tuple[int, int]]:
+        """
+        Scales `[(h, w), ...]` of an inference schedule for an image of `height` x `width` pixels.
+
+        The schedule is planned on the long side (`get_long_sides`) and the short side follows the aspect ratio
+        (`long_sides_to_scales`); scales are distinct, non-decreasing and end at `(height, width) // 16`.
+
+        Args:
+            num_inference_steps (`int`, *optional*): Number of scales, in `[1, long side in tokens]`; None picks the
+                published or default count.
+            height (`int`), width (`int`): Image size in pixels, positive multiples of `vae_scale_factor` (16).
+        """
+        grid = self.token_grid(height, width)
+        return self.long_sides_to_scales(self.get_long_sides(num_inference_steps, max(grid)), grid)
+
+    @staticmethod
+    def check_scales(scales: Sequence[int | Sequence[int]]) -> list[tuple[int, int]]:
+        """
+        Normalise explicit scales to `[(h, w), ...]`.
+
+        Accepts a non-empty list of positive int sides (square) or `(h, w)` pairs of positive ints, with each side
+        non-decreasing and no two consecutive scales equal; raises ValueError otherwise.
+        """
+        accepted = (
+            "`scales` must be a non-empty list of positive int sides or (h, w) pairs, each side non-decreasing and "
+            "no two consecutive scales equal"
+        )
+        if isinstance(scales, torch.Tensor):
+            scales = scales.tolist()
+        if isinstance(scales, (str, bytes)) or not isinstance(scales, Sequence) or len(scales) == 0:
+            raise ValueError(f"{accepted}; got {scales!r}.")
+        normalised = []
+        for scale in scales:
+            if _is_int(scale):
+                pair = (int(scale), int(scale))
+            elif isinstance(scale, Sequence) and len(scale) == 2 and all(_is_int(side) for side in scale):
+                pair = (int(scale[0]), int(scale[1]))
+            else:
+                raise ValueError(f"{accepted}; got scale {scale!r}.")
+            if min(pair) < 1:
+                raise ValueError(f"{accepted}; got scale {scale!r}.")
+            normalised.append(pair)
+        for previous, current in zip(normalised, normalised[1:]):
+            if current[0] < previous[0] or current[1] < previous[1] or current == previous:
+                raise ValueError(f"{accepted}; got {previous} followed by {current}.")
+        return normalised
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        height: int = 256,
+        width: int = 256,
+        scales: Sequence[int | Sequence[int]] | None = None,
+        device: str | torch.device | None = None,
+    ) -> None:
+        """
+        Set the scales to generate (`self.scales`) and `self.timesteps = arange(n)`, the step indices.
+
+        Args:
+            num_inference_steps (`int`, *optional*): Number of scales; None picks the default for the size.
+            height (`int`, defaults to 256), width (`int`, defaults to 256): Image size in pixels, positive multiples
+                of `vae_scale_factor`.
+            scales (`list`, *optional*): Explicit scales (int sides or `(h, w)` token-grid pairs, see `check_scales`);
+                overrides `num_inference_steps`, `height` and `width`.
+            device (`str` or `torch.device`, *optional*): Device of `self.timesteps`.
+        """
+        if scales is None:
+            self.scales = self.get_scales(num_inference_steps, height, width)
+        else:
+            self.token_grid(height, width)
+            self.scales = self.check_scales(scales)
+        self.num_inference_steps = len(self.scales)
+        self.timesteps = torch.arange(self.num_inference_steps, dtype=torch.long, device=device)
+
+    def _step_index(self, timestep: int | torch.Tensor) -> int:
+        if self.scales is None:
+            raise ValueError("No scales set: call `set_timesteps` before `step` or `guidance_scale_at`.")
+        if isinstance(timestep, torch.Tensor):
+            timestep = int(timestep)  # pass the int step index to avoid a device sync
+        if not _is_int(timestep) or not 0 <= timestep < len(self.scales):
+            raise ValueError(f"`timestep` must be a step index in [0, {len(self.scales)}), got {timestep!r}.")
+        return int(timestep)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Guidance
+
+    @staticmethod
+    def check_sampling_args(
+        guidance_scale: float = 1.0,
+        guidance_schedule: str = "linear",
+        top_k: int = 0,
+        top_p: float = 0.0,
+        temperature: float = 1.0,
+    ) -> None:
+        """Raise ValueError unless `guidance_scale >= 0`, the schedule is known, `top_k >= 0`, `top_p` in [0, 1]
+        and `temperature > 0`."""
+        if not isinstance(guidance_scale, Real) or not math.isfinite(guidance_scale) or guidance_scale < 0:
+            raise ValueError(
+                f"`guidance_scale` must be a finite number >= 0 (1 disables guidance), got {guidance_scale!r}."
+            )
+        if guidance_schedule not in GUIDANCE_SCHEDULES:
+            raise ValueError(f"`guidance_schedule` must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}.")
+        if not _is_int(top_k) or top_k < 0:
+            raise ValueError(f"`top_k` must be an int >= 0 (0 disables it), got {top_k!r}.")
+        if not isinstance(top_p, Real) or not 0 <= top_p <= 1:
+            raise ValueError(f"`top_p` must be in [0, 1] (0 or 1 disables it), got {top_p!r}.")
+        if not isinstance(temperature, Real) or not temperature > 0:
+            raise ValueError(f"`temperature` must be > 0, got {temperature!r}.")
+
+    def guidance_scale_at(self, step_index: int, guidance_scale: float, guidance_schedule: str = "linear") -> float:
+        """
+        Guidance scale `g_s` for step `step_index` of the current schedule, used as `uncond + g_s * (cond - uncond)`.
+
+        "constant": `g_s = guidance_scale`. "linear" (the original's evaluation schedule, its cfg being
+        `guidance_scale - 1`): `g_s = 1 + (guidance_scale - 1) * s / min(n - 1, guidance_ramp_steps)` at step `s` of
+        `n`, so 1 at the first step, `guidance_scale` at step `guidance_ramp_steps` and beyond that larger, as in the
+        original; scales with a side above `max_sampled_side` use `guidance_scale`, and so does a 1-step schedule
+        (its only scale is the final one).
+        """
+        step_index = self._step_index(step_index)
+        if guidance_schedule not in GUIDANCE_SCHEDULES:
+            raise ValueError(f"`guidance_schedule` must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}.")
+        num_steps = len(self.scales)
+        if (
+            guidance_schedule == "constant"
+            or max(self.scales[step_index]) > self.config.max_sampled_side
+            or num_steps == 1
+        ):
+            return float(guidance_scale)
+        ramp = step_index / min(num_steps - 1, self.config.guidance_ramp_steps)
+        return 1.0 + (guidance_scale - 1.0) * ramp
+
+    def apply_guidance(
+        self,
+        model_output: torch.Tensor,
+        step_index: int,
+        guidance_scale: float,
+        guidance_schedule: str = "linear",
+    ) -> torch.Tensor:
+        """
+        Float32 logits `(B, L, V)` to sample from at step `step_index`.
+
+        With `guidance_scale != 1`, `model_output` is `cat([cond, uncond])` `(2B, L, V)` and the result is
+        `uncond + g * (cond - uncond)` with `g = guidance_scale_at(step_index, ...)` (just `cond` where `g == 1`);
+        otherwise `model_output` `(B, L, V)` itself.
+        """
+        logits = model_output.float()
+        if guidance_scale == 1:
+            return logits
+        cond, uncond = logits.chunk(2)
+        step_guidance = self.guidance_scale_at(step_index, guidance_scale, guidance_schedule)
+        if step_guidance == 1:
+            return cond
+        return uncond + step_guidance * (cond - uncond)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Sampling
+
+    def is_greedy_scale(self, scale: tuple[int, int]) -> bool:
+        """Whether `greedy_untrained_scales` makes `step` take the best token at `scale` instead of sampling."""
+        if not self.config.greedy_untrained_scales:
+            return False
+        trained = set(self.config.trained_sides)
+        return any(side > self.config.max_sampled_side or side not in trained for side in scale)
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: int | torch.Tensor,
+        guidance_scale: float = 1.0,
+        guidance_schedule: str = "linear",
+        top_k: int = 0,
+        top_p: float = 0.0,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+        return_dict: bool = True,
+    ) -> FlexVARSchedulerOutput | tuple:
+        """
+        Choose the tokens of the current scale `self.scales[timestep]` from the transformer's logits.
+
+        Guidance (if `guidance_scale != 1`) combines `uncond + g * (cond - uncond)` with `g` from `guidance_scale_at`.
+        Then, in float32: the best token when `top_k == 1` or the scale is greedy (`is_greedy_scale`); otherwise
+        `logits / temperature`, top-k, top-p over the kept tokens (`filter_top_p`) and one multinomial draw.
+
+        Args:
+            model_output (`torch.Tensor`): Logits `(B, h * w, vocab_size)` for the scale's tokens in row-major order,
+                or `(2B, h * w, vocab_size)` = `cat([cond, uncond])` when `guidance_scale != 1`.
+            timestep (`int` or 0-d `torch.Tensor`): Step index in `[0, len(self.scales))`.
+            guidance_scale (`float`, defaults to 1.0): Classifier-free guidance scale, >= 0; 1 disables guidance.
+            guidance_schedule (`str`, defaults to "linear"): "linear" or "constant", see `guidance_scale_at`.
+            top_k (`int`, defaults to 0): Keep the `top_k` best tokens; 0 disables, 1 is greedy.
+            top_p (`float`, defaults to 0.0): Nucleus sampling threshold in [0, 1]; 0 or 1 disables it.
+            temperature (`float`, defaults to 1.0): Softmax temperature, > 0.
+            generator (`torch.Generator`, *optional*): Generator of the multinomial draw, on the logits' device.
+            return_dict (`bool`, defaults to True): Return a [`FlexVARSchedulerOutput`] instead of a tuple.
+
+        Returns:
+            [`FlexVARSchedulerOutput`] or `(indices,)`, with `indices` a LongTensor `(B, h, w)`.
+        """
+        step_index = self._step_index(timestep)
+        self.check_sampling_args(guidance_scale, guidance_schedule, top_k, top_p, temperature)
+        height, width = self.scales[step_index]
+        guided = guidance_scale != 1
+        self._check_logits_shape(model_output, height * width, guided)
+
+        logits = self.apply_guidance(model_output, step_index, guidance_scale, guidance_schedule)
+        if top_k == 1 or self.is_greedy_scale((height, width)):
+            indices = logits.argmax(dim=-1)
+        else:
+            logits = filter_top_p(filter_top_k(logits / temperature, top_k), top_p)
+            probs = logits.softmax(dim=-1).flatten(0, 1)
+            indices = torch.multinomial(probs, num_samples=1, replacement=True, generator=generator)
+        indices = indices.view(-1, height, width)
+
+        if not return_dict:
+            return (indices,)
+        return FlexVARSchedulerOutput(indices=indices)
+
+    @staticmethod
+    def _check_logits_shape(model_output: torch.Tensor, num_tokens: int, guided: bool) -> None:
+        if model_output.ndim != 3 or model_output.shape[1] != num_tokens:
+            raise ValueError(
+                f"`model_output` must be logits (batch, {num_tokens}, vocab_size) for the current scale, "
+                f"got shape {tuple(model_output.shape)}."
+            )
+        if guided and model_output.shape[0] % 2:
+            raise ValueError(
+                "With `guidance_scale != 1`, `model_output` must stack conditional and unconditional logits "
+                f"(2B, {num_tokens}, vocab_size), got an odd batch of {model_output.shape[0]}."
+            )
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Training schedules
+
+    def sample_training_scales(
+        self,
+        height: int = 256,
+        width: int = 256,
+        generator: torch.Generator | None = None,
+        keep_final_scale: bool = True,
+    ) -> list[tuple[int, int]]:
+        """
+        Draw a random training schedule, as the original trainer's `gen_curr_patch_nums`.
+
+        On the long side `L` (tokens): with probability 0.05 the default inference schedule (at `L = 16` the published
+        10-step one), else `[1, 2]` + 5 sorted distinct sides from `3..floor(10 L / 16)` + 2 from
+        `floor(10 L / 16) + 1..L - 1` + `[L]` (at 16: 3..10 and 11..15, the original's ranges). Then one uniform draw
+        `u` drops 1, 2, 3 or 4 random inner scales (never the first two or the last) for `u` above 0.9, 0.95, 0.98,
+        0.99; then, while the schedule has more tokens than `train_max_tokens * area / train_side**2`, one of its
+        last four scales is dropped (one of the three before the last with `keep_final_scale`). Long sides map to
+        `(h, w)` as in `long_sides_to_scales`.
+
+        Args:
+            height (`int`, defaults to 256), width (`int`, defaults to 256): Training image size in pixels.
+            generator (`torch.Generator`, *optional*): Source of randomness; a seeded one gives the same schedule.
+            keep_final_scale (`bool`, defaults to True): Never drop the last scale for the token cap, so the schedule
+                always ends at `(height, width) // 16`. False is the original exactly: its token cap also drops the
+                final scale, in about a third of the draws at 256 x 256 (they then end at a side of 11 to 15).
+
+        Returns:
+            `list[tuple[int, int]]`: Distinct, non-decreasing scales starting at `(1, 1)`.
+        """
+        grid = self.token_grid(height, width)
+        final_side = max(grid)
+        rng = _TorchRandom(generator)
+
+        if rng.uniform() < TRAINING_FIXED_PROB:
+            sides = self.get_long_sides(None, final_side)
+        else:
+            sides = self._random_training_sides(final_side, rng)
+
+        drop_draw = rng.uniform()
+        num_drops = sum(drop_draw > threshold for threshold in TRAINING_DROP_THRESHOLDS)
+        for _ in range(num_drops):
+            candidates = range(len(TRAINING_PREFIX), len(sides) - 1)
+            if len(candidates) == 0:
+                break
+            sides.pop(candidates[rng.index(len(candidates))])
+
+        max_tokens = self.config.train_max_tokens * grid[0] * grid[1]  # compared with tokens * train_side**2
+        while self._num_tokens(sides, grid) * self.config.train_side**2 > max_tokens:
+            end = len(sides) - 1 if keep_final_scale else len(sides)
+            candidates = range(max(1, len(sides) - TRAINING_CAP_WINDOW), end)
+            if len(candidates) == 0:
+                break
+            sides.pop(candidates[rng.index(len(candidates))])
+        return self.long_sides_to_scales(sides, grid)
+
+    @staticmethod
+    def _random_training_sides(final_side: int, rng: _TorchRandom) -> list[int]:
+        """`[1, 2]` + up to 5 sides from the low range + up to 2 from the high range + `[final_side]`, sorted."""
+        prefix = [side for side in TRAINING_PREFIX if side < final_side]
+        split = final_side * TRAINING_SPLIT[0] // TRAINING_SPLIT[1]
+        low = list(range(TRAINING_PREFIX[-1] + 1, split + 1))
+        high = list(range(max(split, TRAINING_PREFIX[-1]) + 1, final_side))
+        middle = rng.sample(low, min(TRAINING_NUM_LOW, len(low))) + rng.sample(high, min(TRAINING_NUM_HIGH, len(high)))
+        return prefix + sorted(middle) + [final_side]
+
+    def _num_tokens(self, long_sides: Sequence[int], grid: tuple[int, int]) -> int:
+        return sum(h * w for h, w in self.long_sides_to_scales(long_sides, grid))
+
+
+class _TorchRandom:
+    """The few draws `sample_training_scales` needs, from a torch generator (CPU or on its own device)."""
+
+    def __init__(self, generator: torch.Generator | None):
+        self.generator = generator
+        self.device = generator.device if generator is not None else torch.device("cpu")
+
+    def uniform(self) -> float:
+        """A float in [0, 1)."""
+        return torch.rand(1, generator=self.generator, device=self.device).item()
+
+    def index(self, size: int) -> int:
+        """An int in [0, size)."""
+        return int(torch.randint(size, (1,), generator=self.generator, device=self.device).item())
+
+    def sample(self, values: Sequence[int], count: int) -> list[int]:
+        """`count` distinct elements of `values`, uniformly at random."""
+        order = torch.randperm(len(values), generator=self.generator, device=self.device)[:count].tolist()
+        return [values[i] for i in order]
