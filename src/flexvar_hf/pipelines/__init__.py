@@ -1,0 +1,3 @@
+from .pipeline_flexvar import FlexVARPipeline
+
+__all__ = ["FlexVARPipeline"]

@@ -1,0 +1,246 @@
+"""FlexVARPipeline: class-conditional image generation at any size, aspect ratio and number of steps."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
+
+from ..models import FlexVARKVCache, FlexVARTransformer2DModel, FlexVQModel
+from ..scales import ScaleLike, flatten_grid, num_tokens, resize_codes
+from ..schedulers import FlexVARScaleScheduler
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class FlexVARPipeline(DiffusionPipeline):
+    r"""
+    Class-conditional generation with FlexVAR: each step predicts the complete token map of the next scale, so one
+    model generates any resolution, aspect ratio and number of steps.
+
+    Args:
+        transformer ([`FlexVARTransformer2DModel`]): Predicts the tokens of each scale.
+        vqvae ([`FlexVQModel`]): Turns the final token grid into pixels.
+        scheduler ([`FlexVARScaleScheduler`]): Owns the scale schedule, guidance schedule and token sampling.
+        id2label (`dict[int, str]`, *optional*): Class names ("tench, Tinca tinca"), used by `get_label_ids` and
+            for passing names as `class_labels`.
+    """
+
+    model_cpu_offload_seq = "transformer->vqvae"
+    _callback_tensor_inputs = ["indices"]
+
+    def __init__(
+        self,
+        transformer: FlexVARTransformer2DModel,
+        vqvae: FlexVQModel,
+        scheduler: FlexVARScaleScheduler,
+        id2label: dict | None = None,
+    ):
+        super().__init__()
+        self.register_modules(transformer=transformer, vqvae=vqvae, scheduler=scheduler)
+        id2label = {int(key): value for key, value in (id2label or {}).items()}
+        self.register_to_config(id2label=id2label or None)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=16, do_resize=False)
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        """Class id -> name ("tench, Tinca tinca"); empty when the pipeline was saved without names."""
+        return {int(key): value for key, value in (self.config.id2label or {}).items()}
+
+    @property
+    def labels(self) -> dict[str, int]:
+        """Every comma-separated class name -> class id, sorted by name (as DiTPipeline)."""
+        names = {}
+        for class_id, value in self.id2label.items():
+            for name in value.split(","):
+                names[name.strip()] = class_id
+        return dict(sorted(names.items()))
+
+    def get_label_ids(self, label: str | Sequence[str]) -> list[int]:
+        """Map class names (any of the comma-separated synonyms) to class ids."""
+        names = [label] if isinstance(label, str) else list(label)
+        labels = self.labels
+        if not labels:
+            raise ValueError("This pipeline has no class names (id2label); pass class ids as ints.")
+        unknown = [name for name in names if name not in labels]
+        if unknown:
+            raise ValueError(f"Unknown class names {unknown}; see `pipe.labels` for the {len(labels)} accepted names.")
+        return [labels[name] for name in names]
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Input checks
+
+    def prepare_class_labels(self, class_labels, num_images_per_prompt: int = 1) -> torch.LongTensor:
+        """int, list of ints or names, or a 1-D tensor -> LongTensor (B * num_images_per_prompt,) on the device."""
+        if isinstance(class_labels, torch.Tensor):
+            labels = class_labels.flatten().tolist() if class_labels.ndim <= 1 else None
+            if labels is None or class_labels.is_floating_point():
+                raise ValueError(f"`class_labels` tensor must be a 1-D integer tensor, got {class_labels.dtype} "
+                                 f"of shape {tuple(class_labels.shape)}.")
+        elif isinstance(class_labels, (int, str)):
+            labels = [class_labels]
+        elif isinstance(class_labels, Sequence) and len(class_labels) > 0:
+            labels = list(class_labels)
+        else:
+            raise ValueError(
+                f"`class_labels` must be an int, a class name, or a non-empty list of them, got {class_labels!r}."
+            )
+        labels = [self.get_label_ids(label)[0] if isinstance(label, str) else label for label in labels]
+        num_classes = self.transformer.config.num_classes
+        bad = [label for label in labels if not _is_int(label) or not 0 <= label < num_classes]
+        if bad:
+            raise ValueError(f"Class labels must be ints in [0, {num_classes}) or known class names, got {bad}.")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"`num_images_per_prompt` must be a positive int, got {num_images_per_prompt!r}.")
+        labels = torch.tensor(labels, dtype=torch.long, device=self._execution_device)
+        return labels.repeat_interleave(num_images_per_prompt)
+
+    @staticmethod
+    def check_output_type(output_type: str) -> None:
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Generation
+
+    def next_scale_inputs(self, indices: torch.Tensor, next_scale: tuple[int, int]) -> torch.Tensor:
+        """(B, h, w) tokens -> (B, h'*w', code_dim): their code vectors resized bicubic to the next scale."""
+        codes = self.vqvae.indices_to_codes(indices)
+        return flatten_grid(resize_codes(codes, next_scale))
+
+    def generate_tokens(
+        self,
+        class_labels: torch.LongTensor,
+        guidance_scale: float,
+        guidance_schedule: str,
+        top_k: int,
+        top_p: float,
+        temperature: float,
+        generator: torch.Generator | None,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("indices",),
+    ) -> torch.LongTensor:
+        """Run the scale loop for the scales set on the scheduler; returns the final (B, h, w) token grid."""
+        scales = self.scheduler.scales
+        guided = guidance_scale != 1.0
+        unconditional = torch.full_like(class_labels, self.transformer.config.num_classes)
+        model_labels = torch.cat((class_labels, unconditional)) if guided else class_labels
+        kv_cache: FlexVARKVCache = self.transformer.init_kv_cache(len(model_labels), num_tokens(scales))
+
+        scale_inputs = None
+        with self.progress_bar(total=len(scales)) as progress_bar:
+            for step_index, scale in enumerate(scales):
+                logits = self.transformer(model_labels, [scale], scale_inputs, kv_cache=kv_cache).logits
+                indices = self.scheduler.step(
+                    logits,
+                    step_index,
+                    guidance_scale=guidance_scale,
+                    guidance_schedule=guidance_schedule,
+                    top_k=top_k,
+                    top_p=top_p,
+                    temperature=temperature,
+                    generator=generator,
+                ).indices
+                if callback_on_step_end is not None:
+                    step_tensors = {"indices": indices}
+                    callback_kwargs = {name: step_tensors[name] for name in callback_on_step_end_tensor_inputs}
+                    callback_outputs = callback_on_step_end(
+                        self, step_index, self.scheduler.timesteps[step_index], callback_kwargs
+                    )
+                    indices = (callback_outputs or {}).get("indices", indices)
+                if step_index + 1 < len(scales):
+                    scale_inputs = self.next_scale_inputs(indices, scales[step_index + 1])
+                    if guided:
+                        scale_inputs = torch.cat((scale_inputs, scale_inputs))
+                progress_bar.update()
+        return indices
+
+    def decode(self, indices: torch.LongTensor, output_type: str = "pil"):
+        """Final token grid -> images of `output_type` ("latent" returns the tokens)."""
+        if output_type == "latent":
+            return indices
+        pixels = self.vqvae.decode_indices(indices).sample
+        return self.image_processor.postprocess(pixels.float(), output_type=output_type)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: int | str | Sequence[int | str] | torch.Tensor,
+        height: int = 256,
+        width: int = 256,
+        num_inference_steps: int | None = None,
+        scales: Sequence[ScaleLike] | None = None,
+        guidance_scale: float = 3.5,
+        guidance_schedule: str = "linear",
+        top_k: int = 900,
+        top_p: float = 0.95,
+        temperature: float = 1.0,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("indices",),
+    ) -> ImagePipelineOutput | tuple:
+        r"""
+        Generate images of the given classes.
+
+        Args:
+            class_labels: ImageNet-style class ids (int, list, 1-D tensor) or class names (see `pipe.labels`).
+            height (`int`, defaults to 256), width (`int`, defaults to 256): Image size in pixels, positive multiples
+                of 16. The model was trained at up to 256 but generates any size and aspect ratio.
+            num_inference_steps (`int`, *optional*): Number of scales. None picks the published schedule for the
+                size (10 steps at 256x256, 15 at 512x512) or the scheduler's rule elsewhere.
+            scales (`list`, *optional*): Explicit scales (int sides or (h, w) token-grid pairs); overrides height,
+                width and num_inference_steps.
+            guidance_scale (`float`, defaults to 3.5): Classifier-free guidance `uncond + g * (cond - uncond)`; 1
+                disables it. 3.5 with the linear schedule is the paper's ImageNet setting (the original's cfg 2.5).
+            guidance_schedule (`str`, defaults to "linear"): "linear" ramps g from 1 at the first step to
+                `guidance_scale` (the original evaluation schedule); "constant" uses `guidance_scale` at every step.
+            top_k (`int`, defaults to 900), top_p (`float`, defaults to 0.95): Sampling filters (0 disables).
+            temperature (`float`, defaults to 1.0): Softmax temperature.
+            num_images_per_prompt (`int`, defaults to 1): Images per class label.
+            generator (`torch.Generator`, *optional*): For reproducible sampling.
+            output_type (`str`, defaults to "pil"): "pil", "np", "pt" (images in [0, 1]) or "latent" (the final
+                token grid, LongTensor (B, h, w)).
+            return_dict (`bool`, defaults to True): Return an `ImagePipelineOutput` instead of a tuple.
+            callback_on_step_end (`Callable`, *optional*): Called as `callback(pipe, step_index, timestep, kwargs)`
+                after each scale with the tensors named in `callback_on_step_end_tensor_inputs`; a returned dict
+                with "indices" replaces the chosen tokens of that scale.
+
+        Returns:
+            [`ImagePipelineOutput`] with `images`, or a tuple `(images,)`.
+        """
+        self.check_output_type(output_type)
+        unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
+        if unknown:
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` may name {self._callback_tensor_inputs}, got {unknown}."
+            )
+        self.scheduler.check_sampling_args(guidance_scale, guidance_schedule, top_k, top_p, temperature)
+        labels = self.prepare_class_labels(class_labels, num_images_per_prompt)
+        self.scheduler.set_timesteps(num_inference_steps, height=height, width=width, scales=scales,
+                                     device=self._execution_device)
+
+        indices = self.generate_tokens(
+            labels,
+            guidance_scale,
+            guidance_schedule,
+            top_k,
+            top_p,
+            temperature,
+            generator,
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+        )
+        images = self.decode(indices, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)

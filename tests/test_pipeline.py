@@ -1,0 +1,229 @@
+"""FlexVARPipeline: parity with the original sampler, and what a diffusers user relies on."""
+
+from __future__ import annotations
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from flexvar_hf import FlexVARTransformer2DModel, FlexVQModel
+from flexvar_hf.conversion import pipeline_from_original
+from flexvar_hf.pipelines import FlexVARPipeline
+from flexvar_hf.schedulers import FlexVARScaleScheduler
+
+from conftest import PIXEL_TOLERANCE
+
+
+@pytest.fixture(scope="module")
+def parity_pipe(transformer_ckpt, vq_ckpt):
+    pipe = pipeline_from_original(transformer_ckpt, vq_ckpt)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def make_tiny_pipe(seed: int = 0, num_classes: int = 10) -> FlexVARPipeline:
+    torch.manual_seed(seed)
+    transformer = FlexVARTransformer2DModel(
+        num_classes=num_classes,
+        vocab_size=64,
+        code_dim=8,
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=2,
+        pos_grid_size=8,
+    )
+    vqvae = FlexVQModel(base_channels=32, channel_multipliers=(1, 1, 2, 2, 4), z_channels=32, num_codes=64, code_dim=8)
+    pipe = FlexVARPipeline(
+        transformer.eval(),
+        vqvae.eval(),
+        FlexVARScaleScheduler(),
+        id2label={i: f"class {i}, synonym {i}" for i in range(num_classes)},
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe():
+    return make_tiny_pipe()
+
+
+# The original's guidance modes in our convention: `var` is the linear ramp to 1 + cfg, `llamagen` constant cfg.
+MODES = {"var": (3.5, "linear"), "llamagen": (2.5, "constant")}
+
+
+@pytest.mark.parametrize("run", [0, 1])
+@pytest.mark.parametrize("mode", ["var", "llamagen"])
+def test_greedy_generation_matches_original(parity_pipe, reference, reference_info, run, mode):
+    info = next(r for r in reference_info["inference_runs"] if r["key"] == f"infer_{run}_{mode}")
+    guidance_scale, schedule = MODES[mode]
+    steps = []
+    tokens = parity_pipe(
+        reference["labels"],
+        scales=info["infer_patch_nums"],
+        guidance_scale=guidance_scale,
+        guidance_schedule=schedule,
+        top_k=1,
+        output_type="latent",
+        callback_on_step_end=lambda pipe, i, t, kw: steps.append(kw["indices"].clone()) or {},
+    ).images
+    assert len(steps) == len(info["infer_patch_nums"])
+    for step, indices in enumerate(steps):
+        assert torch.equal(indices.flatten(1), reference[f"infer_{run}_{mode}_step_{step}_indices"]), step
+    with torch.no_grad():
+        pixels = parity_pipe.vqvae.decode_indices(tokens).sample
+    expected = reference[f"infer_{run}_{mode}_image"]
+    assert pixels.shape == tuple(info["image_shape"])
+    assert (pixels - expected).abs().max() < PIXEL_TOLERANCE
+
+
+def test_pt_output_is_the_decoded_image_in_unit_range(parity_pipe, reference):
+    images = parity_pipe(
+        reference["labels"],
+        height=128,
+        width=128,
+        scales=[1, 2, 4, 6, 8],
+        guidance_scale=3.5,
+        top_k=1,
+        output_type="pt",
+    ).images
+    expected = (reference["infer_1_var_image"] / 2 + 0.5).clamp(0, 1)
+    assert images.shape == (2, 3, 128, 128)
+    assert (images - expected).abs().max() < PIXEL_TOLERANCE
+
+
+def test_default_arguments_are_the_paper_settings(tiny_pipe):
+    import inspect
+
+    params = inspect.signature(FlexVARPipeline.__call__).parameters
+    assert params["guidance_scale"].default == 3.5 and params["guidance_schedule"].default == "linear"
+    assert params["top_k"].default == 900 and params["top_p"].default == 0.95
+    assert params["height"].default == 256 and params["width"].default == 256
+    scheduler = FlexVARScaleScheduler()
+    scheduler.set_timesteps(None, height=256, width=256)
+    assert [h for h, _ in scheduler.scales] == [1, 2, 3, 4, 5, 6, 8, 10, 13, 16]
+
+
+@pytest.mark.parametrize("output_type", ["pil", "np", "pt", "latent"])
+def test_output_types(tiny_pipe, output_type):
+    generator = torch.Generator().manual_seed(0)
+    images = tiny_pipe(
+        [1, 2],
+        height=32,
+        width=64,
+        num_inference_steps=2,
+        num_images_per_prompt=2,
+        generator=generator,
+        output_type=output_type,
+    ).images
+    if output_type == "pil":
+        assert len(images) == 4 and all(isinstance(im, PIL.Image.Image) and im.size == (64, 32) for im in images)
+    elif output_type == "np":
+        assert isinstance(images, np.ndarray) and images.shape == (4, 32, 64, 3)
+        assert images.min() >= 0 and images.max() <= 1
+    elif output_type == "pt":
+        assert images.shape == (4, 3, 32, 64) and 0 <= images.min() and images.max() <= 1
+    else:
+        assert images.dtype == torch.long and images.shape == (4, 2, 4)
+        assert images.min() >= 0 and images.max() < 64
+
+
+def test_seeded_generation_is_reproducible(tiny_pipe):
+    def run(seed):
+        return tiny_pipe(
+            [3, 4],
+            height=64,
+            width=64,
+            num_inference_steps=4,
+            top_k=0,
+            top_p=0.0,
+            generator=torch.Generator().manual_seed(seed),
+            output_type="latent",
+        ).images
+
+    assert torch.equal(run(0), run(0))
+    assert not torch.equal(run(0), run(1))
+
+
+def test_save_and_load_round_trip_gives_identical_images(tiny_pipe, tmp_path):
+    tiny_pipe.save_pretrained(tmp_path / "tiny")
+    loaded = FlexVARPipeline.from_pretrained(tmp_path / "tiny")
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.id2label == tiny_pipe.id2label and loaded.get_label_ids("synonym 7") == [7]
+    kwargs = dict(class_labels=[0, 9], height=48, width=32, num_inference_steps=3, output_type="np")
+    first = tiny_pipe(**kwargs, generator=torch.Generator().manual_seed(5)).images
+    second = loaded(**kwargs, generator=torch.Generator().manual_seed(5)).images
+    np.testing.assert_array_equal(first, second)
+
+
+def test_class_names_and_tensors_are_accepted(tiny_pipe):
+    by_name = tiny_pipe(
+        ["class 2", "synonym 3"], height=16, width=16, num_inference_steps=1, top_k=1, output_type="latent"
+    ).images
+    by_id = tiny_pipe(
+        torch.tensor([2, 3]), height=16, width=16, num_inference_steps=1, top_k=1, output_type="latent"
+    ).images
+    assert torch.equal(by_name, by_id)
+
+
+def test_non_square_and_many_step_generation(tiny_pipe):
+    seen = []
+    tokens = tiny_pipe(
+        5,
+        height=64,
+        width=128,
+        num_inference_steps=8,
+        top_k=1,
+        output_type="latent",
+        callback_on_step_end=lambda p, i, t, kw: seen.append(tuple(kw["indices"].shape[1:])) or {},
+    ).images
+    assert tokens.shape == (1, 4, 8)
+    assert len(seen) == 8 and seen[-1] == (4, 8) and len(set(seen)) == 8
+
+
+def test_guidance_off_matches_unbatched_conditional_model(tiny_pipe):
+    # With g = 1 only the conditional branch runs; greedy tokens equal argmax of the conditional logits.
+    tokens = tiny_pipe(
+        [4], height=16, width=16, num_inference_steps=1, guidance_scale=1.0, top_k=1, output_type="latent"
+    ).images
+    with torch.no_grad():
+        logits = tiny_pipe.transformer(torch.tensor([4]), [1]).logits
+    assert tokens.flatten().tolist() == logits.argmax(-1).flatten().tolist()
+
+
+def test_bfloat16_transformer(tiny_pipe):
+    pipe = make_tiny_pipe()
+    pipe.transformer.to(torch.bfloat16)
+    images = pipe(
+        [1], height=32, width=32, num_inference_steps=2, output_type="pt", generator=torch.Generator().manual_seed(0)
+    ).images
+    assert images.dtype == torch.float32 and torch.isfinite(images).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(height=40), "multiple of 16"),
+        (dict(width=0), "multiple of 16"),
+        (dict(class_labels=[10]), r"\[0, 10\)"),
+        (dict(class_labels=[-1]), r"\[0, 10\)"),
+        (dict(class_labels=["no such class"]), "Unknown class names"),
+        (dict(class_labels=[]), "class_labels"),
+        (dict(num_inference_steps=0), "num_inference_steps|steps"),
+        (dict(num_inference_steps=5, height=64, width=64), "4"),
+        (dict(top_k=-1), "top_k"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(guidance_scale=-0.5), "guidance_scale"),
+        (dict(output_type="jpeg"), "output_type"),
+        (dict(guidance_schedule="cosine"), "guidance_schedule|linear"),
+        (dict(scales=[(1, 2, 3)]), "scale"),
+        (dict(scales=[]), "scale"),
+        (dict(num_images_per_prompt=0), "num_images_per_prompt"),
+    ],
+)
+def test_bad_arguments_are_rejected(tiny_pipe, kwargs, match):
+    call = dict(class_labels=[1], height=64, width=64, num_inference_steps=2)
+    call.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        tiny_pipe(**call)
