@@ -1,0 +1,305 @@
+"""Converting original FlexVAR checkpoints to diffusers folders and back."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flexvar_hf import FlexVARTransformer2DModel, FlexVQModel
+from flexvar_hf.conversion import (
+    CheckpointError,
+    convert_diffusers_to_original,
+    convert_original_to_diffusers,
+    convert_vq_state_dict,
+    load_original_transformer,
+    load_original_vq,
+    transformer_state_dict_to_original,
+    vq_state_dict_to_original,
+)
+from flexvar_hf.pipelines import FlexVARPipeline
+
+from conftest import RELATIVE_TOLERANCE, REPO_ROOT, relative_error
+
+TRAIN_SCALES = [1, 2, 3, 4]
+
+
+@pytest.fixture(scope="module")
+def original_transformer_sd(transformer_ckpt):
+    return torch.load(transformer_ckpt, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def original_vq_checkpoint(vq_ckpt):
+    return torch.load(vq_ckpt, map_location="cpu", weights_only=True)
+
+
+def _logits(model, reference):
+    with torch.no_grad():
+        return model(reference["labels"], TRAIN_SCALES, reference["teacher_inputs"]).logits
+
+
+@pytest.mark.parametrize("wrap", ["raw", "model", "trainer"])
+def test_every_transformer_wrapping_reproduces_reference(tmp_path, original_transformer_sd, reference, wrap):
+    wrapped = {
+        "raw": original_transformer_sd,
+        "model": {"model": original_transformer_sd},
+        "trainer": {
+            "trainer": {"var_wo_ddp": original_transformer_sd, "var_opt": {"scale": torch.tensor(1.0)}},
+            "epoch": 3,
+            "args": {"depth": 2, "patch_nums": (1, 2, 3, 4)},
+        },
+    }[wrap]
+    path = tmp_path / "var.pth"
+    torch.save(wrapped, path)
+    model = load_original_transformer(path)
+    assert relative_error(_logits(model, reference), reference["teacher_logits"]) < RELATIVE_TOLERANCE
+
+
+def test_float16_checkpoints_convert_to_their_exact_values(
+    tmp_path, original_transformer_sd, original_vq_checkpoint, parity_transformer, parity_vq, reference
+):
+    half_var, half_vq = tmp_path / "var16.pth", tmp_path / "vq16.pth"
+    torch.save({k: v.half() for k, v in original_transformer_sd.items()}, half_var)
+    torch.save({"model": {k: v.half() for k, v in original_vq_checkpoint["model"].items()}}, half_vq)
+    transformer = load_original_transformer(half_var)
+    vqvae = load_original_vq(half_vq)
+    # Loaded in float32 (as the original does): every weight is the float16 rounding of the float32 one.
+    for model, full in ((transformer, parity_transformer), (vqvae, parity_vq)):
+        assert next(model.parameters()).dtype == torch.float32
+        for key, value in full.state_dict().items():
+            assert torch.equal(model.state_dict()[key], value.half().float()), key
+    # and the outputs stay close to the float32 reference
+    assert relative_error(_logits(transformer, reference), reference["teacher_logits"]) < 5e-3
+    with torch.no_grad():
+        latents = vqvae.encode(reference["image"]).latents
+    assert relative_error(latents, reference["latent"]) < 5e-3
+
+
+@pytest.fixture(scope="module")
+def converted_dir(tmp_path_factory, transformer_ckpt, vq_ckpt):
+    output = tmp_path_factory.mktemp("converted") / "flexvar-d2"
+    convert_original_to_diffusers(transformer_ckpt, vq_ckpt, output)
+    return output
+
+
+def test_converted_folder_is_a_diffusers_pipeline(converted_dir, reference):
+    names = {p.name for p in converted_dir.iterdir()}
+    assert {"model_index.json", "transformer", "vqvae", "scheduler"} <= names
+    assert (converted_dir / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (converted_dir / "vqvae" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (converted_dir / "scheduler" / "scheduler_config.json").is_file()
+    pipe = FlexVARPipeline.from_pretrained(converted_dir)
+    assert pipe.transformer.config.num_layers == 2 and pipe.vqvae.config.base_channels == 32
+    assert pipe.id2label[0].startswith("tench") and pipe.get_label_ids(["goldfish"]) == [1]
+    assert relative_error(_logits(pipe.transformer, reference), reference["teacher_logits"]) < RELATIVE_TOLERANCE
+    # no temporary folders left beside the output
+    assert [p.name for p in converted_dir.parent.iterdir()] == [converted_dir.name]
+
+
+def test_round_trip_to_original_is_bit_exact(tmp_path, converted_dir, original_transformer_sd, original_vq_checkpoint):
+    var_out, vq_out = tmp_path / "var.pth", tmp_path / "vae.pth"
+    convert_diffusers_to_original(converted_dir, var_out, vq_out, train_patch_nums=TRAIN_SCALES)
+    back_var = torch.load(var_out, weights_only=True)
+    back_vq = torch.load(vq_out, weights_only=True)
+    assert back_var.keys() == original_transformer_sd.keys()
+    for key, value in original_transformer_sd.items():
+        assert back_var[key].dtype == value.dtype and torch.equal(back_var[key], value), key
+    assert back_vq.keys() == {"model"} and back_vq["model"].keys() == original_vq_checkpoint["model"].keys()
+    for key, value in original_vq_checkpoint["model"].items():
+        assert torch.equal(back_vq["model"][key], value), key
+
+
+def test_float16_output_dtype(tmp_path, transformer_ckpt, vq_ckpt):
+    pipe = convert_original_to_diffusers(transformer_ckpt, vq_ckpt, tmp_path / "half", dtype=torch.float16)
+    assert pipe.transformer.dtype == torch.float16
+    stored = load_file(tmp_path / "half" / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert {tensor.dtype for tensor in stored.values()} == {torch.float16}
+    # diffusers loads float32 unless torch_dtype is given; the stored half weights then load exactly.
+    reloaded = FlexVARPipeline.from_pretrained(tmp_path / "half", torch_dtype=torch.float16)
+    assert reloaded.transformer.dtype == torch.float16 and reloaded.vqvae.dtype == torch.float16
+    for name, tensor in reloaded.transformer.state_dict().items():
+        assert torch.equal(tensor, pipe.transformer.state_dict()[name]), name
+
+
+SMALL_TRANSFORMERS = [
+    dict(num_classes=10, vocab_size=100, code_dim=8, num_layers=3, hidden_size=192, num_attention_heads=3),
+    dict(
+        num_classes=1000,
+        vocab_size=4096,
+        code_dim=16,
+        num_layers=1,
+        hidden_size=64,
+        num_attention_heads=1,
+        pos_grid_size=16,
+    ),
+]
+SMALL_VQS = [
+    dict(base_channels=32, channel_multipliers=(1, 2, 2, 4), z_channels=16, num_codes=50, code_dim=8),
+    dict(
+        base_channels=64, channel_multipliers=(1, 1, 2), layers_per_block=1, z_channels=32, num_codes=300, code_dim=4
+    ),
+]
+
+
+def public_config(model) -> dict:
+    return {key: value for key, value in model.config.items() if not key.startswith("_")}
+
+
+@pytest.mark.parametrize("config", SMALL_TRANSFORMERS)
+@pytest.mark.parametrize("half", [False, True])
+def test_transformer_sizes_are_inferred_from_tensors(tmp_path, config, half):
+    torch.manual_seed(0)
+    ours = FlexVARTransformer2DModel(**config)
+    original = transformer_state_dict_to_original(ours.state_dict())
+    if half:
+        original = {k: v.half() for k, v in original.items()}
+    path = tmp_path / "var.pth"
+    torch.save({"trainer": {"var_wo_ddp": original}}, path)
+    loaded = load_original_transformer(path)
+    assert public_config(loaded) == public_config(ours)
+    for key, value in ours.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value.half().float() if half else value), key
+
+
+@pytest.mark.parametrize("config", SMALL_VQS)
+def test_vq_sizes_are_inferred_from_tensors(config):
+    torch.manual_seed(0)
+    ours = FlexVQModel(**config)
+    inferred, converted = convert_vq_state_dict(vq_state_dict_to_original(ours.state_dict())["model"])
+    assert {k: tuple(v) if isinstance(v, tuple) else v for k, v in inferred.items()} == {
+        k: ours.config[k] for k in inferred
+    }
+    for key, value in ours.state_dict().items():
+        assert torch.equal(converted[key], value), key
+
+
+def _assert_fails_cleanly(tmp_path, transformer_path, vq_path, match):
+    output = tmp_path / "out" / "pipeline"
+    with pytest.raises(CheckpointError, match=match):
+        convert_original_to_diffusers(transformer_path, vq_path, output)
+    assert not output.exists()
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+def test_truncated_file_is_rejected_and_nothing_written(tmp_path, transformer_ckpt, vq_ckpt):
+    truncated = tmp_path / "truncated.pth"
+    data = transformer_ckpt.read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    _assert_fails_cleanly(tmp_path, truncated, vq_ckpt, "Could not read")
+
+
+def test_foreign_state_dict_is_rejected(tmp_path, vq_ckpt):
+    foreign = tmp_path / "resnet.pth"
+    torch.save({"conv1.weight": torch.zeros(8, 3, 7, 7), "fc.weight": torch.zeros(10, 8)}, foreign)
+    _assert_fails_cleanly(tmp_path, foreign, vq_ckpt, "word_embed.weight")
+    not_a_state_dict = tmp_path / "list.pth"
+    torch.save([1, 2, 3], not_a_state_dict)
+    _assert_fails_cleanly(tmp_path, not_a_state_dict, vq_ckpt, "not a state dict")
+
+
+def test_renamed_key_is_named_in_the_error(
+    tmp_path, original_transformer_sd, original_vq_checkpoint, vq_ckpt, transformer_ckpt
+):
+    renamed = dict(original_transformer_sd)
+    renamed["blocks.1.ffn.fc9.weight"] = renamed.pop("blocks.1.ffn.fc2.weight")
+    path = tmp_path / "renamed.pth"
+    torch.save(renamed, path)
+    _assert_fails_cleanly(tmp_path, path, vq_ckpt, r"missing keys: blocks\.1\.ffn\.fc2\.weight.*blocks\.1\.ffn\.fc9")
+
+    vq_sd = dict(original_vq_checkpoint["model"])
+    vq_sd["decoder.conv_blocks.0.attn.2.qq.weight"] = vq_sd.pop("decoder.conv_blocks.0.attn.2.q.weight")
+    vq_path = tmp_path / "vq_renamed.pth"
+    torch.save({"model": vq_sd}, vq_path)
+    _assert_fails_cleanly(tmp_path, transformer_ckpt, vq_path, r"decoder\.conv_blocks\.0\.attn\.2\.q\.weight")
+
+
+def test_wrong_shape_is_a_clear_error(tmp_path, original_transformer_sd, vq_ckpt):
+    broken = dict(original_transformer_sd)
+    broken["blocks.0.ffn.fc1.bias"] = torch.zeros(7)
+    path = tmp_path / "shape.pth"
+    torch.save(broken, path)
+    _assert_fails_cleanly(tmp_path, path, vq_ckpt, "do not fit")
+
+
+def test_pickled_objects_need_the_explicit_flag(tmp_path, original_transformer_sd, reference):
+    path = tmp_path / "pickled.pth"
+    torch.save({"trainer": {"var_wo_ddp": original_transformer_sd}, "args": argparse.Namespace(depth=2)}, path)
+    with pytest.raises(CheckpointError, match="allow_unsafe_pickle"):
+        load_original_transformer(path)
+    with pytest.warns(UserWarning, match="full unpickling"):
+        model = load_original_transformer(path, allow_unsafe_pickle=True)
+    assert relative_error(_logits(model, reference), reference["teacher_logits"]) < RELATIVE_TOLERANCE
+
+
+def test_mismatched_tokenizer_is_rejected(tmp_path, vq_ckpt):
+    torch.manual_seed(0)
+    other = FlexVARTransformer2DModel(
+        num_classes=10, vocab_size=100, code_dim=8, num_layers=1, hidden_size=64, num_attention_heads=1
+    )
+    path = tmp_path / "var.pth"
+    torch.save(transformer_state_dict_to_original(other.state_dict()), path)
+    _assert_fails_cleanly(tmp_path, path, vq_ckpt, "expects 100 codes")
+
+
+def test_command_line_round_trip(tmp_path, transformer_ckpt, vq_ckpt, original_transformer_sd):
+    output = tmp_path / "cli"
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "convert" / "convert_flexvar_to_diffusers.py"),
+            "--transformer_ckpt",
+            str(transformer_ckpt),
+            "--vq_ckpt",
+            str(vq_ckpt),
+            "--output_dir",
+            str(output),
+            "--dtype",
+            "bfloat16",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "depth 2, width 128, 1000 classes" in run.stdout
+    assert FlexVARPipeline.from_pretrained(output, torch_dtype=torch.bfloat16).transformer.dtype == torch.bfloat16
+    again = subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "convert" / "convert_flexvar_to_diffusers.py"),
+            "--transformer_ckpt",
+            str(transformer_ckpt),
+            "--vq_ckpt",
+            str(vq_ckpt),
+            "--output_dir",
+            str(output),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert again.returncode == 1 and "already exists" in again.stderr
+    back = subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "convert" / "convert_diffusers_to_flexvar.py"),
+            "--pipeline_dir",
+            str(output),
+            "--transformer_out",
+            str(tmp_path / "var.pth"),
+            "--vq_out",
+            str(tmp_path / "vae.pth"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert back.returncode == 0, back.stderr
+    restored = torch.load(tmp_path / "var.pth", weights_only=True)
+    assert restored["attn_bias_for_masking"].shape == (1, 1, 680, 680)  # the original's default training scales
+    assert torch.equal(restored["head.weight"], original_transformer_sd["head.weight"].bfloat16())
