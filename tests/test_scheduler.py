@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from flexvar_hf.schedulers import FlexVARScaleScheduler, FlexVARSchedulerOutput
-from flexvar_hf.schedulers.scheduling_flexvar import default_num_steps, filter_top_k, filter_top_p
+from flexvar_hf.schedulers.scheduling_flexvar import default_num_steps, exponential_noise, top_k_top_p_candidates
 
 ORIGINAL_10_STEPS = [1, 2, 3, 4, 5, 6, 8, 10, 13, 16]
 ORIGINAL_TRAINED_SIDES = [1, 2, 3, 4, 5, 6, 8, 10, 13, 16, 23, 24, 32]
@@ -308,12 +308,45 @@ def test_top_k_then_top_p_matches_original(scheduler):
     assert sample_support(scheduler, row, top_k=5, top_p=0.7) == kept
 
 
-def test_filter_masks_equal_the_original_on_random_logits():
+def test_candidates_equal_the_original_on_random_logits():
     torch.manual_seed(0)
     logits = torch.randn(4, 64, 300) * 3
     for top_k, top_p in [(0, 0.5), (0, 0.95), (20, 0.0), (20, 0.9), (299, 0.99), (0, 1.0), (0, 0.0)]:
-        ours = filter_top_p(filter_top_k(logits, top_k), top_p) > -torch.inf
+        probs, token_ids = top_k_top_p_candidates(logits, top_k, top_p)
+        ours = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, token_ids, probs > 0)
         assert torch.equal(ours, original_top_k_top_p_mask(logits, top_k, top_p)), (top_k, top_p)
+        # The kept tokens keep their relative probabilities (the original's softmax over the filtered logits).
+        expected = logits.masked_fill(~ours, -torch.inf).softmax(-1).gather(-1, token_ids)
+        torch.testing.assert_close(probs / probs.sum(-1, keepdim=True), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_draws_follow_the_candidate_probabilities(scheduler):
+    """argmax(probs / Exp(1) noise) is an exact sample: token frequencies match the probabilities."""
+    scheduler.set_timesteps(scales=[4])
+    row = torch.tensor([1.0, 0.5, 0.0, -0.5, -1.0, -4.0])
+    logits = row.expand(2500, 16, -1).contiguous()
+    indices = scheduler.step(logits, 0, top_k=5, top_p=0.9, generator=torch.Generator().manual_seed(0)).indices
+    frequencies = torch.bincount(indices.flatten(), minlength=len(row)).double() / indices.numel()
+    probs, token_ids = top_k_top_p_candidates(row.view(1, -1), 5, 0.9)
+    probs = probs[0].double() / probs[0].sum()
+    expected = torch.zeros(len(row), dtype=torch.double).scatter(0, token_ids[0], probs)
+    assert expected[-1] == 0 and expected[-2] == 0  # removed by top-k and by top-p
+    torch.testing.assert_close(frequencies, expected, atol=0.005, rtol=0)
+
+
+def test_given_noise_replaces_the_generator(scheduler):
+    torch.manual_seed(0)
+    scheduler.set_timesteps(scales=[1, 8])
+    logits = torch.randn(3, 64, 500)
+    shape = scheduler.sampling_noise_shape(1, batch_size=3, vocab_size=500, top_k=100)
+    assert shape == (3, 64, 100)
+    assert scheduler.sampling_noise_shape(1, batch_size=3, vocab_size=500, top_k=1) is None
+    noise = exponential_noise(shape, torch.Generator().manual_seed(5), "cpu")
+    drawn = scheduler.step(logits, 1, top_k=100, top_p=0.9, generator=torch.Generator().manual_seed(5)).indices
+    given = scheduler.step(logits, 1, top_k=100, top_p=0.9, noise=noise).indices
+    assert torch.equal(drawn, given)
+    with pytest.raises(ValueError, match="noise"):
+        scheduler.step(logits, 1, top_k=50, noise=noise)
 
 
 def test_temperature_sharpens_sampling(scheduler):

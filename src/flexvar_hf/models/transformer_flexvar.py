@@ -18,6 +18,7 @@ from diffusers.utils import BaseOutput
 from ..scales import ScaleLike, as_hw_list, flatten_grid, num_tokens
 
 # The per-head attention scale is exp(log_scale), clamped at exp(MAX_LOG_SCALE) = 100 as in the original.
+RMS_EPS = 1e-12
 MAX_LOG_SCALE = math.log(100.0)
 
 
@@ -45,6 +46,9 @@ class FlexVARKVCache:
         self.values = [torch.empty(shape, **tensor_kw) for _ in range(num_layers)]
         self.max_tokens = max_tokens
         self.length = 0
+        # Per-layer AdaLN modulation of the sequence's class embedding, computed by the first call and reused by the
+        # later ones: it does not depend on the scale.
+        self.modulations: list[tuple[torch.Tensor, ...]] | None = None
 
     def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this call's (B, H, l, D) keys and values for `layer`; return all cached ones including them."""
@@ -87,8 +91,11 @@ class FlexVARAttention(nn.Module):
         bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
         qkv = F.linear(hidden_states, self.to_qkv.weight, bias)
         query, key, value = qkv.view(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        query = F.normalize(query, dim=-1) * self.log_scale.clamp_max(MAX_LOG_SCALE).exp().to(query.dtype)
-        key = F.normalize(key, dim=-1)
+        # L2 normalisation as one fused RMS norm: rms_norm(x) = sqrt(head_dim) * x / |x|. The two sqrt(head_dim)
+        # factors of query and key are taken out of the query's temperature.
+        scale = self.log_scale.clamp_max(MAX_LOG_SCALE).exp() / self.head_dim
+        query = F.rms_norm(query, (self.head_dim,), eps=RMS_EPS) * scale.to(query.dtype)
+        key = F.rms_norm(key, (self.head_dim,), eps=RMS_EPS)
         if kv_cache is not None:
             key, value = kv_cache.update(layer_index, key, value)
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=1.0)
@@ -105,18 +112,29 @@ class FlexVARBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.ff = FeedForward(dim, inner_dim=round(dim * mlp_ratio), activation_fn="gelu-approximate")
 
+    def modulation(self, conditioning: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(B, dim) class embedding -> six (B, 1, dim) AdaLN-Zero terms: shift, 1 + scale and gate for attention,
+        then for the feed-forward. The same computation as diffusers' `AdaLayerNormZero`, split off so that
+        generation computes it once per sequence instead of once per scale."""
+        terms = self.norm1.linear(self.norm1.silu(conditioning)).unsqueeze(1).chunk(6, dim=-1)
+        shift_attn, scale_attn, gate_attn, shift_ff, scale_ff, gate_ff = terms
+        return shift_attn, 1 + scale_attn, gate_attn, shift_ff, 1 + scale_ff, gate_ff
+
     def forward(
         self,
         hidden_states: torch.Tensor,
-        conditioning: torch.Tensor,
+        modulation: tuple[torch.Tensor, ...],
         attention_mask: torch.Tensor | None = None,
         kv_cache: FlexVARKVCache | None = None,
         layer_index: int = 0,
     ) -> torch.Tensor:
-        normed, gate_attn, shift_ff, scale_ff, gate_ff = self.norm1(hidden_states, emb=conditioning)
-        hidden_states = hidden_states + gate_attn[:, None] * self.attn(normed, attention_mask, kv_cache, layer_index)
-        normed = self.norm2(hidden_states) * (1 + scale_ff[:, None]) + shift_ff[:, None]
-        return hidden_states + gate_ff[:, None] * self.ff(normed)
+        """`modulation` is `self.modulation(class_embedding)`; the (B, L, dim) output has the input's shape."""
+        shift_attn, scale_attn, gate_attn, shift_ff, scale_ff, gate_ff = modulation
+        normed = torch.addcmul(shift_attn, self.norm1.norm(hidden_states), scale_attn)
+        attended = self.attn(normed, attention_mask, kv_cache, layer_index)
+        hidden_states = torch.addcmul(hidden_states, gate_attn, attended)
+        normed = torch.addcmul(shift_ff, self.norm2(hidden_states), scale_ff)
+        return torch.addcmul(hidden_states, gate_ff, self.ff(normed))
 
 
 def sincos_position_grid(dim: int, size: int) -> torch.Tensor:
@@ -213,6 +231,13 @@ class FlexVARTransformer2DModel(ModelMixin, ConfigMixin):
             rows[2].mul_(2e-5)
             rows[5].mul_(2e-5)
 
+    def modulations(self, conditioning: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+        """AdaLN terms of every block, then `(1 + scale, shift)` of the head's norm (as diffusers'
+        `AdaLayerNormContinuous`), for a (B, hidden) class embedding; each tensor is (B, 1, hidden)."""
+        head = self.norm_out.linear(self.norm_out.silu(conditioning)).unsqueeze(1)
+        scale_out, shift_out = head.chunk(2, dim=-1)
+        return [block.modulation(conditioning) for block in self.blocks] + [(1 + scale_out, shift_out)]
+
     def position_embeddings(self, scales: Sequence[tuple[int, int]]) -> torch.Tensor:
         """(1, sum(h*w), hidden) position embeddings: the grid area-resized to each scale, row-major."""
         return torch.cat([flatten_grid(F.interpolate(self.pos_grid, size=hw, mode="area")) for hw in scales], dim=1)
@@ -274,17 +299,25 @@ class FlexVARTransformer2DModel(ModelMixin, ConfigMixin):
         hidden_states = torch.cat(pieces, dim=1) + self.position_embeddings(scales)
         attention_mask = block_causal_mask(scales, num_cached, hidden_states.device)
 
+        if kv_cache is None:
+            modulations = self.modulations(conditioning)
+        else:
+            if kv_cache.modulations is None:
+                kv_cache.modulations = self.modulations(conditioning)
+            modulations = kv_cache.modulations
+
         for index, block in enumerate(self.blocks):
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 hidden_states = self._gradient_checkpointing_func(
-                    block, hidden_states, conditioning, attention_mask, kv_cache, index
+                    block, hidden_states, modulations[index], attention_mask, kv_cache, index
                 )
             else:
-                hidden_states = block(hidden_states, conditioning, attention_mask, kv_cache, index)
+                hidden_states = block(hidden_states, modulations[index], attention_mask, kv_cache, index)
         if kv_cache is not None:
             kv_cache.advance(hidden_states.shape[1])
 
-        logits = self.proj_out(self.norm_out(hidden_states, conditioning))
+        scale_out, shift_out = modulations[-1]
+        logits = self.proj_out(torch.addcmul(shift_out, self.norm_out.norm(hidden_states), scale_out))
         if not return_dict:
             return (logits,)
         return FlexVARTransformerOutput(logits=logits)

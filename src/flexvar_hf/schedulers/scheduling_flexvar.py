@@ -106,29 +106,43 @@ def default_num_steps(final_side: int) -> int:
     return min(max(math.floor(steps + 0.5), 1), final_side)
 
 
-def filter_top_k(logits: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Set logits below the `top_k`-th largest (per row, last dim) to -inf; ties at the threshold are kept. 0: off."""
-    if top_k <= 0 or top_k >= logits.shape[-1]:
-        return logits
-    threshold = logits.topk(top_k, dim=-1).values[..., -1:]
-    return logits.masked_fill(logits < threshold, -float("inf"))
-
-
-def filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+def top_k_top_p_candidates(
+    logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """
-    Nucleus filter with the original FlexVAR rule; `top_p` in (0, 1), else off.
+    The tokens that top-k and then top-p keep, with their probabilities.
 
-    With tokens sorted by ascending logit, a token is removed when the inclusive cumulative probability is
-    `<= 1 - top_p`; the best token is always kept. Equivalently, in descending order a token is kept while the
-    probability of the tokens before it is `< top_p`.
+    Top-k runs first (0 or >= vocabulary: off), so top-p sorts only the `k` kept logits, which `topk` already
+    returns sorted. Top-p (`top_p` in (0, 1), else off) is the original FlexVAR rule over the kept tokens: with the
+    tokens sorted by descending logit, a token is kept while the probability of the tokens before it is `< top_p`,
+    so the best token is always kept (equivalently, the original removes a token when the inclusive cumulative
+    probability in ascending order is `<= 1 - top_p`). Of tokens tied at the k-th logit, `topk` keeps as many as fit.
+
+    Args:
+        logits (`torch.Tensor` of shape `(..., vocab_size)`): Float logits.
+
+    Returns:
+        `(probs, token_ids)`, both `(..., k)`: the probabilities of the kept tokens after `temperature` (softmax over
+        the top-k, then zero where top-p removes a token, not renormalised: a sample is proportional to them) and
+        the token ids they belong to.
     """
-    if top_p <= 0 or top_p >= 1:
-        return logits
-    sorted_logits, sorted_indices = logits.sort(dim=-1, descending=False)
-    remove_sorted = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
-    remove_sorted[..., -1] = False
-    remove = remove_sorted.scatter(-1, sorted_indices, remove_sorted)
-    return logits.masked_fill(remove, -float("inf"))
+    vocab_size = logits.shape[-1]
+    num_kept = vocab_size if top_k <= 0 else min(top_k, vocab_size)
+    values, token_ids = logits.topk(num_kept, dim=-1)
+    probs = (values / temperature).softmax(dim=-1)
+    if 0 < top_p < 1:
+        mass_before = probs.cumsum(dim=-1) - probs
+        probs = probs.masked_fill(mass_before >= top_p, 0.0)
+    return probs, token_ids
+
+
+def exponential_noise(
+    shape: Sequence[int], generator: torch.Generator | None, device: torch.device | str
+) -> torch.Tensor:
+    """Exp(1) float32 noise of `shape` on `device`, drawn on the generator's device (so a CPU generator gives the
+    same numbers whatever the device)."""
+    source = generator.device if generator is not None else device
+    return torch.empty(tuple(shape), device=source).exponential_(generator=generator).to(device)
 
 
 class FlexVARScaleScheduler(SchedulerMixin, ConfigMixin):
@@ -398,6 +412,18 @@ class FlexVARScaleScheduler(SchedulerMixin, ConfigMixin):
         trained = set(self.config.trained_sides)
         return any(side > self.config.max_sampled_side or side not in trained for side in scale)
 
+    def sampling_noise_shape(
+        self, timestep: int | torch.Tensor, batch_size: int, vocab_size: int, top_k: int = 0
+    ) -> tuple[int, int, int] | None:
+        """Shape of the Exp(1) noise that `step` draws at `timestep` for `batch_size` images (after guidance), or
+        None where it takes the best token and draws nothing."""
+        step_index = self._step_index(timestep)
+        height, width = self.scales[step_index]
+        if top_k == 1 or self.is_greedy_scale((height, width)):
+            return None
+        num_kept = vocab_size if top_k <= 0 else min(top_k, vocab_size)
+        return (batch_size, height * width, num_kept)
+
     def step(
         self,
         model_output: torch.Tensor,
@@ -408,6 +434,7 @@ class FlexVARScaleScheduler(SchedulerMixin, ConfigMixin):
         top_p: float = 0.0,
         temperature: float = 1.0,
         generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
         return_dict: bool = True,
     ) -> FlexVARSchedulerOutput | tuple:
         """
@@ -415,7 +442,9 @@ class FlexVARScaleScheduler(SchedulerMixin, ConfigMixin):
 
         Guidance (if `guidance_scale != 1`) combines `uncond + g * (cond - uncond)` with `g` from `guidance_scale_at`.
         Then, in float32: the best token when `top_k == 1` or the scale is greedy (`is_greedy_scale`); otherwise
-        `logits / temperature`, top-k, top-p over the kept tokens (`filter_top_p`) and one multinomial draw.
+        the top-k / top-p candidates at `temperature` (`top_k_top_p_candidates`) and one draw from them, made as
+        `argmax(probs / noise)` with Exp(1) noise (an exact sample, with no host synchronisation, so the whole step
+        can run inside a CUDA graph).
 
         Args:
             model_output (`torch.Tensor`): Logits `(B, h * w, vocab_size)` for the scale's tokens in row-major order,
@@ -426,7 +455,9 @@ class FlexVARScaleScheduler(SchedulerMixin, ConfigMixin):
             top_k (`int`, defaults to 0): Keep the `top_k` best tokens; 0 disables, 1 is greedy.
             top_p (`float`, defaults to 0.0): Nucleus sampling threshold in [0, 1]; 0 or 1 disables it.
             temperature (`float`, defaults to 1.0): Softmax temperature, > 0.
-            generator (`torch.Generator`, *optional*): Generator of the multinomial draw, on the logits' device.
+            generator (`torch.Generator`, *optional*): Source of the sampling noise (any device).
+            noise (`torch.Tensor`, *optional*): Exp(1) noise of shape `sampling_noise_shape(...)` to use instead of
+                drawing it from `generator`; lets a caller draw it ahead (e.g. outside a CUDA graph).
             return_dict (`bool`, defaults to True): Return a [`FlexVARSchedulerOutput`] instead of a tuple.
 
         Returns:
@@ -442,9 +473,13 @@ class FlexVARScaleScheduler(SchedulerMixin, ConfigMixin):
         if top_k == 1 or self.is_greedy_scale((height, width)):
             indices = logits.argmax(dim=-1)
         else:
-            logits = filter_top_p(filter_top_k(logits / temperature, top_k), top_p)
-            probs = logits.softmax(dim=-1).flatten(0, 1)
-            indices = torch.multinomial(probs, num_samples=1, replacement=True, generator=generator)
+            probs, token_ids = top_k_top_p_candidates(logits, top_k, top_p, temperature)
+            if noise is None:
+                noise = exponential_noise(probs.shape, generator, probs.device)
+            elif noise.shape != probs.shape:
+                raise ValueError(f"`noise` must have shape {tuple(probs.shape)}, got {tuple(noise.shape)}.")
+            choice = (probs / noise).argmax(dim=-1, keepdim=True)
+            indices = token_ids.gather(-1, choice).squeeze(-1)
         indices = indices.view(-1, height, width)
 
         if not return_dict:
