@@ -11,6 +11,7 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineO
 from ..models import FlexVARKVCache, FlexVARTransformer2DModel, FlexVQModel
 from ..scales import ScaleLike, flatten_grid, num_tokens, resize_codes
 from ..schedulers import FlexVARScaleScheduler
+from .fast_sampling import FastTokenGenerator
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -47,6 +48,7 @@ class FlexVARPipeline(DiffusionPipeline):
         id2label = {int(key): value for key, value in (id2label or {}).items()}
         self.register_to_config(id2label=id2label or None)
         self.image_processor = VaeImageProcessor(vae_scale_factor=16, do_resize=False)
+        self.fast_token_generator: FastTokenGenerator | None = None
 
     @property
     def id2label(self) -> dict[int, str]:
@@ -72,6 +74,21 @@ class FlexVARPipeline(DiffusionPipeline):
         if unknown:
             raise ValueError(f"Unknown class names {unknown}; see `pipe.labels` for the {len(labels)} accepted names.")
         return [labels[name] for name in names]
+
+    @classmethod
+    def from_pipe(cls, pipeline: DiffusionPipeline, **kwargs) -> DiffusionPipeline:
+        """
+        A pipeline of this class on the loaded modules of `pipeline` (the same objects, nothing copied), e.g.
+        `FlexVARInpaintPipeline.from_pipe(pipe)` or back with `FlexVARPipeline.from_pipe(inpaint_pipe)`.
+
+        diffusers casts the shared modules to `dtype` (float32 by default), which would also change them in
+        `pipeline`; here they keep their dtype when they share one and no `dtype` / `torch_dtype` is passed.
+        """
+        if "torch_dtype" not in kwargs and "dtype" not in kwargs:
+            dtypes = {module.dtype for module in pipeline.components.values() if isinstance(module, torch.nn.Module)}
+            if len(dtypes) == 1:
+                kwargs["dtype"] = dtypes.pop()
+        return super().from_pipe(pipeline, **kwargs)
 
     # ------------------------------------------------------------------------------------------------------------
     # Input checks
@@ -106,6 +123,25 @@ class FlexVARPipeline(DiffusionPipeline):
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
 
+    def check_inputs(
+        self,
+        output_type: str,
+        callback_on_step_end_tensor_inputs: Sequence[str],
+        guidance_scale: float,
+        guidance_schedule: str,
+        top_k: int,
+        top_p: float,
+        temperature: float,
+    ) -> None:
+        """Raise ValueError for an unknown output type or callback tensor name, or bad sampling arguments."""
+        self.check_output_type(output_type)
+        unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
+        if unknown:
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` may name {self._callback_tensor_inputs}, got {unknown}."
+            )
+        self.scheduler.check_sampling_args(guidance_scale, guidance_schedule, top_k, top_p, temperature)
+
     # ------------------------------------------------------------------------------------------------------------
     # Generation
 
@@ -125,28 +161,56 @@ class FlexVARPipeline(DiffusionPipeline):
         generator: torch.Generator | None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("indices",),
+        known_tokens: Sequence[torch.LongTensor | None] | None = None,
+        keep_masks: Sequence[torch.BoolTensor | None] | None = None,
+        step_noise: Sequence[torch.Tensor | None] | None = None,
     ) -> torch.LongTensor:
-        """Run the scale loop for the scales set on the scheduler; returns the final (B, h, w) token grid."""
+        """
+        Run the scale loop for the scales set on the scheduler; returns the final (B, h, w) token grid.
+
+        Image-conditioned pipelines pass, per scale, `known_tokens[i]` (LongTensor (B, h_i, w_i)) and `keep_masks[i]`
+        (BoolTensor (B or 1, h_i, w_i), True = keep the known token). After `scheduler.step`, kept positions are
+        replaced by the known tokens; a scale with known tokens and no mask is kept whole and not sampled. The merged
+        tokens are what the callback sees and what the next scale is conditioned on. The transformer only runs up to
+        the last scale that samples anything (it must still see kept scales, whose keys and values later scales
+        attend to). Without `known_tokens` every token is sampled, as in plain generation.
+
+        `step_noise[i]`, if given, is the sampling noise of step i (`scheduler.sampling_noise_shape`), used instead of
+        drawing it from `generator`; the fast sampler draws it outside its CUDA graph.
+        """
         scales = self.scheduler.scales
+        known_tokens, keep_masks = self.check_known_tokens(known_tokens, keep_masks, scales, len(class_labels))
+        fully_known = [known is not None and keep is None for known, keep in zip(known_tokens, keep_masks)]
+        last_sampled = max((i for i, full in enumerate(fully_known) if not full), default=-1)
         guided = guidance_scale != 1.0
         unconditional = torch.full_like(class_labels, self.transformer.config.num_classes)
         model_labels = torch.cat((class_labels, unconditional)) if guided else class_labels
-        kv_cache: FlexVARKVCache = self.transformer.init_kv_cache(len(model_labels), num_tokens(scales))
+        kv_cache: FlexVARKVCache | None = None
+        if last_sampled >= 0:
+            kv_cache = self.transformer.init_kv_cache(len(model_labels), num_tokens(scales[: last_sampled + 1]))
 
         scale_inputs = None
         with self.progress_bar(total=len(scales)) as progress_bar:
             for step_index, scale in enumerate(scales):
-                logits = self.transformer(model_labels, [scale], scale_inputs, kv_cache=kv_cache).logits
-                indices = self.scheduler.step(
-                    logits,
-                    step_index,
-                    guidance_scale=guidance_scale,
-                    guidance_schedule=guidance_schedule,
-                    top_k=top_k,
-                    top_p=top_p,
-                    temperature=temperature,
-                    generator=generator,
-                ).indices
+                known, keep = known_tokens[step_index], keep_masks[step_index]
+                if step_index <= last_sampled:
+                    logits = self.transformer(model_labels, [scale], scale_inputs, kv_cache=kv_cache).logits
+                if fully_known[step_index]:
+                    indices = known
+                else:
+                    indices = self.scheduler.step(
+                        logits,
+                        step_index,
+                        guidance_scale=guidance_scale,
+                        guidance_schedule=guidance_schedule,
+                        top_k=top_k,
+                        top_p=top_p,
+                        temperature=temperature,
+                        generator=generator,
+                        noise=None if step_noise is None else step_noise[step_index],
+                    ).indices
+                    if known is not None:
+                        indices = torch.where(keep, known, indices)
                 if callback_on_step_end is not None:
                     step_tensors = {"indices": indices}
                     callback_kwargs = {name: step_tensors[name] for name in callback_on_step_end_tensor_inputs}
@@ -154,18 +218,75 @@ class FlexVARPipeline(DiffusionPipeline):
                         self, step_index, self.scheduler.timesteps[step_index], callback_kwargs
                     )
                     indices = (callback_outputs or {}).get("indices", indices)
-                if step_index + 1 < len(scales):
+                if step_index < last_sampled:
                     scale_inputs = self.next_scale_inputs(indices, scales[step_index + 1])
                     if guided:
                         scale_inputs = torch.cat((scale_inputs, scale_inputs))
                 progress_bar.update()
         return indices
 
-    def decode(self, indices: torch.LongTensor, output_type: str = "pil"):
-        """Final token grid -> images of `output_type` ("latent" returns the tokens)."""
+    @staticmethod
+    def check_known_tokens(
+        known_tokens: Sequence[torch.LongTensor | None] | None,
+        keep_masks: Sequence[torch.BoolTensor | None] | None,
+        scales: Sequence[tuple[int, int]],
+        batch_size: int,
+    ) -> tuple[list, list]:
+        """Validate the per-scale `known_tokens` / `keep_masks` of `generate_tokens`; None becomes a list of Nones."""
+        known_tokens = [None] * len(scales) if known_tokens is None else list(known_tokens)
+        keep_masks = [None] * len(scales) if keep_masks is None else list(keep_masks)
+        if len(known_tokens) != len(scales) or len(keep_masks) != len(scales):
+            raise ValueError(
+                f"`known_tokens` and `keep_masks` need one entry per scale ({len(scales)}), got "
+                f"{len(known_tokens)} and {len(keep_masks)}."
+            )
+        for (height, width), known, keep in zip(scales, known_tokens, keep_masks):
+            if keep is not None and known is None:
+                raise ValueError(f"A keep mask at scale {(height, width)} needs known tokens at that scale.")
+            if known is not None and tuple(known.shape) != (batch_size, height, width):
+                raise ValueError(
+                    f"Known tokens at scale {(height, width)} must have shape {(batch_size, height, width)}, "
+                    f"got {tuple(known.shape)}."
+                )
+            if keep is not None and (
+                keep.dtype != torch.bool or keep.ndim != 3 or keep.shape[0] not in (1, batch_size)
+                or tuple(keep.shape[1:]) != (height, width)
+            ):
+                raise ValueError(
+                    f"The keep mask at scale {(height, width)} must be a bool tensor of shape "
+                    f"({batch_size} or 1, {height}, {width}), got {keep.dtype} {tuple(keep.shape)}."
+                )
+        return known_tokens, keep_masks
+
+    def enable_fast_sampling(self, use_cuda_graph: bool | None = None, max_graphs: int = 4) -> None:
+        """
+        Generate through `FastTokenGenerator`: the scale loop and the VQ decoding are captured into one CUDA graph
+        per setting (batch size, scales, sampling arguments) and replayed. The first call of a setting costs about
+        two plain calls (warm-up and capture); later ones launch the whole generation at once. Tokens equal
+        the plain path's for the same generator. Calls with `callback_on_step_end` take the plain path. Captured
+        graphs hold their memory until `disable_fast_sampling()` (at most `max_graphs` are kept).
+
+        Args:
+            use_cuda_graph (`bool`, *optional*): Capture graphs; defaults to whether the transformer is on CUDA.
+                False runs the same static-buffer loop eagerly.
+        """
+        if use_cuda_graph is None:
+            use_cuda_graph = self.transformer.device.type == "cuda"
+        if use_cuda_graph and self.transformer.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need the pipeline on a CUDA device, it is on {self.transformer.device}.")
+        self.fast_token_generator = FastTokenGenerator(self, use_cuda_graph=use_cuda_graph, max_graphs=max_graphs)
+
+    def disable_fast_sampling(self) -> None:
+        """Back to the plain loop; frees the captured graphs."""
+        self.fast_token_generator = None
+
+    def decode(self, indices: torch.LongTensor, output_type: str = "pil", pixels: torch.Tensor | None = None):
+        """Final token grid -> images of `output_type` ("latent" returns the tokens); `pixels`, if given, are the
+        already decoded (B, 3, H, W) tokens."""
         if output_type == "latent":
             return indices
-        pixels = self.vqvae.decode_indices(indices).sample
+        if pixels is None:
+            pixels = self.vqvae.decode_indices(indices).sample
         return self.image_processor.postprocess(pixels.float(), output_type=output_type)
 
     @torch.no_grad()
@@ -217,29 +338,24 @@ class FlexVARPipeline(DiffusionPipeline):
         Returns:
             [`ImagePipelineOutput`] with `images`, or a tuple `(images,)`.
         """
-        self.check_output_type(output_type)
-        unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
-        if unknown:
-            raise ValueError(
-                f"`callback_on_step_end_tensor_inputs` may name {self._callback_tensor_inputs}, got {unknown}."
-            )
-        self.scheduler.check_sampling_args(guidance_scale, guidance_schedule, top_k, top_p, temperature)
+        self.check_inputs(
+            output_type, callback_on_step_end_tensor_inputs, guidance_scale, guidance_schedule, top_k, top_p,
+            temperature,
+        )
         labels = self.prepare_class_labels(class_labels, num_images_per_prompt)
         self.scheduler.set_timesteps(num_inference_steps, height=height, width=width, scales=scales,
                                      device=self._execution_device)
 
-        indices = self.generate_tokens(
-            labels,
-            guidance_scale,
-            guidance_schedule,
-            top_k,
-            top_p,
-            temperature,
-            generator,
-            callback_on_step_end,
-            callback_on_step_end_tensor_inputs,
-        )
-        images = self.decode(indices, output_type)
+        sampling = (guidance_scale, guidance_schedule, top_k, top_p, temperature)
+        pixels = None
+        if self.fast_token_generator is not None and callback_on_step_end is None:
+            decode = output_type != "latent"
+            indices, pixels = self.fast_token_generator(labels, *sampling, generator=generator, decode=decode)
+        else:
+            indices = self.generate_tokens(
+                labels, *sampling, generator, callback_on_step_end, callback_on_step_end_tensor_inputs
+            )
+        images = self.decode(indices, output_type, pixels=pixels)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)
