@@ -13,6 +13,7 @@ GPU, under its own float16 autocast, and the ratio is printed.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
@@ -63,16 +64,19 @@ def build_pipeline(depth: int, dtype: torch.dtype, device: str) -> FlexVARPipeli
 
 
 def timed(fn, warmup: int, iters: int) -> tuple[float, float]:
-    """(mean seconds per call, peak GiB) of `fn()` after `warmup` calls."""
+    """(mean seconds per call, peak GiB) of `fn()` after `warmup` calls. The peak is the most memory the caching
+    allocator held (reserved), which also counts what captured CUDA graphs keep in their private pools."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
+    gc.collect()
+    torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for _ in range(iters):
         fn()
     torch.cuda.synchronize()
-    return (time.perf_counter() - start) / iters, torch.cuda.max_memory_allocated() / 2**30
+    return (time.perf_counter() - start) / iters, torch.cuda.max_memory_reserved() / 2**30
 
 
 @contextmanager
@@ -249,6 +253,7 @@ def main(argv=None) -> int:
                 results["runs"].append(run)
                 print(json.dumps(run), flush=True)
         del pipe
+        gc.collect()
         torch.cuda.empty_cache()
 
         if args.original is not None:

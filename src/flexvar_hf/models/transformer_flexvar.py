@@ -18,7 +18,7 @@ from diffusers.utils import BaseOutput
 from ..scales import ScaleLike, as_hw_list, flatten_grid, num_tokens
 
 # The per-head attention scale is exp(log_scale), clamped at exp(MAX_LOG_SCALE) = 100 as in the original.
-RMS_EPS = 1e-12
+L2_EPS = 1e-12
 MAX_LOG_SCALE = math.log(100.0)
 
 
@@ -36,12 +36,13 @@ class FlexVARTransformerOutput(BaseOutput):
 class FlexVARKVCache:
     """Preallocated key/value cache for generating one scale per call.
 
-    Each layer gets `(batch, heads, max_tokens, head_dim)` key and value buffers; a call writes its tokens after the
-    ones already cached and attends to everything written so far.
+    Each layer gets `(batch, max_tokens, heads, head_dim)` key and value buffers (the projection's own layout, so a
+    write is one slab copy); a call writes its tokens after the ones already cached and attends to everything
+    written so far.
     """
 
     def __init__(self, num_layers: int, batch_size: int, num_heads: int, max_tokens: int, head_dim: int, **tensor_kw):
-        shape = (batch_size, num_heads, max_tokens, head_dim)
+        shape = (batch_size, max_tokens, num_heads, head_dim)
         self.keys = [torch.empty(shape, **tensor_kw) for _ in range(num_layers)]
         self.values = [torch.empty(shape, **tensor_kw) for _ in range(num_layers)]
         self.max_tokens = max_tokens
@@ -51,13 +52,13 @@ class FlexVARKVCache:
         self.modulations: list[tuple[torch.Tensor, ...]] | None = None
 
     def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this call's (B, H, l, D) keys and values for `layer`; return all cached ones including them."""
-        end = self.length + keys.shape[2]
+        """Write this call's (B, l, H, D) keys and values for `layer`; return all cached ones including them."""
+        end = self.length + keys.shape[1]
         if end > self.max_tokens:
             raise ValueError(f"The KV cache holds {self.max_tokens} tokens; this call needs {end}.")
-        self.keys[layer][:, :, self.length : end] = keys
-        self.values[layer][:, :, self.length : end] = values
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+        self.keys[layer][:, self.length : end] = keys
+        self.values[layer][:, self.length : end] = values
+        return self.keys[layer][:, :end], self.values[layer][:, :end]
 
     def advance(self, num_new_tokens: int) -> None:
         """Mark the tokens of the last call as cached (after every layer wrote them)."""
@@ -88,17 +89,21 @@ class FlexVARAttention(nn.Module):
         layer_index: int = 0,
     ) -> torch.Tensor:
         batch, length, dim = hidden_states.shape
+        heads = self.num_heads
         bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
-        qkv = F.linear(hidden_states, self.to_qkv.weight, bias)
-        query, key, value = qkv.view(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        # L2 normalisation as one fused RMS norm: rms_norm(x) = sqrt(head_dim) * x / |x|. The two sqrt(head_dim)
-        # factors of query and key are taken out of the query's temperature.
-        scale = self.log_scale.clamp_max(MAX_LOG_SCALE).exp() / self.head_dim
-        query = F.rms_norm(query, (self.head_dim,), eps=RMS_EPS) * scale.to(query.dtype)
-        key = F.rms_norm(key, (self.head_dim,), eps=RMS_EPS)
+        qkv = F.linear(hidden_states, self.to_qkv.weight, bias).view(batch, length, 3 * heads, self.head_dim)
+        # One pass over the contiguous projection: queries become unit vectors times the head's temperature, keys
+        # unit vectors, values stay (their factor is 1). F.normalize's eps, so the numbers are the original's.
+        temperature = self.log_scale.clamp_max(MAX_LOG_SCALE).exp().view(1, 1, heads, 1).to(qkv.dtype)
+        norms = torch.linalg.vector_norm(qkv[:, :, : 2 * heads], dim=-1, keepdim=True).clamp_min(L2_EPS)
+        value_factors = norms.new_ones(()).expand(batch, length, heads, 1)
+        factors = torch.cat((temperature / norms[:, :, :heads], 1 / norms[:, :, heads:], value_factors), dim=2)
+        query, key, value = (qkv * factors).view(batch, length, 3, heads, self.head_dim).unbind(2)
         if kv_cache is not None:
             key, value = kv_cache.update(layer_index, key, value)
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=1.0)
+        out = F.scaled_dot_product_attention(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=attention_mask, scale=1.0
+        )
         return self.to_out(out.transpose(1, 2).reshape(batch, length, dim))
 
 
