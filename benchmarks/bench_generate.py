@@ -38,6 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="None: the published schedule for the resolution.")
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     parser.add_argument("--fast", action="store_true", help="Time `pipe.enable_fast_sampling()` too.")
+    parser.add_argument("--compile", action="store_true", help="Time fast sampling with compiled elementwise ops.")
     parser.add_argument("--check", action="store_true", help="Check fast == plain tokens in float32 first.")
     parser.add_argument("--profile", action="store_true", help="Print the top CUDA kernels of the last plain run.")
     parser.add_argument("--warmup", type=int, default=2)
@@ -196,7 +197,7 @@ def profile_kernels(pipe: FlexVARPipeline, batch: int, args: argparse.Namespace)
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=90)
 
 
-def check_fast_path(depth: int, batch: int = 4) -> dict:
+def check_fast_path(depth: int, compile_elementwise: bool, batch: int = 4) -> dict:
     """Float32: the graph-replayed loop against the plain one, greedy and sampled with the same seed."""
     pipe = build_pipeline(depth, torch.float32, "cuda")
     labels = torch.arange(batch)
@@ -207,9 +208,9 @@ def check_fast_path(depth: int, batch: int = 4) -> dict:
         return tokens, pipe.decode(tokens, output_type="pt")
 
     plain = {mode: run(top_k=top_k) for mode, top_k in (("greedy", 1), ("sampled", 900))}
-    pipe.enable_fast_sampling()
+    pipe.enable_fast_sampling(compile_elementwise=compile_elementwise)
     fast = {mode: [run(top_k=top_k) for _ in range(2)] for mode, top_k in (("greedy", 1), ("sampled", 900))}
-    report = {"size": f"d{depth}", "batch": batch}
+    report = {"size": f"d{depth}", "batch": batch, "compiled": compile_elementwise}
     for mode in plain:
         tokens, images = plain[mode]
         report[f"{mode}_tokens_equal"] = all(torch.equal(tokens, fast_tokens) for fast_tokens, _ in fast[mode])
@@ -232,7 +233,8 @@ def main(argv=None) -> int:
     results["args"] = {key: str(value) for key, value in vars(args).items()}
 
     if args.check:
-        results["checks"] = [check_fast_path(DEPTHS[size]) for size in args.sizes[:1]]
+        compile_modes = [False, True] if args.compile else [False]
+        results["checks"] = [check_fast_path(DEPTHS[args.sizes[0]], compiled) for compiled in compile_modes]
         print(json.dumps(results["checks"]), flush=True)
         torch.cuda.empty_cache()
 
@@ -244,10 +246,11 @@ def main(argv=None) -> int:
         params = sum(p.numel() for p in pipe.transformer.parameters()) / 1e6
         if args.profile:
             print(profile_kernels(pipe, args.batches[-1], args), flush=True)
-        modes = [("ours", False)] + ([("ours_fast", True)] if args.fast else [])
-        for mode, fast in modes:
-            if fast:
-                pipe.enable_fast_sampling()
+        modes = [("ours", None)] + ([("ours_fast", False)] if args.fast else [])
+        modes += [("ours_compiled", True)] if args.compile else []
+        for mode, compiled in modes:
+            if compiled is not None:
+                pipe.enable_fast_sampling(compile_elementwise=compiled)
             for batch in args.batches:
                 run = {"size": size, "params_m": params, "mode": mode, "batch": batch, **bench_ours(pipe, batch, args)}
                 results["runs"].append(run)

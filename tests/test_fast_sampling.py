@@ -87,3 +87,29 @@ def test_fast_path_decodes_the_same_images(tiny_pipe):
     tiny_pipe.enable_fast_sampling(use_cuda_graph=False)
     fast = images(0).images
     assert fast.shape == (1, 3, 64, 64) and torch.equal(fast, plain)
+
+
+def test_elementwise_ops_are_swapped_and_restored(tiny_pipe):
+    from flexvar_hf.models.transformer_flexvar import EAGER_OPS, modulated_layer_norm, normalize_queries_keys
+
+    blocks = tiny_pipe.transformer.blocks
+    tiny_pipe.enable_fast_sampling(use_cuda_graph=False, compile_elementwise=True)
+    ops = blocks[0].ops
+    assert ops is not EAGER_OPS and all(block.ops is ops and block.attn.ops is ops for block in blocks)
+    assert ops.modulated_layer_norm is not modulated_layer_norm
+    assert ops.normalize_queries_keys is not normalize_queries_keys
+    tiny_pipe.disable_fast_sampling()
+    assert all(block.ops is EAGER_OPS and block.attn.ops is EAGER_OPS for block in blocks)
+
+
+def test_query_key_normalisation_matches_f_normalize():
+    from flexvar_hf.models.transformer_flexvar import normalize_queries_keys
+
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 5, 3 * 4, 8)
+    temperature = torch.rand(1, 1, 4, 1) + 0.5
+    out = normalize_queries_keys(qkv, temperature)
+    query, key, value = qkv.view(2, 5, 3, 4, 8).unbind(2)
+    normalize = torch.nn.functional.normalize
+    expected = torch.cat((normalize(query, dim=-1) * temperature, normalize(key, dim=-1), value), dim=2)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-7)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +65,42 @@ class FlexVARKVCache:
         self.length += num_new_tokens
 
 
+def modulated_layer_norm(
+    hidden_states: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
+    """AdaLN: `shift + layer_norm(hidden_states) * scale` (no affine parameters); (B, L, D) with (B, 1, D) terms."""
+    return torch.addcmul(shift, F.layer_norm(hidden_states, hidden_states.shape[-1:], eps=eps), scale)
+
+
+def normalize_queries_keys(qkv: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """
+    Queries to unit vectors times their head's temperature, keys to unit vectors, values unchanged.
+
+    Args:
+        qkv (`torch.Tensor` of shape `(B, L, 3 * H, D)`): The projection, heads of queries, keys, then values.
+        temperature (`torch.Tensor` of shape `(1, 1, H, 1)`): Per-head factor of the queries.
+
+    One pass over the contiguous projection; F.normalize's eps, so the numbers are the original's.
+    """
+    batch, length, _, _ = qkv.shape
+    heads = temperature.shape[2]
+    norms = torch.linalg.vector_norm(qkv[:, :, : 2 * heads], dim=-1, keepdim=True).clamp_min(L2_EPS)
+    value_factors = norms.new_ones(()).expand(batch, length, heads, 1)
+    factors = torch.cat((temperature / norms[:, :, :heads], 1 / norms[:, :, heads:], value_factors), dim=2)
+    return qkv * factors
+
+
+@dataclass(frozen=True)
+class ElementwiseOps:
+    """The memory-bound pieces of a block, swappable for `torch.compile`d (fused) versions."""
+
+    modulated_layer_norm: Callable = modulated_layer_norm
+    normalize_queries_keys: Callable = normalize_queries_keys
+
+
+EAGER_OPS = ElementwiseOps()
+
+
 class FlexVARAttention(nn.Module):
     """Self-attention on L2-normalised queries and keys with a learnable per-head temperature.
 
@@ -80,6 +116,7 @@ class FlexVARAttention(nn.Module):
         self.v_bias = nn.Parameter(torch.zeros(dim))
         self.log_scale = nn.Parameter(torch.full((1, num_heads, 1, 1), math.log(4.0)))
         self.to_out = nn.Linear(dim, dim)
+        self.ops = EAGER_OPS
 
     def forward(
         self,
@@ -92,13 +129,9 @@ class FlexVARAttention(nn.Module):
         heads = self.num_heads
         bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
         qkv = F.linear(hidden_states, self.to_qkv.weight, bias).view(batch, length, 3 * heads, self.head_dim)
-        # One pass over the contiguous projection: queries become unit vectors times the head's temperature, keys
-        # unit vectors, values stay (their factor is 1). F.normalize's eps, so the numbers are the original's.
         temperature = self.log_scale.clamp_max(MAX_LOG_SCALE).exp().view(1, 1, heads, 1).to(qkv.dtype)
-        norms = torch.linalg.vector_norm(qkv[:, :, : 2 * heads], dim=-1, keepdim=True).clamp_min(L2_EPS)
-        value_factors = norms.new_ones(()).expand(batch, length, heads, 1)
-        factors = torch.cat((temperature / norms[:, :, :heads], 1 / norms[:, :, heads:], value_factors), dim=2)
-        query, key, value = (qkv * factors).view(batch, length, 3, heads, self.head_dim).unbind(2)
+        qkv = self.ops.normalize_queries_keys(qkv, temperature)
+        query, key, value = qkv.view(batch, length, 3, heads, self.head_dim).unbind(2)
         if kv_cache is not None:
             key, value = kv_cache.update(layer_index, key, value)
         out = F.scaled_dot_product_attention(
@@ -116,6 +149,7 @@ class FlexVARBlock(nn.Module):
         self.attn = FlexVARAttention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.ff = FeedForward(dim, inner_dim=round(dim * mlp_ratio), activation_fn="gelu-approximate")
+        self.ops = EAGER_OPS
 
     def modulation(self, conditioning: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(B, dim) class embedding -> six (B, 1, dim) AdaLN-Zero terms: shift, 1 + scale and gate for attention,
@@ -135,10 +169,10 @@ class FlexVARBlock(nn.Module):
     ) -> torch.Tensor:
         """`modulation` is `self.modulation(class_embedding)`; the (B, L, dim) output has the input's shape."""
         shift_attn, scale_attn, gate_attn, shift_ff, scale_ff, gate_ff = modulation
-        normed = torch.addcmul(shift_attn, self.norm1.norm(hidden_states), scale_attn)
+        normed = self.ops.modulated_layer_norm(hidden_states, shift_attn, scale_attn, self.norm1.norm.eps)
         attended = self.attn(normed, attention_mask, kv_cache, layer_index)
         hidden_states = torch.addcmul(hidden_states, gate_attn, attended)
-        normed = torch.addcmul(shift_ff, self.norm2(hidden_states), scale_ff)
+        normed = self.ops.modulated_layer_norm(hidden_states, shift_ff, scale_ff, self.norm2.eps)
         return torch.addcmul(hidden_states, gate_ff, self.ff(normed))
 
 
@@ -235,6 +269,22 @@ class FlexVARTransformer2DModel(ModelMixin, ConfigMixin):
             rows.mul_(0.5)
             rows[2].mul_(2e-5)
             rows[5].mul_(2e-5)
+
+    def compile_elementwise_ops(self, **compile_kwargs) -> None:
+        """Swap the blocks' memory-bound pieces (AdaLN norms, query/key normalisation) for `torch.compile`d, fused
+        versions (`dynamic=True` by default, so every scale shares one compilation). Compiles on the first call."""
+        compile_kwargs.setdefault("dynamic", True)
+        ops = ElementwiseOps(
+            modulated_layer_norm=torch.compile(modulated_layer_norm, **compile_kwargs),
+            normalize_queries_keys=torch.compile(normalize_queries_keys, **compile_kwargs),
+        )
+        self.set_elementwise_ops(ops)
+
+    def set_elementwise_ops(self, ops: ElementwiseOps = EAGER_OPS) -> None:
+        """Use `ops` in every block (`EAGER_OPS`: plain PyTorch)."""
+        for block in self.blocks:
+            block.ops = ops
+            block.attn.ops = ops
 
     def modulations(self, conditioning: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
         """AdaLN terms of every block, then `(1 + scale, shift)` of the head's norm (as diffusers'
