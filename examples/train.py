@@ -1,0 +1,712 @@
+#!/usr/bin/env python
+"""Train FlexVAR from scratch or fine-tune a FlexVARPipeline on an image dataset, with accelerate.
+
+    accelerate launch examples/train.py --pretrained_model_name_or_path flexvar-d16 --train_data_dir my_images \
+        --resolution 256 --train_batch_size 32 --max_train_steps 10000 --output_dir flexvar-finetuned
+    accelerate launch examples/train.py --vqvae_model_name_or_path flexvar-d16 --vqvae_subfolder vqvae --depth 16 \
+        --dataset_name my/dataset --resolution 256 --random_crop --random_flip --output_dir flexvar-d16-scratch
+
+`python examples/train.py ...` runs it in one process. The recipe is the original trainer's: the VQ model frozen,
+images tokenised on the fly at a random scale schedule per batch, teacher forcing with the code vectors of each
+scale resized to the next, class-label dropout for classifier-free guidance, cross-entropy averaged per token, AdamW
+(0.9, 0.95) with weight decay 0.05 on weight matrices only, gradient clipping at 2. The run ends with a complete
+FlexVARPipeline folder in `OUTPUT_DIR/pipeline`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import datasets
+import diffusers
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from flexvar_hf import FlexVARPipeline, FlexVARScaleScheduler, FlexVARTransformer2DModel, FlexVQModel
+from flexvar_hf.training.checkpointing import load_checkpoint, resolve_checkpoint, resume_position, save_checkpoint
+from flexvar_hf.training.data import (
+    ImageDataset,
+    ImageTransform,
+    add_data_args,
+    build_dataloader,
+    check_data_args,
+    check_labels,
+    crop_mode,
+    label_info,
+    load_image_dataset,
+    sample_seed,
+    set_dataloader_epoch,
+)
+from flexvar_hf.training.flexvar_loss import build_teacher_inputs, drop_class_labels, flexvar_loss, token_accuracy
+from flexvar_hf.training.optim import build_optimizer
+from flexvar_hf.utils.io import atomic_directory
+
+logger = get_logger(__name__, log_level="INFO")
+
+PIPELINE_SUBFOLDER = "pipeline"
+LR_SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "piecewise_constant",
+)
+
+
+def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.HelpFormatter)
+
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--pretrained_model_name_or_path",
+        type=str,
+        default=None,
+        help="A FlexVARPipeline folder or hub id to fine-tune (transformer, VQ model, scheduler and class names).",
+    )
+    model.add_argument("--revision", type=str, default=None, help="Revision of the pretrained pipeline on the hub.")
+    model.add_argument(
+        "--vqvae_model_name_or_path",
+        type=str,
+        default=None,
+        help="Train from scratch on this FlexVQModel (a folder or hub id; see --vqvae_subfolder).",
+    )
+    model.add_argument(
+        "--vqvae_subfolder",
+        type=str,
+        default=None,
+        help="Subfolder of --vqvae_model_name_or_path holding the VQ model, e.g. 'vqvae' for a pipeline folder.",
+    )
+    model.add_argument(
+        "--depth",
+        type=int,
+        default=None,
+        help="From scratch: transformer depth d, with width 64*d and d heads as the released models (16/20/24/30).",
+    )
+    model.add_argument(
+        "--transformer_config",
+        type=str,
+        default=None,
+        help="From scratch: a JSON file of FlexVARTransformer2DModel config values (e.g. a saved config.json).",
+    )
+    model.add_argument(
+        "--num_classes",
+        type=int,
+        default=None,
+        help="From scratch: number of classes; default: the transformer config's if it sets it, else the data's.",
+    )
+
+    add_data_args(parser, labels=True)
+
+    training = parser.add_argument_group("training")
+    training.add_argument("--output_dir", type=str, default="flexvar-model", help="Checkpoints, logs and the model.")
+    training.add_argument("--seed", type=int, default=0, help="Seed of initialisation, data order and scales.")
+    training.add_argument("--train_batch_size", type=int, default=16, help="Batch size per device.")
+    training.add_argument("--num_train_epochs", type=int, default=100)
+    training.add_argument(
+        "--max_train_steps", type=int, default=None, help="Optimisation steps; overrides --num_train_epochs."
+    )
+    training.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    training.add_argument("--gradient_checkpointing", action="store_true", help="Recompute activations in backward.")
+    training.add_argument("--learning_rate", type=float, default=1e-4, help="Peak learning rate (see --scale_lr).")
+    training.add_argument(
+        "--scale_lr",
+        action="store_true",
+        help="Use learning_rate * total_batch_size / 256 (the original's rule, learning_rate being per 256 images).",
+    )
+    training.add_argument("--lr_scheduler", type=str, default="constant", choices=LR_SCHEDULERS)
+    training.add_argument("--lr_warmup_steps", type=int, default=0)
+    training.add_argument("--adam_beta1", type=float, default=0.9)
+    training.add_argument("--adam_beta2", type=float, default=0.95)
+    training.add_argument("--adam_epsilon", type=float, default=1e-8)
+    training.add_argument(
+        "--weight_decay", type=float, default=0.05, help="On weight matrices; none on biases, norms, embeddings."
+    )
+    training.add_argument("--max_grad_norm", type=float, default=2.0, help="Gradient clipping; <= 0 turns it off.")
+    training.add_argument(
+        "--class_dropout_prob",
+        type=float,
+        default=0.1,
+        help="Probability of replacing a label by the unconditional one (for classifier-free guidance).",
+    )
+    training.add_argument("--label_smoothing", type=float, default=0.0)
+    training.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
+    training.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
+    training.add_argument(
+        "--use_ema", action="store_true", help="Keep an EMA of the weights; the saved model uses it."
+    )
+    training.add_argument("--ema_max_decay", type=float, default=0.9999)
+    training.add_argument("--ema_inv_gamma", type=float, default=1.0)
+    training.add_argument("--ema_power", type=float, default=0.75)
+
+    run = parser.add_argument_group("logging, checkpoints, validation, hub")
+    run.add_argument(
+        "--report_to",
+        type=str,
+        default="tensorboard",
+        help='Accelerate trackers: "tensorboard", "wandb", "all", "none".',
+    )
+    run.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder, inside --output_dir.")
+    run.add_argument("--tracker_project_name", type=str, default="flexvar-train")
+    run.add_argument("--checkpointing_steps", type=int, default=500, help="Save a checkpoint every N steps.")
+    run.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most N checkpoints.")
+    run.add_argument(
+        "--resume_from_checkpoint",
+        type=str,
+        default=None,
+        help='"latest" (the newest checkpoint in --output_dir, or a fresh start if none) or a checkpoint folder.',
+    )
+    run.add_argument("--validation_steps", type=int, default=None, help="Generate validation images every N steps.")
+    run.add_argument(
+        "--validation_class_labels",
+        type=str,
+        nargs="+",
+        default=None,
+        help="Class ids (or class names) of the validation images.",
+    )
+    run.add_argument("--validation_height", type=int, default=None, help="Default: the training height.")
+    run.add_argument("--validation_width", type=int, default=None, help="Default: the training width.")
+    run.add_argument("--validation_num_inference_steps", type=int, default=None, help="Default: the pipeline's.")
+    run.add_argument("--validation_guidance_scale", type=float, default=3.5)
+    run.add_argument("--push_to_hub", action="store_true", help="Upload the final pipeline with a model card.")
+    run.add_argument("--hub_model_id", type=str, default=None, help="Default: the name of --output_dir.")
+    run.add_argument("--hub_token", type=str, default=None)
+    run.add_argument("--hub_private_repo", action="store_true")
+    run.add_argument("--local_rank", type=int, default=-1, help="Set by distributed launchers.")
+
+    args = parser.parse_args(input_args)
+    env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
+    if env_local_rank != -1 and env_local_rank != args.local_rank:
+        args.local_rank = env_local_rank
+    return args
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith((".", "/", "~")) or os.sep + os.sep in path or Path(path).exists()
+
+
+def check_args(args: argparse.Namespace) -> tuple[int, int]:
+    """Every check that needs no loading; raises ValueError with what to change. Returns (height, width)."""
+    if (args.pretrained_model_name_or_path is None) == (args.vqvae_model_name_or_path is None):
+        raise ValueError(
+            "Pass exactly one of --pretrained_model_name_or_path (fine-tune a FlexVARPipeline) and "
+            "--vqvae_model_name_or_path (train a new transformer from scratch on that VQ model)."
+        )
+    for flag, path in (
+        ("--pretrained_model_name_or_path", args.pretrained_model_name_or_path),
+        ("--vqvae_model_name_or_path", args.vqvae_model_name_or_path),
+    ):
+        if path is not None and _looks_local(path) and not Path(path).expanduser().is_dir():
+            raise ValueError(f"{flag} {path!r} is not an existing folder.")
+    if args.pretrained_model_name_or_path is not None:
+        given = [flag for flag, value in (("--depth", args.depth), ("--transformer_config", args.transformer_config),
+                                          ("--vqvae_subfolder", args.vqvae_subfolder)) if value is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply when training from scratch; fine-tuning keeps the sizes "
+                             "of --pretrained_model_name_or_path.")
+    else:
+        if (args.depth is None) == (args.transformer_config is None):
+            raise ValueError("Training from scratch needs exactly one of --depth and --transformer_config.")
+        if args.depth is not None and args.depth < 1:
+            raise ValueError(f"--depth must be positive, got {args.depth}.")
+        if args.transformer_config is not None:
+            read_transformer_config(args.transformer_config)
+    if args.num_classes is not None and args.num_classes < 1:
+        raise ValueError(f"--num_classes must be positive, got {args.num_classes}.")
+
+    resolution = check_data_args(args)
+    if max(resolution) < 32:
+        raise ValueError(f"--resolution must be at least 32 pixels on its long side (two scales), got {resolution}.")
+
+    positive = {
+        "--train_batch_size": args.train_batch_size,
+        "--gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "--num_train_epochs": args.num_train_epochs,
+        "--checkpointing_steps": args.checkpointing_steps,
+    }
+    for flag, value in (("--max_train_steps", args.max_train_steps), ("--validation_steps", args.validation_steps)):
+        if value is not None:
+            positive[flag] = value
+    for flag, value in positive.items():
+        if value < 1:
+            raise ValueError(f"{flag} must be positive, got {value}.")
+    if args.lr_warmup_steps < 0:
+        raise ValueError(f"--lr_warmup_steps must be >= 0, got {args.lr_warmup_steps}.")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        raise ValueError(f"--checkpoints_total_limit must be positive, got {args.checkpoints_total_limit}.")
+    if args.learning_rate <= 0:
+        raise ValueError(f"--learning_rate must be positive, got {args.learning_rate}.")
+    if not 0 <= args.class_dropout_prob < 1:
+        raise ValueError(f"--class_dropout_prob must be in [0, 1), got {args.class_dropout_prob}.")
+    if not 0 <= args.label_smoothing < 1:
+        raise ValueError(f"--label_smoothing must be in [0, 1), got {args.label_smoothing}.")
+    if args.validation_steps is not None and not args.validation_class_labels:
+        raise ValueError("--validation_steps needs --validation_class_labels (class ids or names).")
+    for flag, value in (
+        ("--validation_height", args.validation_height),
+        ("--validation_width", args.validation_width),
+    ):
+        if value is not None and (value < 16 or value % 16):
+            raise ValueError(f"{flag} must be a positive multiple of 16, got {value}.")
+    resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)  # ValueError if an explicit one is missing
+    return resolution
+
+
+def read_transformer_config(path: str) -> dict:
+    """The JSON object of --transformer_config, without diffusers' private keys."""
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"--transformer_config {path!r} is not an existing file.")
+    try:
+        config = json.loads(file.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--transformer_config {path!r} is not valid JSON: {error}") from error
+    if not isinstance(config, dict):
+        raise ValueError(f"--transformer_config {path!r} must hold a JSON object of config values.")
+    return {key: value for key, value in config.items() if not key.startswith("_")}
+
+
+def load_models(args: argparse.Namespace, data_num_classes: int):
+    """(transformer, vqvae, scheduler, id2label of the pretrained pipeline or None)."""
+    if args.pretrained_model_name_or_path is not None:
+        pipe = FlexVARPipeline.from_pretrained(
+            args.pretrained_model_name_or_path, revision=args.revision, cache_dir=args.cache_dir
+        )
+        transformer, vqvae, scheduler = pipe.transformer, pipe.vqvae, pipe.scheduler
+        if args.num_classes is not None and args.num_classes != transformer.config.num_classes:
+            raise ValueError(
+                f"--num_classes {args.num_classes} differs from the pretrained transformer's "
+                f"{transformer.config.num_classes} classes; fine-tuning cannot change the number of classes."
+            )
+        return transformer, vqvae, scheduler, pipe.id2label or None
+
+    vqvae = FlexVQModel.from_pretrained(
+        args.vqvae_model_name_or_path, subfolder=args.vqvae_subfolder, cache_dir=args.cache_dir
+    )
+    if args.transformer_config is not None:
+        config = read_transformer_config(args.transformer_config)
+    else:
+        config = {"num_layers": args.depth, "hidden_size": 64 * args.depth, "num_attention_heads": args.depth}
+    num_classes = args.num_classes or config.get("num_classes") or data_num_classes
+    config.update(num_classes=num_classes)
+    for key, value in (("vocab_size", vqvae.config.num_codes), ("code_dim", vqvae.config.code_dim)):
+        if config.setdefault(key, value) != value:
+            raise ValueError(f"--transformer_config has {key}={config[key]} but the VQ model has {value}.")
+    try:
+        transformer = FlexVARTransformer2DModel.from_config(config)
+    except TypeError as error:
+        raise ValueError(f"Bad transformer config {config}: {error}") from error
+    scheduler = FlexVARScaleScheduler(vae_scale_factor=vqvae.downsample_factor)
+    return transformer, vqvae, scheduler, None
+
+
+def load_fp32_vqvae(args: argparse.Namespace) -> FlexVQModel:
+    """The VQ model as stored (for the saved pipeline when training ran it in reduced precision)."""
+    if args.pretrained_model_name_or_path is not None:
+        return FlexVQModel.from_pretrained(
+            args.pretrained_model_name_or_path, subfolder="vqvae", revision=args.revision, cache_dir=args.cache_dir
+        )
+    return FlexVQModel.from_pretrained(
+        args.vqvae_model_name_or_path, subfolder=args.vqvae_subfolder, cache_dir=args.cache_dir
+    )
+
+
+def validation_label_ids(values: list[str] | None, num_classes: int, id2label: dict[int, str] | None) -> list[int]:
+    """--validation_class_labels (ids or class names) -> class ids; ValueError for unknown names or ids."""
+    names = {}
+    for class_id, value in (id2label or {}).items():
+        names[value] = class_id
+        for name in value.split(","):
+            names.setdefault(name.strip(), class_id)
+    ids = []
+    for value in values or []:
+        if value.lstrip("-").isdigit():
+            class_id = int(value)
+        elif value in names:
+            class_id = names[value]
+        else:
+            raise ValueError(f"--validation_class_labels: {value!r} is neither a class id nor a known class name.")
+        if not 0 <= class_id < num_classes:
+            raise ValueError(
+                f"--validation_class_labels: {class_id} is outside the model's classes [0, {num_classes})."
+            )
+        ids.append(class_id)
+    return ids
+
+
+def tracker_config(args: argparse.Namespace) -> dict:
+    """Arguments as scalar hyperparameters (TensorBoard accepts int, float, str and bool only)."""
+    config = {}
+    for key, value in vars(args).items():
+        if key == "hub_token":
+            continue
+        config[key] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return config
+
+
+def log_validation(args, accelerator, transformer, vqvae, scheduler, id2label, ema_model, step):
+    """Generate one image per --validation_class_labels, save PNGs and log them to the trackers (main process)."""
+    model = accelerator.unwrap_model(transformer)
+    if ema_model is not None:
+        ema_model.store(model.parameters())
+        ema_model.copy_to(model.parameters())
+    model.eval()
+    try:
+        pipe = FlexVARPipeline(transformer=model, vqvae=vqvae, scheduler=scheduler, id2label=id2label)
+        pipe.set_progress_bar_config(disable=True)
+        generator = torch.Generator(device=accelerator.device).manual_seed(args.seed)
+        height, width = args.resolution_hw
+        images = pipe(
+            args.validation_label_ids,
+            height=args.validation_height or height,
+            width=args.validation_width or width,
+            num_inference_steps=args.validation_num_inference_steps,
+            guidance_scale=args.validation_guidance_scale,
+            generator=generator,
+        ).images
+    finally:
+        model.train()
+        if ema_model is not None:
+            ema_model.restore(model.parameters())
+
+    folder = Path(args.output_dir) / "validation" / f"step-{step:07d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, (label, image) in enumerate(zip(args.validation_class_labels, images)):
+        image.save(folder / f"{index:02d}-{label}.png")
+    arrays = np.stack([np.asarray(image) for image in images])
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images("validation", arrays, step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log(
+                {"validation": [wandb.Image(image, caption=str(label))
+                                for label, image in zip(args.validation_class_labels, images)]},
+                step=step,
+            )
+    return images
+
+
+def write_model_card(folder: Path, args: argparse.Namespace, repo_id: str | None, num_classes: int) -> None:
+    from huggingface_hub import ModelCard, ModelCardData
+
+    base_model = args.pretrained_model_name_or_path
+    data = args.dataset_name or Path(args.train_data_dir).name
+    card_data = ModelCardData(
+        library_name="diffusers",
+        license=None,
+        base_model=base_model if base_model and not _looks_local(base_model) else None,
+        datasets=[args.dataset_name] if args.dataset_name else None,
+        tags=["flexvar", "class-conditional", "image-generation", "autoregressive", "diffusers-training"],
+    )
+    how = f"fine-tuned from `{base_model}`" if base_model else "trained from scratch"
+    ema = ", EMA weights" if args.use_ema else ""
+    height, width = args.resolution_hw
+    content = f"""---
+{card_data.to_yaml()}
+---
+
+# {repo_id or Path(args.output_dir).name}
+
+A [FlexVAR](https://arxiv.org/abs/2502.20313) class-conditional image generator ({num_classes} classes) {how} on
+`{data}` at {height}x{width} with flexvar-hf's `examples/train.py` for {args.final_step} steps
+(batch {args.total_batch_size}, learning rate {args.effective_learning_rate:g}{ema}).
+
+```python
+from flexvar_hf import FlexVARPipeline
+
+pipe = FlexVARPipeline.from_pretrained("{repo_id or Path(args.output_dir, PIPELINE_SUBFOLDER)}")
+image = pipe(0, height={height}, width={width}).images[0]
+```
+"""
+    ModelCard(content).save(folder / "README.md")
+
+
+def main(args: argparse.Namespace) -> dict:
+    """Run the training described by `args` (from `parse_args`). Returns a summary: `global_step`, `losses` (per
+    optimisation step, averaged over processes and accumulation), `pipeline_dir`, `resumed_from` (the checkpoint or
+    None), `transformer` (the trained model, raw weights) and `ema_model` (the `EMAModel` or None)."""
+    height, width = check_args(args)
+    args.resolution_hw = (height, width)
+    output_dir = Path(args.output_dir)
+    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
+
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
+        ),
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    logger.info(accelerator.state, main_process_only=False)
+    if accelerator.is_local_main_process:
+        datasets.utils.logging.set_verbosity_warning()
+        diffusers.utils.logging.set_verbosity_info()
+    else:
+        datasets.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.set_verbosity_error()
+    set_seed(args.seed)
+
+    # Data and models, checked against each other before any training work.
+    with accelerator.main_process_first():
+        dataset = load_image_dataset(
+            args.dataset_name,
+            args.dataset_config_name,
+            args.train_data_dir,
+            args.cache_dir,
+            image_column=args.image_column,
+            label_column=args.label_column,
+            max_train_samples=args.max_train_samples,
+            seed=args.seed,
+        )
+    labels = label_info(dataset, args.label_column)
+    transformer, vqvae, scheduler, pretrained_id2label = load_models(args, labels.num_classes)
+    num_classes = transformer.config.num_classes
+    check_labels(labels, num_classes)
+    if transformer.config.vocab_size != vqvae.config.num_codes or transformer.config.code_dim != vqvae.config.code_dim:
+        raise ValueError("The transformer's vocab_size/code_dim do not match the VQ model's num_codes/code_dim.")
+    factor = vqvae.downsample_factor
+    if height % factor or width % factor or scheduler.config.vae_scale_factor != factor:
+        raise ValueError(f"--resolution must be a multiple of the VQ model's {factor} pixels per token.")
+    id2label = {**(pretrained_id2label or {}), **(labels.id2label or {})} or None
+    args.validation_label_ids = validation_label_ids(args.validation_class_labels, num_classes, id2label)
+
+    repo_id = None
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if args.push_to_hub:
+            from huggingface_hub import create_repo
+
+            repo_id = create_repo(
+                args.hub_model_id or output_dir.name, exist_ok=True, token=args.hub_token,
+                private=args.hub_private_repo,
+            ).repo_id
+
+    vqvae.requires_grad_(False).eval()
+    transformer.train()
+    if args.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    learning_rate = args.learning_rate * total_batch_size / 256 if args.scale_lr else args.learning_rate
+    args.total_batch_size, args.effective_learning_rate = total_batch_size, learning_rate
+    optimizer = build_optimizer(
+        transformer,
+        learning_rate,
+        weight_decay=args.weight_decay,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+    )
+
+    transform = ImageTransform(
+        (height, width), crop=crop_mode(args), random_flip=args.random_flip,
+        min_crop_fraction=args.random_crop_min_fraction,
+    )
+    train_dataset = ImageDataset(dataset, transform, args.image_column, args.label_column, seed=args.seed)
+    train_dataloader = build_dataloader(
+        train_dataset, args.train_batch_size, seed=args.seed, num_workers=args.dataloader_num_workers,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+    # Scheduler lengths as in diffusers' scripts: the prepared scheduler steps once per process per step.
+    batches_per_process = math.ceil(len(train_dataloader) / accelerator.num_processes)
+    if args.max_train_steps is None:
+        steps_for_scheduler = (
+            args.num_train_epochs * math.ceil(batches_per_process / args.gradient_accumulation_steps)
+        ) * accelerator.num_processes
+    else:
+        steps_for_scheduler = args.max_train_steps * accelerator.num_processes
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=steps_for_scheduler,
+    )
+
+    ema_model = None
+    if args.use_ema:
+        ema_model = EMAModel(
+            transformer.parameters(),
+            decay=args.ema_max_decay,
+            use_ema_warmup=True,
+            inv_gamma=args.ema_inv_gamma,
+            power=args.ema_power,
+            model_cls=FlexVARTransformer2DModel,
+            model_config=transformer.config,
+        )
+        accelerator.register_for_checkpointing(ema_model)
+
+    transformer, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+        transformer, optimizer, train_dataloader, lr_scheduler
+    )
+    if ema_model is not None:
+        ema_model.to(accelerator.device)
+
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    vqvae.to(accelerator.device, dtype=weight_dtype)
+    vqvae.quantize.to(torch.float32)  # nearest-code search and code vectors stay in float32
+
+    num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps or args.num_train_epochs * num_update_steps_per_epoch
+    num_train_epochs = math.ceil(max_train_steps / num_update_steps_per_epoch)
+
+    if accelerator.is_main_process:
+        accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args))
+
+    logger.info("***** Running training *****")
+    logger.info(f"  Num examples = {len(train_dataset)}, classes = {num_classes}, resolution = {height}x{width}")
+    logger.info(f"  Num epochs = {num_train_epochs}, optimisation steps = {max_train_steps}")
+    logger.info(f"  Batch size per device = {args.train_batch_size}, total = {total_batch_size}")
+    logger.info(f"  Learning rate = {learning_rate:g}, gradient accumulation = {args.gradient_accumulation_steps}")
+    logger.info(f"  Parameters = {sum(p.numel() for p in transformer.parameters()) / 1e6:.2f}M")
+
+    global_step = 0
+    if checkpoint is not None:
+        logger.info(f"Resuming from {checkpoint}")
+        global_step = load_checkpoint(accelerator, checkpoint)["global_step"]
+        if ema_model is not None:
+            ema_model.to(accelerator.device)
+    elif args.resume_from_checkpoint == "latest":
+        logger.info("No checkpoint in the output folder yet; starting a new run.")
+    first_epoch, batches_to_skip = resume_position(
+        global_step, num_update_steps_per_epoch, args.gradient_accumulation_steps
+    )
+
+    progress_bar = tqdm(
+        total=max_train_steps, initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
+    losses: list[float] = []
+    sums = torch.zeros(4, device=accelerator.device)  # loss, accuracy, last-scale accuracy, micro-batches
+    tokens = torch.zeros(2, device=accelerator.device)  # tokens, images
+    micro_step = 0
+    last_log_time = time.perf_counter()
+    grad_norm = torch.tensor(float("nan"))
+
+    for epoch in range(first_epoch, num_train_epochs):
+        if global_step >= max_train_steps:
+            break
+        loader = train_dataloader
+        if epoch == first_epoch and batches_to_skip:
+            loader = accelerator.skip_first_batches(train_dataloader, batches_to_skip)
+        set_dataloader_epoch(loader, epoch)
+        for batch in loader:
+            # Per-step randomness from (seed, step, micro-batch): a resumed run draws the same scales and dropout.
+            scale_generator = torch.Generator().manual_seed(sample_seed(args.seed, global_step, micro_step))
+            dropout_generator = torch.Generator().manual_seed(
+                sample_seed(args.seed + 1 + accelerator.process_index, global_step, micro_step)
+            )
+            with accelerator.accumulate(transformer):
+                scales = scheduler.sample_training_scales(height, width, generator=scale_generator)
+                teacher = build_teacher_inputs(vqvae, scales, pixels=batch["pixel_values"])
+                class_labels = drop_class_labels(
+                    batch["labels"], num_classes, args.class_dropout_prob, generator=dropout_generator
+                )
+                logits = transformer(class_labels, teacher.scales, teacher.scale_inputs).logits
+                loss = flexvar_loss(logits, teacher.targets, args.label_smoothing)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
+                    grad_norm = accelerator.clip_grad_norm_(transformer.parameters(), max_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            accuracy, last_accuracy = token_accuracy(logits.detach(), teacher.targets, teacher.last_scale_tokens)
+            sums += torch.stack([loss.detach().float(), accuracy, last_accuracy, torch.ones((), device=sums.device)])
+            tokens += torch.tensor([teacher.targets.numel(), teacher.targets.shape[0]], device=tokens.device)
+            micro_step += 1
+
+            if not accelerator.sync_gradients:
+                continue
+            if ema_model is not None:
+                ema_model.step(accelerator.unwrap_model(transformer).parameters())
+            global_step += 1
+            micro_step = 0
+            progress_bar.update(1)
+
+            mean = accelerator.reduce(sums[:3] / sums[3], reduction="mean").tolist()
+            counts = accelerator.reduce(tokens.clone(), reduction="sum").tolist()
+            now = time.perf_counter()
+            elapsed, last_log_time = max(now - last_log_time, 1e-9), now
+            logs = {
+                "loss": mean[0],
+                "token_accuracy": mean[1],
+                "token_accuracy_last_scale": mean[2],
+                "grad_norm": float(grad_norm),
+                "lr": lr_scheduler.get_last_lr()[0],
+                "tokens_per_second": counts[0] / elapsed,
+                "images_per_second": counts[1] / elapsed,
+                "num_scales": len(scales),
+            }
+            sums.zero_()
+            tokens.zero_()
+            losses.append(mean[0])
+            accelerator.log(logs, step=global_step)
+            progress_bar.set_postfix(loss=f"{mean[0]:.4f}", acc=f"{mean[1]:.3f}", lr=f"{logs['lr']:.2e}")
+
+            if global_step % args.checkpointing_steps == 0:
+                save_checkpoint(
+                    accelerator, output_dir, global_step, total_limit=args.checkpoints_total_limit,
+                    state={"epoch": epoch},
+                )
+            if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
+                log_validation(
+                    args, accelerator, transformer, vqvae, scheduler, id2label, ema_model, global_step
+                )
+            if global_step >= max_train_steps:
+                break
+    progress_bar.close()
+
+    accelerator.wait_for_everyone()
+    pipeline_dir = output_dir / PIPELINE_SUBFOLDER
+    model = accelerator.unwrap_model(transformer)
+    if accelerator.is_main_process:
+        final_model = model
+        if ema_model is not None:  # the saved pipeline gets the EMA weights; the trained model keeps its own
+            final_model = FlexVARTransformer2DModel.from_config(model.config)
+            ema_model.copy_to(final_model.parameters())
+        final_vqvae = vqvae if weight_dtype == torch.float32 else load_fp32_vqvae(args)
+        pipe = FlexVARPipeline(transformer=final_model, vqvae=final_vqvae, scheduler=scheduler, id2label=id2label)
+        args.final_step = global_step
+        with atomic_directory(pipeline_dir, overwrite=True) as staging:
+            pipe.save_pretrained(staging)
+            write_model_card(staging, args, repo_id, num_classes)
+        logger.info(f"Saved the pipeline to {pipeline_dir}")
+        if args.push_to_hub:
+            from huggingface_hub import upload_folder
+
+            upload_folder(
+                repo_id=repo_id, folder_path=pipeline_dir, commit_message="End of training", token=args.hub_token
+            )
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return {
+        "global_step": global_step,
+        "losses": losses,
+        "pipeline_dir": str(pipeline_dir),
+        "resumed_from": str(checkpoint) if checkpoint is not None else None,
+        "transformer": model,
+        "ema_model": ema_model,
+    }
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,132 @@
+"""The FlexVAR training objective: teacher-forcing inputs from the frozen VQ model, class-label dropout, the loss.
+
+One training step (as the original trainer):
+
+1. draw scales for the batch (`FlexVARScaleScheduler.sample_training_scales`);
+2. `build_teacher_inputs`: encode the images once, quantise the latent at every scale (area-resized), and feed each
+   scale but the last as its normalised code vectors resized bicubic to the next scale (exactly what
+   `FlexVARPipeline.next_scale_inputs` feeds at generation time); the targets are every scale's token indices;
+3. `drop_class_labels`: replace labels by the unconditional label `num_classes` with probability 0.1, which trains
+   the unconditional branch of classifier-free guidance;
+4. `transformer(labels, scales, teacher.scale_inputs).logits` and `flexvar_loss`: cross-entropy over all tokens of
+   all scales, averaged per token, optionally label-smoothed; `token_accuracy` for logging.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..scales import ScaleLike, as_hw_list, flatten_grid, resize_codes
+
+__all__ = [
+    "TeacherForcingBatch",
+    "build_teacher_inputs",
+    "drop_class_labels",
+    "flexvar_loss",
+    "token_accuracy",
+]
+
+
+@dataclass
+class TeacherForcingBatch:
+    """
+    Attributes:
+        scale_inputs (`torch.Tensor` of shape `(B, L - h_0 * w_0, code_dim)`): Transformer inputs for every scale but
+            the first: the previous scale's code vectors resized bicubic to it, row-major, scales concatenated. None
+            for a single scale.
+        targets (`torch.LongTensor` of shape `(B, L)`): Token indices of every scale, row-major, concatenated.
+        scales (`list[tuple[int, int]]`): The scales, coarse to fine.
+    """
+
+    scale_inputs: torch.Tensor | None
+    targets: torch.LongTensor
+    scales: list[tuple[int, int]]
+
+    @property
+    def last_scale_tokens(self) -> int:
+        """Tokens of the final scale (the tail of `targets`)."""
+        height, width = self.scales[-1]
+        return height * width
+
+
+@torch.no_grad()
+def build_teacher_inputs(
+    vqvae,
+    scales: Sequence[ScaleLike],
+    pixels: torch.Tensor | None = None,
+    latents: torch.Tensor | None = None,
+) -> TeacherForcingBatch:
+    """
+    Token targets and teacher-forcing inputs of a batch at the given scales, from a frozen `FlexVQModel`.
+
+    Pass `pixels` (B, 3, H, W) in [-1, 1] (encoded in the VQ model's dtype) or already encoded `latents`. The
+    latents are quantised at every scale in float32 (`quantize_multiscale`), so the tokens do not depend on a reduced
+    precision encoder dtype beyond the encoder itself; code vectors are the normalised codebook rows
+    (`indices_to_codes`) and scale `i`'s input is scale `i - 1`'s code map resized bicubic to scale `i`.
+
+    Returns:
+        `TeacherForcingBatch` with `scale_inputs` in float32.
+    """
+    scales = as_hw_list(scales)
+    if (pixels is None) == (latents is None):
+        raise ValueError("Pass exactly one of `pixels` and `latents`.")
+    if latents is None:
+        encoder_dtype = vqvae.encoder.conv_in.weight.dtype
+        latents = vqvae.encode(pixels.to(encoder_dtype)).latents
+    latents = latents.float()
+    indices = vqvae.quantize_multiscale(latents, scales)
+    inputs = []
+    for scale_indices, next_scale in zip(indices[:-1], scales[1:]):
+        codes = vqvae.indices_to_codes(scale_indices).float()
+        inputs.append(flatten_grid(resize_codes(codes, next_scale)))
+    scale_inputs = torch.cat(inputs, dim=1) if inputs else None
+    targets = torch.cat([scale_indices.flatten(1) for scale_indices in indices], dim=1)
+    return TeacherForcingBatch(scale_inputs=scale_inputs, targets=targets, scales=scales)
+
+
+def drop_class_labels(
+    labels: torch.LongTensor,
+    num_classes: int,
+    dropout_prob: float,
+    generator: torch.Generator | None = None,
+) -> torch.LongTensor:
+    """Replace each label by the unconditional label `num_classes` with probability `dropout_prob`.
+
+    The uniform draws come from `generator` when given (on the generator's device, then moved to the labels'), so a
+    CPU generator gives the same dropout on any device. Returns a new tensor; `dropout_prob` 0 returns a copy.
+    """
+    if not 0 <= dropout_prob <= 1:
+        raise ValueError(f"`dropout_prob` must be in [0, 1], got {dropout_prob}.")
+    if dropout_prob == 0:
+        return labels.clone()
+    device = generator.device if generator is not None else labels.device
+    draw = torch.rand(labels.shape, generator=generator, device=device).to(labels.device)
+    return torch.where(draw < dropout_prob, torch.full_like(labels, num_classes), labels)
+
+
+def flexvar_loss(logits: torch.Tensor, targets: torch.LongTensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy of `logits` (B, L, V) against `targets` (B, L), in float32, averaged over all B * L tokens.
+
+    The mean over every token of every scale is what the original computes (a 1/L weight per token, then the mean
+    over the batch). With `label_smoothing` eps the target distribution is `(1 - eps) * onehot + eps / V`, so the
+    minimum of the loss is that distribution's entropy, not 0.
+    """
+    if logits.shape[:2] != targets.shape:
+        raise ValueError(f"`logits` {tuple(logits.shape)} and `targets` {tuple(targets.shape)} do not match.")
+    return F.cross_entropy(
+        logits.flatten(0, 1).float(), targets.flatten(), label_smoothing=label_smoothing, reduction="mean"
+    )
+
+
+@torch.no_grad()
+def token_accuracy(
+    logits: torch.Tensor, targets: torch.LongTensor, last_scale_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fraction of tokens whose argmax is the target: over all tokens, and over the last `last_scale_tokens` (the
+    final scale). Returns two 0-d float32 tensors in [0, 1]."""
+    correct = (logits.argmax(dim=-1) == targets).float()
+    return correct.mean(), correct[:, -last_scale_tokens:].mean()

@@ -1,0 +1,647 @@
+"""Training: data helpers, the FlexVAR loss, parameter groups, atomic checkpoints and `examples/train.py` end to end.
+
+Everything runs on the CPU with tiny models saved with `save_pretrained` and a tiny imagefolder of coloured shapes
+drawn here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file
+
+from flexvar_hf import FlexVARPipeline, FlexVARScaleScheduler, FlexVARTransformer2DModel, FlexVQModel
+from flexvar_hf.training import checkpointing as ckpt
+from flexvar_hf.training.data import (
+    EpochShuffleSampler,
+    ImageDataset,
+    ImageTransform,
+    LabelInfo,
+    build_dataloader,
+    check_data_args,
+    check_labels,
+    label_info,
+    load_image_dataset,
+    parse_resolution,
+    set_dataloader_epoch,
+)
+from flexvar_hf.training.flexvar_loss import build_teacher_inputs, drop_class_labels, flexvar_loss, token_accuracy
+from flexvar_hf.training.optim import build_optimizer, no_decay_parameter_names, parameter_groups
+
+from conftest import RELATIVE_TOLERANCE, REPO_ROOT, relative_error
+
+CLASSES = ("circle", "square", "triangle")
+TINY_VQ = dict(
+    base_channels=8,
+    channel_multipliers=(1, 1, 2, 2, 4),
+    layers_per_block=1,
+    z_channels=8,
+    num_codes=64,
+    code_dim=8,
+    norm_num_groups=4,
+)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fixtures
+
+
+def draw_shape(kind: str, rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
+    background = tuple(int(c) for c in rng.integers(0, 120, 3))
+    colour = tuple(int(c) for c in rng.integers(130, 256, 3))
+    image = Image.new("RGB", size, background)
+    draw = ImageDraw.Draw(image)
+    width, height = size
+    radius = int(rng.integers(12, 22))
+    cx, cy = int(rng.integers(radius, width - radius)), int(rng.integers(radius, height - radius))
+    box = (cx - radius, cy - radius, cx + radius, cy + radius)
+    if kind == "circle":
+        draw.ellipse(box, fill=colour)
+    elif kind == "square":
+        draw.rectangle(box, fill=colour)
+    else:
+        draw.polygon([(cx, cy - radius), (cx - radius, cy + radius), (cx + radius, cy + radius)], fill=colour)
+    return image
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict[str, Path]:
+    """An imagefolder of 3 shape classes x 4 images of assorted sizes, a tiny VQ model and a tiny 3-class pipeline."""
+    root = tmp_path_factory.mktemp("training")
+    rng = np.random.default_rng(0)
+    sizes = [(64, 64), (80, 64), (64, 96), (72, 72)]
+    for kind in CLASSES:
+        (root / "shapes" / kind).mkdir(parents=True)
+        for index, size in enumerate(sizes):
+            draw_shape(kind, rng, size).save(root / "shapes" / kind / f"{index}.png")
+    torch.manual_seed(0)
+    vqvae = FlexVQModel(**TINY_VQ)
+    vqvae.save_pretrained(root / "vq")
+    transformer = FlexVARTransformer2DModel(
+        num_classes=3, vocab_size=64, code_dim=8, num_layers=1, hidden_size=32, num_attention_heads=2, pos_grid_size=4
+    )
+    FlexVARPipeline(transformer, vqvae, FlexVARScaleScheduler(), id2label={0: "a", 1: "b", 2: "c"}).save_pretrained(
+        root / "pipe"
+    )
+    (root / "transformer.json").write_text(json.dumps({"num_layers": 1, "hidden_size": 32, "num_attention_heads": 2,
+                                                       "pos_grid_size": 4}))
+    return {"root": root, "data": root / "shapes", "vq": root / "vq", "pipe": root / "pipe",
+            "config": root / "transformer.json"}
+
+
+def reset_accelerate() -> None:
+    """Forget accelerate's process-wide state, so that the next Accelerator starts afresh (as in a new process)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture
+def fresh_accelerate():
+    reset_accelerate()
+    yield
+    reset_accelerate()
+
+
+@pytest.fixture(scope="module")
+def train_script():
+    spec = importlib.util.spec_from_file_location("flexvar_train_example", REPO_ROOT / "examples" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def scratch_args(assets, output_dir, *extra) -> list[str]:
+    return [
+        "--vqvae_model_name_or_path", str(assets["vq"]), "--depth", "1", "--train_data_dir", str(assets["data"]),
+        "--resolution", "64", "--train_batch_size", "4", "--output_dir", str(output_dir), "--report_to", "none",
+        "--learning_rate", "1e-3", "--checkpointing_steps", "1000", *extra,
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def test_parse_resolution():
+    assert parse_resolution("256") == (256, 256)
+    assert parse_resolution("128x256") == (128, 256)
+    assert parse_resolution(64) == (64, 64)
+    assert parse_resolution((32, 48)) == (32, 48)
+    for bad in ("70", "256x100", "abc", "0", "16x16x16", -16):
+        with pytest.raises(ValueError, match="resolution"):
+            parse_resolution(bad)
+
+
+def test_image_transform_resize_crop_flip():
+    # Left half white, right half black, 100 wide and 50 tall.
+    array = np.zeros((50, 100, 3), dtype=np.uint8)
+    array[:, :50] = 255
+    image = Image.fromarray(array)
+
+    center = ImageTransform(32)(image)
+    assert center.shape == (3, 32, 32) and center.dtype == torch.float32
+    assert center.min() >= -1 and center.max() <= 1
+    # Resized to 64x32 then the centre 32 columns: white left half, black right half.
+    assert torch.all(center[:, :, :14] > 0.9) and torch.all(center[:, :, 18:] < -0.9)
+
+    flip = ImageTransform(32, random_flip=True)
+    flips = [flip(image, torch.Generator().manual_seed(seed))[0, 0, 0].item() for seed in range(40)]
+    assert {round(v) for v in flips} == {-1, 1}  # both orientations occur
+    assert 8 <= sum(v < 0 for v in flips) <= 32
+
+    random_crop = ImageTransform((32, 32), crop="random", min_crop_fraction=0.5)
+    first = random_crop(image, torch.Generator().manual_seed(3))
+    again = random_crop(image, torch.Generator().manual_seed(3))
+    assert torch.equal(first, again)  # reproducible from the generator
+    assert len({random_crop(image, torch.Generator().manual_seed(s)).sum().item() for s in range(8)}) > 1
+
+    tall = ImageTransform((48, 16))(Image.fromarray(array))
+    assert tall.shape == (3, 48, 16)
+    with pytest.raises(ValueError):
+        ImageTransform(32, crop="left")
+
+
+def test_load_dataset_labels_and_errors(assets, tmp_path):
+    dataset = load_image_dataset(train_data_dir=assets["data"], label_column="label")
+    assert len(dataset) == 12 and dataset.column_names == ["image", "label"]
+    info = label_info(dataset, "label")
+    assert info.num_classes == 3 and info.labels == [0, 1, 2]
+    assert info.id2label == dict(enumerate(sorted(CLASSES)))
+    check_labels(info, 3)
+    with pytest.raises(ValueError, match=r"outside the model's 2 classes.*\[2\]"):
+        check_labels(info, 2)
+    with pytest.raises(ValueError, match=r"\[-1\]"):
+        check_labels(LabelInfo(3, None, [-1, 0]), 3)
+
+    subset = load_image_dataset(train_data_dir=assets["data"], label_column="label", max_train_samples=5, seed=1)
+    assert len(subset) == 5
+
+    with pytest.raises(ValueError, match="does not exist"):
+        load_image_dataset(train_data_dir=tmp_path / "missing")
+    with pytest.raises(ValueError, match="exactly one"):
+        load_image_dataset()
+    with pytest.raises(ValueError, match="exactly one"):
+        load_image_dataset(dataset_name="x", train_data_dir=assets["data"])
+    with pytest.raises(ValueError, match=r"--label_column 'class'.*\['image', 'label'\]"):
+        load_image_dataset(train_data_dir=assets["data"], label_column="class")
+    with pytest.raises(ValueError, match="--image_column 'img'"):
+        load_image_dataset(train_data_dir=assets["data"], image_column="img")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images"):
+        load_image_dataset(train_data_dir=tmp_path / "empty")
+
+    args = argparse.Namespace(dataset_name=None, train_data_dir=str(tmp_path / "missing"), resolution="64")
+    with pytest.raises(ValueError, match="not an existing folder"):
+        check_data_args(args)
+    args.train_data_dir = str(assets["data"])
+    assert check_data_args(args) == (64, 64)
+    args.random_crop = args.center_crop = True
+    with pytest.raises(ValueError, match="at most one"):
+        check_data_args(args)
+
+
+def test_integer_label_column_without_names():
+    import datasets
+
+    dataset = datasets.Dataset.from_dict({"label": [4, 0, 2]})
+    info = label_info(dataset, "label")
+    assert (info.num_classes, info.id2label, info.labels) == (5, None, [0, 2, 4])
+    with pytest.raises(ValueError, match="integer class ids"):
+        label_info(datasets.Dataset.from_dict({"label": [0.5, 1.0]}), "label")
+
+
+def test_sampler_and_dataset_are_seeded_by_epoch_and_index(assets):
+    dataset = load_image_dataset(train_data_dir=assets["data"], label_column="label")
+    transform = ImageTransform(64, crop="random", random_flip=True, min_crop_fraction=0.8)
+    train = ImageDataset(dataset, transform, "image", "label", seed=5)
+    assert torch.equal(train[(3, 1)]["pixel_values"], train[(3, 1)]["pixel_values"])
+    assert not torch.equal(train[(3, 1)]["pixel_values"], train[(3, 2)]["pixel_values"])
+    assert train[(3, 1)]["labels"] == dataset[3]["label"]
+
+    sampler = EpochShuffleSampler(12, seed=5)
+    epoch0 = [index for index, _ in sampler]
+    sampler.set_epoch(1)
+    epoch1 = [index for index, _ in sampler]
+    assert sorted(epoch0) == sorted(epoch1) == list(range(12)) and epoch0 != epoch1
+    assert {epoch for _, epoch in sampler} == {1}
+    sampler.set_epoch(0)  # accelerate's pass counter restarting at 0 must not move a resumed run back
+    assert sampler.epoch == 1
+    assert [index for index, _ in EpochShuffleSampler(12, seed=5)] == epoch0
+
+
+def test_resumed_epoch_through_accelerate_gets_the_same_batches(assets, fresh_accelerate):
+    """A loader prepared by accelerate and cut with skip_first_batches yields the rest of the right epoch."""
+    from accelerate import Accelerator
+
+    dataset = load_image_dataset(train_data_dir=assets["data"], label_column="label")
+    train = ImageDataset(dataset, ImageTransform(64, crop="random", random_flip=True), "image", "label", seed=2)
+
+    def batches(epoch: int, skip: int) -> list[torch.Tensor]:
+        accelerator = Accelerator(cpu=True)
+        loader = accelerator.prepare(build_dataloader(train, 3, seed=2))
+        epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
+        set_dataloader_epoch(epoch_loader, epoch)
+        return [batch["pixel_values"] for batch in epoch_loader]
+
+    straight = batches(2, 0)
+    resumed = batches(2, 2)
+    assert len(straight) == 4 and len(resumed) == 2
+    assert all(torch.equal(a, b) for a, b in zip(straight[2:], resumed))
+    assert not torch.equal(batches(1, 0)[0], straight[0])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loss, accuracy, label dropout, teacher inputs
+
+
+def test_loss_and_accuracy_numbers():
+    vocab, smoothing = 16, 0.1
+    targets = torch.randint(vocab, (2, 5), generator=torch.Generator().manual_seed(0))
+    # The optimum of the smoothed loss is the smoothed target distribution itself; its entropy is the floor.
+    smoothed = torch.full((2, 5, vocab), smoothing / vocab)
+    smoothed.scatter_(-1, targets[..., None], 1 - smoothing + smoothing / vocab)
+    floor = -(smoothed[0, 0] * smoothed[0, 0].log()).sum()
+    loss = flexvar_loss(smoothed.log(), targets, label_smoothing=smoothing)
+    assert loss.item() == pytest.approx(floor.item(), abs=1e-5) and floor > 0.3
+    assert flexvar_loss(smoothed.log() * 1.5, targets, label_smoothing=smoothing) > loss + 1e-3
+    accuracy, last = token_accuracy(smoothed.log(), targets, last_scale_tokens=4)
+    assert accuracy.item() == 1.0 and last.item() == 1.0
+
+    perfect = torch.nn.functional.one_hot(targets, vocab).float() * 50
+    assert flexvar_loss(perfect, targets).item() < 1e-6
+    assert flexvar_loss(torch.zeros(2, 5, vocab), targets).item() == pytest.approx(math.log(vocab), rel=1e-6)
+
+    # Wrong only on the last 4 tokens of each row (the last scale).
+    wrong = perfect.clone()
+    wrong[:, 1:] = torch.roll(perfect[:, 1:], 1, dims=-1)
+    accuracy, last = token_accuracy(wrong, targets, last_scale_tokens=4)
+    assert accuracy.item() == pytest.approx(0.2) and last.item() == 0.0
+    with pytest.raises(ValueError, match="do not match"):
+        flexvar_loss(perfect[:, :4], targets)
+
+
+def test_class_label_dropout_rate():
+    labels = torch.randint(10, (40_000,), generator=torch.Generator().manual_seed(1))
+    dropped = drop_class_labels(labels, 10, 0.1, generator=torch.Generator().manual_seed(2))
+    changed = dropped != labels
+    assert torch.all(dropped[changed] == 10)
+    assert torch.equal(dropped[~changed], labels[~changed])
+    # Binomial(40000, 0.1): standard deviation 0.0015 of the rate; 5 sigma.
+    assert abs(changed.float().mean().item() - 0.1) < 0.0075
+    assert torch.equal(dropped, drop_class_labels(labels, 10, 0.1, generator=torch.Generator().manual_seed(2)))
+    assert torch.equal(drop_class_labels(labels, 10, 0.0), labels)
+    assert torch.all(drop_class_labels(labels[:50], 10, 1.0) == 10)
+    with pytest.raises(ValueError):
+        drop_class_labels(labels, 10, 1.5)
+
+
+def test_teacher_inputs_match_the_pipeline_and_the_original(parity_vq, reference):
+    pipe = FlexVARPipeline(
+        FlexVARTransformer2DModel(num_classes=2, vocab_size=parity_vq.config.num_codes, code_dim=32, num_layers=1,
+                                  hidden_size=32, num_attention_heads=2),
+        parity_vq,
+        FlexVARScaleScheduler(),
+    )
+    scales = [(1, 1), (2, 2), (3, 3), (4, 4)]
+    teacher = build_teacher_inputs(parity_vq, scales, pixels=reference["image"])
+
+    # The original trainer's inputs and targets for the fixture image at train_pns [1, 2, 3, 4].
+    assert torch.equal(teacher.targets, reference["teacher_targets"])
+    assert relative_error(teacher.scale_inputs, reference["teacher_inputs"]) < RELATIVE_TOLERANCE
+
+    # Exactly what generation feeds: each scale's tokens through `next_scale_inputs` to the next scale.
+    latents = parity_vq.encode(reference["image"]).latents
+    indices = parity_vq.quantize_multiscale(latents, scales)
+    offset = 0
+    for scale_indices, next_scale in zip(indices[:-1], scales[1:]):
+        expected = pipe.next_scale_inputs(scale_indices, next_scale)
+        length = next_scale[0] * next_scale[1]
+        assert torch.equal(teacher.scale_inputs[:, offset : offset + length], expected)
+        offset += length
+    assert offset == teacher.scale_inputs.shape[1]
+    assert teacher.last_scale_tokens == 16
+
+    # Non-square scales and already encoded latents give the same.
+    wide = [(1, 1), (1, 2), (2, 4)]
+    top = reference["image"][..., :32, :]
+    from_latents = build_teacher_inputs(parity_vq, wide, latents=parity_vq.encode(top).latents)
+    from_pixels = build_teacher_inputs(parity_vq, wide, pixels=top)
+    assert torch.equal(from_latents.targets, from_pixels.targets)
+    assert from_pixels.scale_inputs.shape == (2, 2 + 8, 32)
+    with pytest.raises(ValueError, match="exactly one"):
+        build_teacher_inputs(parity_vq, wide)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Optimiser
+
+
+def test_parameter_groups_leave_out_biases_norms_embeddings_and_grids():
+    model = FlexVARTransformer2DModel(
+        num_classes=3, vocab_size=64, code_dim=8, num_layers=2, hidden_size=32, num_attention_heads=2, pos_grid_size=4
+    )
+    no_decay = no_decay_parameter_names(model)
+    expected_no_decay = {"start_token", "pos_grid", "class_embed.weight"} | {
+        name for name, param in model.named_parameters() if name.endswith(("bias", "log_scale")) or param.ndim < 2
+    }
+    assert {"blocks.0.attn.log_scale", "blocks.1.attn.q_bias", "blocks.1.attn.v_bias"} <= expected_no_decay
+    assert no_decay == expected_no_decay
+    matrices = {name for name, param in model.named_parameters() if name not in no_decay}
+    assert matrices == {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+
+    groups = parameter_groups(model, 0.05)
+    assert [group["weight_decay"] for group in groups] == [0.05, 0.0]
+    assert set(groups[0]["names"]) == matrices and set(groups[1]["names"]) == no_decay
+    assert sum(len(group["params"]) for group in groups) == len(list(model.parameters()))
+
+    norms = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.GroupNorm(2, 4), nn.Embedding(3, 4))
+    norms[0].requires_grad_(False)
+    assert no_decay_parameter_names(norms) == {"1.weight", "1.bias", "2.weight", "2.bias", "3.weight"}
+    assert len(parameter_groups(norms, 0.1)) == 1  # the frozen Linear is left out, so no decayed group
+
+    optimizer = build_optimizer(model, 1e-4)
+    assert optimizer.defaults["betas"] == (0.9, 0.95)
+    assert [group["weight_decay"] for group in optimizer.param_groups] == [0.05, 0.0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+class Counter:
+    """A registered object: anything with state_dict/load_state_dict (like diffusers' EMAModel)."""
+
+    def __init__(self):
+        self.value = 0
+
+    def state_dict(self):
+        return {"value": self.value}
+
+    def load_state_dict(self, state):
+        self.value = state["value"]
+
+
+def test_checkpoint_save_prune_latest_resume_and_killed_save(tmp_path, fresh_accelerate, monkeypatch):
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    counter = Counter()
+    accelerator.register_for_checkpointing(counter)
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    def train_step():
+        model(torch.ones(1, 3)).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    weights = {}
+    for step in (1, 2, 3):
+        train_step()
+        counter.value = step * 10
+        path = ckpt.save_checkpoint(accelerator, tmp_path, step, total_limit=2, state={"epoch": step // 2})
+        assert path == tmp_path / f"checkpoint-{step}"
+        weights[step] = model.weight.detach().clone()
+    assert [step for step, _ in ckpt.list_checkpoints(tmp_path)] == [2, 3]  # checkpoint-1 pruned after the save
+    assert ckpt.latest_checkpoint(tmp_path) == tmp_path / "checkpoint-3"
+    assert json.loads((tmp_path / "checkpoint-3" / ckpt.STATE_FILE).read_text()) == {"global_step": 3, "epoch": 1}
+
+    # A save killed half-way leaves a temporary folder that `latest` ignores, and the older checkpoints intact.
+    def killed(output_dir, **kwargs):
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(output_dir) / "model.safetensors").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(accelerator, "save_state", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(accelerator, tmp_path, 4, total_limit=2)
+    monkeypatch.undo()
+    assert (tmp_path / ".checkpoint-4.tmp").is_dir() and not (tmp_path / "checkpoint-4").exists()
+    (tmp_path / "checkpoint-9").mkdir()  # no training_state.json: not a checkpoint
+    assert ckpt.latest_checkpoint(tmp_path) == tmp_path / "checkpoint-3"
+    assert ckpt.resolve_checkpoint("latest", tmp_path) == tmp_path / "checkpoint-3"
+    with pytest.raises(ValueError, match="not a complete training checkpoint"):
+        ckpt.resolve_checkpoint("checkpoint-9", tmp_path)
+
+    # Resume from checkpoint-2: model, optimizer and registered object come back.
+    train_step()
+    counter.value = -1
+    state = ckpt.load_checkpoint(accelerator, ckpt.resolve_checkpoint("checkpoint-2", tmp_path))
+    assert state == {"global_step": 2, "epoch": 1}
+    assert torch.equal(model.weight, weights[2]) and counter.value == 20
+    train_step()
+    assert torch.equal(model.weight, weights[3])  # the optimizer state was restored too
+
+    # A new save of a step cleans its stale temporary folder.
+    ckpt.save_checkpoint(accelerator, tmp_path, 4, total_limit=None)
+    assert not (tmp_path / ".checkpoint-4.tmp").exists() and ckpt.latest_checkpoint(tmp_path).name == "checkpoint-4"
+
+    assert ckpt.resolve_checkpoint(None, tmp_path) is None
+    assert ckpt.resolve_checkpoint("latest", tmp_path / "fresh") is None
+    with pytest.raises(ValueError, match="does not exist"):
+        ckpt.resolve_checkpoint(str(tmp_path / "checkpoint-77"), tmp_path)
+    assert ckpt.resume_position(0, 5, 2) == (0, 0)
+    assert ckpt.resume_position(7, 3, 2) == (2, 2)
+    assert ckpt.resume_position(6, 3, 1) == (2, 0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# examples/train.py
+
+
+def read_tensorboard(log_dir: Path) -> tuple[dict[str, list[float]], list[str]]:
+    """Scalars by tag and the image tags of every event file under `log_dir`."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars, images = {}, []
+    for events in log_dir.rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            scalars[tag] = [event.value for event in accumulator.Scalars(tag)]
+        images += accumulator.Tags()["images"]
+    return scalars, images
+
+
+def test_overfit_one_batch_saves_a_working_pipeline(assets, tmp_path, train_script, fresh_accelerate):
+    out = tmp_path / "run"
+    args = train_script.parse_args(
+        scratch_args(assets, out, "--max_train_samples", "4", "--max_train_steps", "25", "--learning_rate", "5e-3",
+                     "--class_dropout_prob", "0", "--report_to", "tensorboard", "--validation_steps", "25",
+                     "--validation_class_labels", "0", "square", "--validation_num_inference_steps", "3")
+    )
+    result = train_script.main(args)
+    losses = result["losses"]
+    assert result["global_step"] == 25 and len(losses) == 25
+    assert losses[0] == pytest.approx(math.log(64), rel=0.02)  # starts at chance over the 64 codes
+    assert losses[-1] < 0.4 * losses[0], losses
+
+    scalars, images = read_tensorboard(out / "logs")
+    assert any(tag.startswith("validation") for tag in images), images
+    for tag in ("loss", "token_accuracy", "token_accuracy_last_scale", "grad_norm", "lr", "tokens_per_second"):
+        assert len(scalars[tag]) == 25, tag
+    assert scalars["loss"] == pytest.approx(losses)
+    assert scalars["token_accuracy"][-1] > scalars["token_accuracy"][0] + 0.3
+    assert all(value > 0 for value in scalars["tokens_per_second"])
+    assert scalars["lr"][0] == pytest.approx(5e-3)
+    assert sorted(p.name for p in (out / "validation" / "step-0000025").iterdir()) == ["00-0.png", "01-square.png"]
+
+    pipe = FlexVARPipeline.from_pretrained(out / "pipeline")
+    assert pipe.id2label == {0: "circle", 1: "square", 2: "triangle"}
+    assert (out / "pipeline" / "README.md").read_text().startswith("---\nlibrary_name: diffusers")
+    image = pipe("triangle", height=64, width=48, num_inference_steps=3, generator=torch.Generator().manual_seed(0))
+    assert image.images[0].size == (48, 64)
+    saved = load_file(out / "pipeline" / "transformer" / "diffusion_pytorch_model.safetensors")
+    trained = result["transformer"].state_dict()
+    assert all(torch.equal(saved[name], trained[name]) for name in saved)  # no EMA: the trained weights
+
+
+def test_resume_reproduces_the_uninterrupted_run(assets, tmp_path, train_script, fresh_accelerate):
+    """4 steps straight == 2 steps, a kill, and a resume from checkpoint-2; EMA, accumulation, warmup/decay on.
+
+    10 samples in batches of 2 with 2 batches per step: an epoch is 3 steps (the last of one batch), so the resumed
+    run skips 4 batches of epoch 0, does the short step 3 and step 4 in epoch 1.
+    """
+    options = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--use_ema", "--gradient_accumulation_steps",
+               "2", "--train_batch_size", "2", "--lr_scheduler", "linear", "--lr_warmup_steps", "1", "--random_crop",
+               "--random_crop_min_fraction", "0.8", "--random_flip", "--max_train_samples", "10", "--seed", "3"]
+    straight = train_script.main(train_script.parse_args(scratch_args(assets, tmp_path / "a", *options)))
+
+    # The same command killed after the checkpoint at step 2, then run again with --resume_from_checkpoint latest.
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "checkpoint-4")
+    shutil.rmtree(tmp_path / "b" / "pipeline")
+    (tmp_path / "b" / ".checkpoint-4.tmp").mkdir()  # half-written when killed
+    reset_accelerate()
+    resumed = train_script.main(
+        train_script.parse_args(scratch_args(assets, tmp_path / "b", *options, "--resume_from_checkpoint", "latest"))
+    )
+    assert resumed["resumed_from"] == str(tmp_path / "b" / "checkpoint-2")
+    assert resumed["losses"] == straight["losses"][2:]
+    for run in ("a", "b"):
+        assert sorted(p.name for p in (tmp_path / run).iterdir() if p.name.startswith("checkpoint")) == [
+            "checkpoint-2", "checkpoint-4"]
+    files = [Path("pipeline/transformer/diffusion_pytorch_model.safetensors"), Path("checkpoint-4/model.safetensors")]
+    for file in files:
+        first, second = load_file(tmp_path / "a" / file), load_file(tmp_path / "b" / file)
+        assert first.keys() == second.keys()
+        assert all(torch.equal(first[name], second[name]) for name in first), file
+    raw = resumed["transformer"].state_dict()
+    assert all(torch.equal(raw[name], straight["transformer"].state_dict()[name]) for name in raw)
+
+    # EMA: the pipeline holds the EMA weights, which differ from the raw trained weights.
+    saved = load_file(tmp_path / "b" / files[0])
+    names = [name for name, _ in resumed["transformer"].named_parameters()]
+    ema = dict(zip(names, resumed["ema_model"].shadow_params))
+    assert all(torch.equal(saved[name], ema[name]) for name in names)
+    assert any(not torch.equal(saved[name], raw[name]) for name in names)
+
+
+def test_fine_tune_a_pipeline_and_transformer_config(assets, tmp_path, train_script, fresh_accelerate):
+    result = train_script.main(
+        train_script.parse_args([
+            "--pretrained_model_name_or_path", str(assets["pipe"]), "--train_data_dir", str(assets["data"]),
+            "--resolution", "32x64", "--train_batch_size", "4", "--max_train_steps", "2", "--report_to", "none",
+            "--output_dir", str(tmp_path / "ft"), "--mixed_precision", "bf16", "--scale_lr",
+            "--learning_rate", "2.56e-2", "--gradient_checkpointing",
+        ])
+    )
+    assert result["global_step"] == 2
+    pipe = FlexVARPipeline.from_pretrained(tmp_path / "ft" / "pipeline")
+    original = FlexVARPipeline.from_pretrained(assets["pipe"])
+    assert pipe.id2label == {0: "circle", 1: "square", 2: "triangle"}  # the data's class names win
+    assert {**pipe.transformer.config, "_name_or_path": ""} == {**original.transformer.config, "_name_or_path": ""}
+    assert pipe.transformer.dtype == torch.float32
+    for name, tensor in original.vqvae.state_dict().items():  # saved as loaded, not in the bf16 used for training
+        assert torch.equal(pipe.vqvae.state_dict()[name], tensor)
+    changed = [name for name, tensor in original.transformer.state_dict().items()
+               if not torch.equal(pipe.transformer.state_dict()[name], tensor)]
+    assert changed
+    assert "learning rate 0.0004" in (tmp_path / "ft" / "pipeline" / "README.md").read_text()  # 2.56e-2 * 4 / 256
+
+    reset_accelerate()
+    result = train_script.main(
+        train_script.parse_args([
+            "--vqvae_model_name_or_path", str(assets["pipe"]), "--vqvae_subfolder", "vqvae", "--transformer_config",
+            str(assets["config"]), "--num_classes", "5", "--train_data_dir", str(assets["data"]), "--resolution",
+            "64", "--max_train_steps", "1", "--report_to", "none", "--output_dir", str(tmp_path / "cfg"),
+        ])
+    )
+    config = FlexVARTransformer2DModel.load_config(tmp_path / "cfg" / "pipeline" / "transformer")
+    assert (config["num_classes"], config["hidden_size"], config["vocab_size"], config["code_dim"]) == (5, 32, 64, 8)
+
+
+def test_bad_input_is_rejected_before_training(assets, tmp_path, train_script, fresh_accelerate):
+    def fails(match: str, arguments: list[str]) -> None:
+        reset_accelerate()
+        with pytest.raises(ValueError, match=match):
+            train_script.main(train_script.parse_args(arguments))
+
+    out = tmp_path / "bad"
+    base = scratch_args(assets, out, "--max_train_steps", "1")
+    fails("is not an existing folder", [*base, "--train_data_dir", str(tmp_path / "nowhere")])
+    fails("--label_column 'class' is not a column", [*base, "--label_column", "class"])
+    fails(r"labels outside the model's 2 classes \[0, 2\): \[2\]", [*base, "--num_classes", "2"])
+    fails("multiples of 16", [*base, "--resolution", "72"])
+    fails("Checkpoint to resume from 'checkpoint-5' does not exist",
+          [*base, "--resume_from_checkpoint", "checkpoint-5"])
+    fails("exactly one of --pretrained_model_name_or_path",
+          [*base, "--pretrained_model_name_or_path", str(assets["pipe"])])
+    fails("exactly one of --pretrained_model_name_or_path", base[2:])
+    fails("exactly one of --depth and --transformer_config", [*base, "--transformer_config", str(assets["config"])])
+    fails("is not an existing folder", [*base[2:], "--vqvae_model_name_or_path", str(tmp_path / "no-vq")])
+    fails("--validation_steps needs --validation_class_labels", [*base, "--validation_steps", "1"])
+    fails("neither a class id nor a known class name", [*base, "--validation_steps", "1",
+                                                        "--validation_class_labels", "hexagon"])
+    fails("fine-tuning cannot change the number of classes",
+          ["--pretrained_model_name_or_path", str(assets["pipe"]), *base[4:], "--num_classes", "7"])
+    # Nothing was trained or saved for any of them.
+    assert not (out / "pipeline").exists() and not list(out.glob("*checkpoint-*"))
+
+
+def test_two_processes_agree(assets, tmp_path):
+    """`examples/train.py` under torchrun with 2 CPU processes: both end with the same weights."""
+    wrapper = tmp_path / "run_and_dump.py"
+    wrapper.write_text(
+        "import importlib.util, sys, torch\n"
+        f"spec = importlib.util.spec_from_file_location('train', {str(REPO_ROOT / 'examples' / 'train.py')!r})\n"
+        "train = importlib.util.module_from_spec(spec); spec.loader.exec_module(train)\n"
+        "result = train.main(train.parse_args(sys.argv[2:]))\n"
+        "rank = __import__('os').environ['RANK']\n"
+        "torch.save({'state': result['transformer'].state_dict(), 'losses': result['losses']},"
+        " f'{sys.argv[1]}/rank{rank}.pt')\n"
+    )
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        str(wrapper), str(tmp_path),
+        *scratch_args(assets, tmp_path / "ddp", "--max_train_steps", "3", "--train_batch_size", "2",
+                      "--checkpointing_steps", "2", "--use_ema"),
+    ]
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "DistributedType.MULTI_CPU" in completed.stderr
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    assert ranks[0]["losses"] == ranks[1]["losses"] and len(ranks[0]["losses"]) == 3
+    assert all(torch.equal(ranks[0]["state"][name], ranks[1]["state"][name]) for name in ranks[0]["state"])
+    assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoint-2").iterdir()) == [
+        "custom_checkpoint_0.pkl", "model.safetensors", "optimizer.bin", "random_states_0.pkl",
+        "random_states_1.pkl", "scheduler.bin", "training_state.json"]
+    pipe = FlexVARPipeline.from_pretrained(tmp_path / "ddp" / "pipeline")
+    assert pipe.transformer.config.num_classes == 3
