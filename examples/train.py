@@ -49,8 +49,8 @@ from flexvar_hf.training.data import (
     sample_seed,
     set_dataloader_epoch,
 )
-from flexvar_hf.training.flexvar_loss import build_teacher_inputs, drop_class_labels, flexvar_loss, token_accuracy
-from flexvar_hf.training.optim import build_optimizer
+from flexvar_hf.training.flexvar_loss import token_accuracy, training_loss
+from flexvar_hf.training.optim import build_optimizer, clip_and_step
 from flexvar_hf.utils.io import atomic_directory
 
 logger = get_logger(__name__, log_level="INFO")
@@ -615,19 +615,17 @@ def main(args: argparse.Namespace) -> dict:
             )
             with accelerator.accumulate(transformer):
                 scales = scheduler.sample_training_scales(height, width, generator=scale_generator)
-                teacher = build_teacher_inputs(vqvae, scales, pixels=batch["pixel_values"])
-                class_labels = drop_class_labels(
-                    batch["labels"], num_classes, args.class_dropout_prob, generator=dropout_generator
+                step = training_loss(
+                    transformer, vqvae, scales, batch["pixel_values"], batch["labels"], num_classes,
+                    args.class_dropout_prob, args.label_smoothing, generator=dropout_generator,
                 )
-                logits = transformer(class_labels, teacher.scales, teacher.scale_inputs).logits
-                loss = flexvar_loss(logits, teacher.targets, args.label_smoothing)
+                loss, logits, teacher = step.loss, step.logits, step.teacher
                 accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
-                    grad_norm = accelerator.clip_grad_norm_(transformer.parameters(), max_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                norm = clip_and_step(
+                    optimizer, transformer.parameters(), args.max_grad_norm, lr_scheduler,
+                    clip=accelerator.sync_gradients, clip_grad_norm_=accelerator.clip_grad_norm_,
+                )
+                grad_norm = grad_norm if norm is None else norm
 
             accuracy, last_accuracy = token_accuracy(logits.detach(), teacher.targets, teacher.last_scale_tokens)
             sums += torch.stack([loss.detach().float(), accuracy, last_accuracy, torch.ones((), device=sums.device)])

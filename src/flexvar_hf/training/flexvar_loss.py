@@ -10,6 +10,9 @@ One training step (as the original trainer):
    the unconditional branch of classifier-free guidance;
 4. `transformer(labels, scales, teacher.scale_inputs).logits` and `flexvar_loss`: cross-entropy over all tokens of
    all scales, averaged per token, optionally label-smoothed; `token_accuracy` for logging.
+
+`training_loss` does 2-4 for one batch (what `examples/train.py` and `benchmarks/bench_train.py` run per step); the
+backward pass, clipping and the optimizer step follow (`flexvar_hf.training.optim.clip_and_step`).
 """
 
 from __future__ import annotations
@@ -24,10 +27,12 @@ from ..scales import ScaleLike, as_hw_list, flatten_grid, resize_codes
 
 __all__ = [
     "TeacherForcingBatch",
+    "TrainingLoss",
     "build_teacher_inputs",
     "drop_class_labels",
     "flexvar_loss",
     "token_accuracy",
+    "training_loss",
 ]
 
 
@@ -130,3 +135,44 @@ def token_accuracy(
     final scale). Returns two 0-d float32 tensors in [0, 1]."""
     correct = (logits.argmax(dim=-1) == targets).float()
     return correct.mean(), correct[:, -last_scale_tokens:].mean()
+
+
+@dataclass
+class TrainingLoss:
+    """
+    Attributes:
+        loss (`torch.Tensor`): 0-d float32 loss of the batch (`flexvar_loss`), attached to the graph.
+        logits (`torch.Tensor` of shape `(B, L, vocab_size)`): The transformer's logits.
+        teacher (`TeacherForcingBatch`): Targets, teacher-forcing inputs and scales of the batch.
+    """
+
+    loss: torch.Tensor
+    logits: torch.Tensor
+    teacher: TeacherForcingBatch
+
+
+def training_loss(
+    transformer,
+    vqvae,
+    scales: Sequence[ScaleLike],
+    pixels: torch.Tensor,
+    labels: torch.LongTensor,
+    num_classes: int,
+    class_dropout_prob: float = 0.1,
+    label_smoothing: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> TrainingLoss:
+    """
+    The forward half of one training step: tokenise `pixels` at `scales` with the frozen `vqvae`
+    (`build_teacher_inputs`), drop `labels` to the unconditional label `num_classes` with probability
+    `class_dropout_prob` (`drop_class_labels`, draws from `generator`), run `transformer` with teacher forcing and
+    take `flexvar_loss`.
+
+    `transformer` may be wrapped (DDP, an accelerate-prepared module): it is only called. Call `.backward()` on the
+    returned loss (or `accelerator.backward`), then step the optimizer.
+    """
+    teacher = build_teacher_inputs(vqvae, scales, pixels=pixels)
+    class_labels = drop_class_labels(labels, num_classes, class_dropout_prob, generator=generator)
+    logits = transformer(class_labels, teacher.scales, teacher.scale_inputs).logits
+    loss = flexvar_loss(logits, teacher.targets, label_smoothing)
+    return TrainingLoss(loss=loss, logits=logits, teacher=teacher)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -24,7 +24,7 @@ NORM_TYPES = (
     nn.RMSNorm,
 )
 
-__all__ = ["NO_DECAY_NAMES", "build_optimizer", "no_decay_parameter_names", "parameter_groups"]
+__all__ = ["NO_DECAY_NAMES", "build_optimizer", "clip_and_step", "no_decay_parameter_names", "parameter_groups"]
 
 
 def no_decay_parameter_names(model: nn.Module, extra_names: Iterable[str] = NO_DECAY_NAMES) -> set[str]:
@@ -81,3 +81,29 @@ def build_optimizer(
     """AdamW over `parameter_groups(model, weight_decay)` (the original's betas and decay by default)."""
     groups = parameter_groups(model, weight_decay)
     return torch.optim.AdamW(groups, lr=learning_rate, betas=tuple(betas), eps=eps, fused=fused)
+
+
+def clip_and_step(
+    optimizer: torch.optim.Optimizer,
+    parameters: Iterable[torch.Tensor],
+    max_grad_norm: float,
+    lr_scheduler=None,
+    clip: bool = True,
+    clip_grad_norm_: Callable = torch.nn.utils.clip_grad_norm_,
+) -> torch.Tensor | None:
+    """The second half of a training step, after the backward pass: clip the gradients of `parameters` to
+    `max_grad_norm` (<= 0: no clipping, the norm is still measured) when `clip`, then `optimizer.step()`,
+    `lr_scheduler.step()` if given and `optimizer.zero_grad(set_to_none=True)`.
+
+    `clip_grad_norm_` is the clipping function (e.g. `accelerator.clip_grad_norm_`, which unscales fp16 gradients
+    first); pass `clip=accelerator.sync_gradients` under gradient accumulation. Returns the total gradient norm before
+    clipping, or None when `clip` is False.
+    """
+    grad_norm = None
+    if clip:
+        grad_norm = clip_grad_norm_(parameters, max_grad_norm if max_grad_norm > 0 else float("inf"))
+    optimizer.step()
+    if lr_scheduler is not None:
+        lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
