@@ -1,0 +1,277 @@
+"""Score a class-conditional FlexVARPipeline with the digits classifier: class accuracy and Frechet distance.
+
+    python examples/evaluate.py --model models/flexvar-digits --classifier models/digits-classifier \
+        --data_dir data/digits128 --num_per_class 100 --output results/digits-eval.md
+
+For every setting (size, number of steps, guidance, in-painting) it generates `--num_per_class` images of each class,
+classifies them with the classifier of `examples/train_classifier.py` and reports
+
+- accuracy: the fraction classified as the class they were generated for;
+- FD: the Frechet distance between the classifier's pooled features of the generated images and of the held-out
+  real images (`DATA_DIR/test`), i.e. FID with the digits classifier in place of Inception. Every image is resized
+  to the classifier's 64x64 input first, so for other aspect ratios the distance also measures the change of shape.
+
+Reference rows: the held-out real images themselves (accuracy of the classifier; FD between two halves of the real
+set, the noise floor of the FD at that sample size) and their VQ reconstructions (the tokenizer's ceiling).
+In-painting rows regenerate the right half of held-out real images with `FlexVARInpaintPipeline` and their own
+class. The table goes to `--output` (markdown) and the numbers to the same name with `.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from flexvar_hf import FlexVARPipeline  # noqa: E402
+from train_classifier import classify, classify_pixels, list_imagefolder, load_classifier, load_split  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = REPO_ROOT / "models" / "flexvar-digits"
+DEFAULT_CLASSIFIER = REPO_ROOT / "models" / "digits-classifier"
+
+
+@dataclass
+class Setting:
+    name: str
+    height: int
+    width: int
+    steps: int | None = None
+    guidance_scale: float | None = None
+    kind: str = "generate"  # "generate", "inpaint", "real", "reconstruction"
+
+
+@dataclass
+class Result:
+    setting: str
+    size: str
+    steps: str
+    guidance: str
+    accuracy: float
+    fd: float
+    images: int
+    seconds_per_image: float
+
+
+def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
+    """`|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2)` of two (N, D) feature sets, in float64."""
+    a, b = features_a.double(), features_b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+
+    def sqrtm_psd(matrix: torch.Tensor) -> torch.Tensor:
+        values, vectors = torch.linalg.eigh((matrix + matrix.T) / 2)
+        return (vectors * values.clamp_min(0).sqrt()) @ vectors.T
+
+    root_a = sqrtm_psd(cov_a)
+    cross = sqrtm_psd(root_a @ cov_b @ root_a)
+    value = (mu_a - mu_b).pow(2).sum() + torch.trace(cov_a) + torch.trace(cov_b) - 2 * torch.trace(cross)
+    return max(float(value), 0.0)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    height, width = (int(part) for part in text.lower().split("x"))
+    return height, width
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(DEFAULT_MODEL), help="FlexVARPipeline folder or hub id.")
+    parser.add_argument("--classifier", default=str(DEFAULT_CLASSIFIER), help="Folder from train_classifier.py.")
+    parser.add_argument("--data_dir", required=True, help="The digits imagefolder (its test/ split is used).")
+    parser.add_argument("--resolution", type=int, default=128, help="The size the model was trained at.")
+    parser.add_argument("--steps", type=int, nargs="+", default=[4, 6, 8, 10], help="Step counts at --resolution.")
+    parser.add_argument("--zero_shot_sizes", type=parse_size, nargs="*", default=[(64, 64), (128, 256), (256, 256)],
+                        help="Sizes the model was not trained at, evaluated with their default step count.")
+    parser.add_argument("--no_guidance_row", action="store_true", help="Skip the row without guidance.")
+    parser.add_argument("--no_inpainting", action="store_true", help="Skip the in-painting row.")
+    parser.add_argument("--num_per_class", type=int, default=100)
+    parser.add_argument("--batch_size", type=int, default=250, help="Images generated per pipeline call.")
+    parser.add_argument("--guidance_scale", type=float, default=None, help="Default: the pipeline's (3.5).")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--output", default="outputs/digits-eval.md", help="Markdown table; numbers in .json.")
+    parser.add_argument("--samples", default=None, help="Also write a PNG of the first images of every setting.")
+    return parser.parse_args(argv)
+
+
+def build_settings(args) -> list[Setting]:
+    side = args.resolution
+    settings = [Setting("real held-out images", side, side, kind="real"),
+                Setting("VQ reconstruction", side, side, kind="reconstruction")]
+    default_steps = args.steps[-1] if args.steps else None
+    for steps in args.steps:
+        settings.append(Setting("generate", side, side, steps, args.guidance_scale))
+    if not args.no_guidance_row:
+        settings.append(Setting("generate, no guidance", side, side, default_steps, 1.0))
+    if not args.no_inpainting:
+        settings.append(Setting("in-paint right half", side, side, default_steps, args.guidance_scale, "inpaint"))
+    for height, width in args.zero_shot_sizes:
+        settings.append(Setting("zero-shot size", height, width, None, args.guidance_scale))
+    return settings
+
+
+def pil_from_uint8(images: torch.Tensor) -> list[Image.Image]:
+    return [Image.fromarray(array) for array in images.permute(0, 2, 3, 1).numpy()]
+
+
+def run_setting(pipe, classifier, setting: Setting, args, real_images, real_labels, real_features, generator):
+    """(Result, up to 10 sample images) of one setting."""
+    num_classes = pipe.transformer.config.num_classes
+    labels = torch.arange(num_classes).repeat_interleave(args.num_per_class)
+    extra = {} if setting.guidance_scale is None else {"guidance_scale": setting.guidance_scale}
+    start = time.perf_counter()
+    if setting.kind == "real":
+        # Half of the real images against the other half: the noise floor of the FD.
+        predictions, features = classify_pixels(classifier, real_images.float() / 127.5 - 1)
+        half = len(features) // 2
+        order = torch.randperm(len(features), generator=torch.Generator().manual_seed(args.seed))
+        accuracy = (predictions == real_labels).float().mean().item()
+        fd = frechet_distance(features[order[:half]], features[order[half:]])
+        samples = pil_from_uint8(real_images[:: max(1, len(real_images) // 10)][:10])
+        return Result(setting.name, f"{setting.height}x{setting.width}", "-", "-", accuracy, fd, len(features),
+                      0.0), samples
+
+    outputs, used_labels = [], []
+    if setting.kind in ("reconstruction", "inpaint"):
+        from flexvar_hf.pipelines import FlexVARInpaintPipeline
+
+        index = torch.cat([(real_labels == c).nonzero().flatten()[: args.num_per_class] for c in range(num_classes)])
+        sources = real_images[index]
+        used_labels = real_labels[index]
+        for begin in range(0, len(sources), args.batch_size):
+            batch = sources[begin : begin + args.batch_size]
+            pixels = batch.float().to(pipe.device) / 127.5 - 1
+            if setting.kind == "reconstruction":
+                with torch.no_grad():
+                    decoded = pipe.vqvae(pixels.to(pipe.vqvae.dtype)).sample.float()
+                outputs.append(((decoded.clamp(-1, 1) + 1) / 2).cpu())
+            else:
+                inpaint = FlexVARInpaintPipeline(**pipe.components)
+                inpaint.set_progress_bar_config(disable=True)
+                mask = torch.zeros(1, 1, setting.height, setting.width)
+                mask[..., setting.width // 2 :] = 1
+                result = inpaint(
+                    image=(batch.float() / 255), mask_image=mask, class_labels=used_labels[begin : begin +
+                                                                                           len(batch)].tolist(),
+                    height=setting.height, width=setting.width, num_inference_steps=setting.steps,
+                    generator=generator, output_type="pt", **extra,
+                ).images
+                outputs.append(result.float().cpu())
+    else:
+        for begin in range(0, len(labels), args.batch_size):
+            batch_labels = labels[begin : begin + args.batch_size].tolist()
+            images = pipe(batch_labels, height=setting.height, width=setting.width,
+                          num_inference_steps=setting.steps, generator=generator, output_type="pt", **extra).images
+            outputs.append(images.float().cpu())
+        used_labels = labels
+    elapsed = time.perf_counter() - start
+    images = torch.cat(outputs)
+    predictions, features = classify(classifier, images)
+    accuracy = (predictions == used_labels).float().mean().item()
+    fd = frechet_distance(features, real_features)
+    step_text = str(len(pipe.scheduler.scales)) if setting.kind in ("generate", "inpaint") else "-"
+    guidance = "-" if setting.kind == "reconstruction" else f"{setting.guidance_scale or 3.5:g}"
+    per_class = images[:: args.num_per_class][:10]
+    samples = [Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)) for image in per_class]
+    return Result(setting.name, f"{setting.height}x{setting.width}", step_text, guidance, accuracy, fd, len(images),
+                  elapsed / len(images)), samples
+
+
+def markdown_table(results: list[Result], args, device_name: str) -> str:
+    lines = [
+        f"Model `{args.model}`, classifier `{args.classifier}`, {args.num_per_class} images per class, seed "
+        f"{args.seed}, {device_name}, {args.dtype}. FD: Frechet distance of the classifier's features against the "
+        "held-out real images (lower is better).",
+        "",
+        "| setting | size | steps | guidance | class accuracy | FD | images | s / image |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in results:
+        lines.append(f"| {r.setting} | {r.size} | {r.steps} | {r.guidance} | {100 * r.accuracy:.1f}% | {r.fd:.2f} | "
+                     f"{r.images} | {r.seconds_per_image:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def sample_sheet(rows: list[list[Image.Image]], cell: int = 96, pad: int = 2) -> Image.Image:
+    width = max(len(row) for row in rows) * (cell + pad) + pad
+    sheet = Image.new("RGB", (width, len(rows) * (cell + pad) + pad), "white")
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            image = image.copy()
+            image.thumbnail((cell, cell))
+            sheet.paste(image, (pad + c * (cell + pad), pad + r * (cell + pad)))
+    return sheet
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    dtype = getattr(torch, args.dtype)
+    pipe = FlexVARPipeline.from_pretrained(args.model, dtype=dtype).to(args.device)
+    pipe.set_progress_bar_config(disable=True)
+    classifier = load_classifier(args.classifier, args.device)
+    real_images, real_labels = load_split(args.data_dir, "test")
+    _, _, classes = list_imagefolder(args.data_dir, "test")
+    if len(classes) != pipe.transformer.config.num_classes:
+        raise SystemExit(f"The data has {len(classes)} classes, the model {pipe.transformer.config.num_classes}.")
+    # Full-resolution copies for reconstruction and in-painting.
+    full_images, full_labels = load_full_resolution(args.data_dir, args.resolution)
+    _, real_features = classify_pixels(classifier, real_images.float() / 127.5 - 1)
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+
+    results, sample_rows = [], []
+    for index, setting in enumerate(build_settings(args)):
+        generator = torch.Generator(args.device).manual_seed(args.seed + index)
+        if setting.kind == "real":
+            result, samples = run_setting(pipe, classifier, setting, args, real_images, real_labels, real_features,
+                                          generator)
+        else:
+            result, samples = run_setting(pipe, classifier, setting, args, full_images, full_labels, real_features,
+                                          generator)
+        results.append(result)
+        sample_rows.append(samples)
+        print(f"{result.setting:28s} {result.size:>8s} steps {result.steps:>3s} guidance {result.guidance:>4s}: "
+              f"accuracy {100 * result.accuracy:5.1f}%  FD {result.fd:8.2f}  ({result.images} images, "
+              f"{result.seconds_per_image:.3f} s/image)", flush=True)
+        write_outputs(args, results, sample_rows, device_name)  # after every row, so a cut-off run keeps them
+
+    output = Path(args.output)
+    print(f"Wrote {output.resolve()}")
+    return 0
+
+
+def write_outputs(args, results: list[Result], sample_rows, device_name: str) -> None:
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(markdown_table(results, args, device_name))
+    output.with_suffix(".json").write_text(json.dumps(
+        {"model": args.model, "num_per_class": args.num_per_class, "seed": args.seed, "device": device_name,
+         "dtype": args.dtype, "results": [asdict(r) for r in results]}, indent=2) + "\n")
+    if args.samples:
+        sample_sheet(sample_rows).save(args.samples)
+
+
+def load_full_resolution(data_dir, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 (N, 3, resolution, resolution) test images and their labels."""
+    files, labels, _ = list_imagefolder(data_dir, "test")
+    arrays = []
+    for path in files:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            if image.size != (resolution, resolution):
+                image = image.resize((resolution, resolution), Image.BICUBIC)
+            arrays.append(np.asarray(image))
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
