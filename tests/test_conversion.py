@@ -246,58 +246,23 @@ def test_mismatched_tokenizer_is_rejected(tmp_path, vq_ckpt):
     _assert_fails_cleanly(tmp_path, path, vq_ckpt, "expects 100 codes")
 
 
+def run_script(name: str, *args) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(REPO_ROOT / "convert" / name), *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, check=False)
+
+
 def test_command_line_round_trip(tmp_path, transformer_ckpt, vq_ckpt, original_transformer_sd):
     output = tmp_path / "cli"
-    run = subprocess.run(
-        [
-            sys.executable,
-            str(REPO_ROOT / "convert" / "convert_flexvar_to_diffusers.py"),
-            "--transformer_ckpt",
-            str(transformer_ckpt),
-            "--vq_ckpt",
-            str(vq_ckpt),
-            "--output_dir",
-            str(output),
-            "--dtype",
-            "bfloat16",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    to_diffusers = ("--transformer_ckpt", transformer_ckpt, "--vq_ckpt", vq_ckpt, "--output_dir", output)
+    run = run_script("convert_flexvar_to_diffusers.py", *to_diffusers, "--dtype", "bfloat16")
     assert run.returncode == 0, run.stderr
     assert "depth 2, width 128, 1000 classes" in run.stdout
     assert FlexVARPipeline.from_pretrained(output, torch_dtype=torch.bfloat16).transformer.dtype == torch.bfloat16
-    again = subprocess.run(
-        [
-            sys.executable,
-            str(REPO_ROOT / "convert" / "convert_flexvar_to_diffusers.py"),
-            "--transformer_ckpt",
-            str(transformer_ckpt),
-            "--vq_ckpt",
-            str(vq_ckpt),
-            "--output_dir",
-            str(output),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    again = run_script("convert_flexvar_to_diffusers.py", *to_diffusers)
     assert again.returncode == 1 and "already exists" in again.stderr
-    back = subprocess.run(
-        [
-            sys.executable,
-            str(REPO_ROOT / "convert" / "convert_diffusers_to_flexvar.py"),
-            "--pipeline_dir",
-            str(output),
-            "--transformer_out",
-            str(tmp_path / "var.pth"),
-            "--vq_out",
-            str(tmp_path / "vae.pth"),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
+    back = run_script(
+        "convert_diffusers_to_flexvar.py",
+        "--pipeline_dir", output, "--transformer_out", tmp_path / "var.pth", "--vq_out", tmp_path / "vae.pth",
     )
     assert back.returncode == 0, back.stderr
     restored = torch.load(tmp_path / "var.pth", weights_only=True)
