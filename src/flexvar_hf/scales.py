@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from numbers import Integral
 
 import torch
 import torch.nn.functional as F
@@ -10,17 +11,18 @@ import torch.nn.functional as F
 ScaleLike = int | Sequence[int]
 
 
+def is_int(value) -> bool:
+    """An integer (Python or numpy), not a bool."""
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
 def as_hw(scale: ScaleLike) -> tuple[int, int]:
     """Turn an int side or an (h, w) pair into an (h, w) tuple of positive ints."""
     if isinstance(scale, torch.Tensor):
         scale = scale.tolist()
-    if isinstance(scale, int) and not isinstance(scale, bool):
-        pair = (scale, scale)
-    elif (
-        isinstance(scale, Sequence)
-        and len(scale) == 2
-        and all(isinstance(side, int) and not isinstance(side, bool) for side in scale)
-    ):
+    if is_int(scale):
+        pair = (int(scale), int(scale))
+    elif isinstance(scale, Sequence) and len(scale) == 2 and all(is_int(side) for side in scale):
         pair = (int(scale[0]), int(scale[1]))
     else:
         raise ValueError(f"A scale must be an int side or an (h, w) pair of ints, got {scale!r}.")

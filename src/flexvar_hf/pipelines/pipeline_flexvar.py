@@ -9,15 +9,11 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 
 from ..models import FlexVARKVCache, FlexVARTransformer2DModel, FlexVQModel
-from ..scales import ScaleLike, flatten_grid, num_tokens, resize_codes
+from ..scales import ScaleLike, flatten_grid, is_int, num_tokens, resize_codes
 from ..schedulers import FlexVARScaleScheduler
 from .fast_sampling import FastTokenGenerator
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class FlexVARPipeline(DiffusionPipeline):
@@ -110,7 +106,7 @@ class FlexVARPipeline(DiffusionPipeline):
             )
         labels = [self.get_label_ids(label)[0] if isinstance(label, str) else label for label in labels]
         num_classes = self.transformer.config.num_classes
-        bad = [label for label in labels if not _is_int(label) or not 0 <= label < num_classes]
+        bad = [label for label in labels if not is_int(label) or not 0 <= label < num_classes]
         if bad:
             raise ValueError(f"Class labels must be ints in [0, {num_classes}) or known class names, got {bad}.")
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:

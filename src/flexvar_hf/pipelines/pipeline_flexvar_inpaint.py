@@ -30,7 +30,7 @@ from diffusers.image_processor import PipelineImageInput, VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
 from ..models import FlexVARTransformer2DModel, FlexVQModel
-from ..scales import ScaleLike
+from ..scales import ScaleLike, is_int
 from ..schedulers import FlexVARScaleScheduler
 from .pipeline_flexvar_img2img import FlexVARImg2ImgPipeline
 
@@ -349,7 +349,7 @@ class FlexVAROutpaintPipeline(FlexVARInpaintPipeline):
         if (
             not isinstance(offset, Sequence)
             or len(offset) != 2
-            or not all(isinstance(value, int) and not isinstance(value, bool) for value in offset)
+            or not all(is_int(value) for value in offset)
             or any(value < 0 or value % factor for value in offset)
         ):
             raise ValueError(

@@ -10,12 +10,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from numbers import Integral, Real
+from numbers import Real
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
+
+from ..scales import as_hw, is_int
 
 GUIDANCE_SCHEDULES = ("linear", "constant")
 
@@ -51,10 +53,6 @@ class FlexVARSchedulerOutput(BaseOutput):
 def _round_half_up_ratio(numerator: int, denominator: int) -> int:
     """`round(numerator / denominator)` for non-negative ints, halves rounded up, in exact integer arithmetic."""
     return (2 * numerator + denominator) // (2 * denominator)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, Integral) and not isinstance(value, bool)
 
 
 def _ratio_progression(num_steps: int, ratio: float) -> list[int]:
@@ -189,9 +187,9 @@ class FlexVARScaleScheduler(SchedulerMixin, ConfigMixin):
             ("train_side", train_side),
             ("train_max_tokens", train_max_tokens),
         ):
-            if not _is_int(value) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
-        if not all(_is_int(side) and side > 0 for side in trained_sides):
+        if not all(is_int(side) and side > 0 for side in trained_sides):
             raise ValueError(f"`trained_sides` must be positive ints, got {trained_sides!r}.")
         self.scales: list[tuple[int, int]] | None = None
         self.timesteps: torch.LongTensor | None = None
@@ -203,7 +201,7 @@ class FlexVARScaleScheduler(SchedulerMixin, ConfigMixin):
     def token_grid(self, height: int, width: int) -> tuple[int, int]:
         """Image size in pixels -> final token grid `(height, width) // vae_scale_factor`; checks the size."""
         factor = self.config.vae_scale_factor
-        if not (_is_int(height) and _is_int(width) and height > 0 and width > 0) or height % factor or width % factor:
+        if not (is_int(height) and is_int(width) and height > 0 and width > 0) or height % factor or width % factor:
             raise ValueError(
                 f"`height` and `width` must each be a positive multiple of {factor} (pixels per token), "
                 f"got {height!r}x{width!r}."
@@ -235,7 +233,7 @@ class FlexVARScaleScheduler(SchedulerMixin, ConfigMixin):
         """
         if num_inference_steps is None:
             num_inference_steps = default_num_steps(final_side)
-        if not _is_int(num_inference_steps) or num_inference_steps < 1:
+        if not is_int(num_inference_steps) or num_inference_steps < 1:
             raise ValueError(f"`num_inference_steps` must be a positive int or None, got {num_inference_steps!r}.")
         if num_inference_steps > final_side:
             raise ValueError(
@@ -280,15 +278,10 @@ class FlexVARScaleScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"{accepted}; got {scales!r}.")
         normalised = []
         for scale in scales:
-            if _is_int(scale):
-                pair = (int(scale), int(scale))
-            elif isinstance(scale, Sequence) and len(scale) == 2 and all(_is_int(side) for side in scale):
-                pair = (int(scale[0]), int(scale[1]))
-            else:
-                raise ValueError(f"{accepted}; got scale {scale!r}.")
-            if min(pair) < 1:
-                raise ValueError(f"{accepted}; got scale {scale!r}.")
-            normalised.append(pair)
+            try:
+                normalised.append(as_hw(scale))
+            except ValueError:
+                raise ValueError(f"{accepted}; got scale {scale!r}.") from None
         for previous, current in zip(normalised, normalised[1:]):
             if current[0] < previous[0] or current[1] < previous[1] or current == previous:
                 raise ValueError(f"{accepted}; got {previous} followed by {current}.")
@@ -326,7 +319,7 @@ class FlexVARScaleScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError("No scales set: call `set_timesteps` before `step` or `guidance_scale_at`.")
         if isinstance(timestep, torch.Tensor):
             timestep = int(timestep)  # pass the int step index to avoid a device sync
-        if not _is_int(timestep) or not 0 <= timestep < len(self.scales):
+        if not is_int(timestep) or not 0 <= timestep < len(self.scales):
             raise ValueError(f"`timestep` must be a step index in [0, {len(self.scales)}), got {timestep!r}.")
         return int(timestep)
 
@@ -349,7 +342,7 @@ class FlexVARScaleScheduler(SchedulerMixin, ConfigMixin):
             )
         if guidance_schedule not in GUIDANCE_SCHEDULES:
             raise ValueError(f"`guidance_schedule` must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}.")
-        if not _is_int(top_k) or top_k < 0:
+        if not is_int(top_k) or top_k < 0:
             raise ValueError(f"`top_k` must be an int >= 0 (0 disables it), got {top_k!r}.")
         if not isinstance(top_p, Real) or not 0 <= top_p <= 1:
             raise ValueError(f"`top_p` must be in [0, 1] (0 or 1 disables it), got {top_p!r}.")
