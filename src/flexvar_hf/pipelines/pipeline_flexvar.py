@@ -43,8 +43,13 @@ class FlexVARPipeline(DiffusionPipeline):
         self.register_modules(transformer=transformer, vqvae=vqvae, scheduler=scheduler)
         id2label = {int(key): value for key, value in (id2label or {}).items()}
         self.register_to_config(id2label=id2label or None)
-        self.image_processor = VaeImageProcessor(vae_scale_factor=16, do_resize=False)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_resize=False)
         self.fast_token_generator: FastTokenGenerator | None = None
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per token side (16 for the released tokenizer), as the scheduler's token grids use it."""
+        return self.scheduler.config.vae_scale_factor
 
     @property
     def id2label(self) -> dict[int, str]:

@@ -98,11 +98,6 @@ class FlexVARImg2ImgPipeline(FlexVARPipeline):
             vae_scale_factor=self.vae_scale_factor, do_resize=True, do_convert_rgb=True
         )
 
-    @property
-    def vae_scale_factor(self) -> int:
-        """Pixels per token side (16)."""
-        return self.scheduler.config.vae_scale_factor
-
     # ------------------------------------------------------------------------------------------------------------
     # Image inputs (shared with the in-painting and out-painting pipelines)
 
