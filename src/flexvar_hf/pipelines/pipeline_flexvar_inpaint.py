@@ -225,12 +225,10 @@ class FlexVARInpaintPipeline(FlexVARImg2ImgPipeline):
         Decode the final tokens; with `pixels` `(N, 3, H, W)` in [-1, 1] and `mask` `(N or 1, 1, H, W)`, keep the
         decoded pixels where the mask is white and `pixels` elsewhere. "latent" returns the tokens.
         """
-        if output_type == "latent":
-            return indices
+        if output_type == "latent" or pixels is None:
+            return self.decode(indices, output_type)
         decoded = self.vqvae.decode_indices(indices).sample.float()
-        if pixels is not None:
-            decoded = torch.where(mask > 0.5, decoded, pixels)
-        return self.image_processor.postprocess(decoded, output_type=output_type)
+        return self.decode(indices, output_type, pixels=torch.where(mask > 0.5, decoded, pixels))
 
     @torch.no_grad()
     def __call__(
@@ -456,7 +454,7 @@ class FlexVAROutpaintPipeline(FlexVARInpaintPipeline):
         rows = slice(top // factor, top // factor + image_latents.shape[-2])
         cols = slice(left // factor, left // factor + image_latents.shape[-1])
         latents[:, :, rows, cols] = image_latents
-        regenerate = F.max_pool2d(mask, kernel_size=factor)[:, 0] > 0.5
+        regenerate = self.regenerate_mask(mask)
         sampling = dict(
             guidance_scale=guidance_scale,
             guidance_schedule=guidance_schedule,
