@@ -372,7 +372,8 @@ class FlexVARTransformer2DModel(ModelMixin, ConfigMixin):
             kv_cache.advance(hidden_states.shape[1])
 
         scale_out, shift_out = modulations[-1]
-        logits = self.proj_out(torch.addcmul(shift_out, self.norm_out.norm(hidden_states), scale_out))
+        normed = modulated_layer_norm(hidden_states, shift_out, scale_out, self.norm_out.norm.eps)
+        logits = self.proj_out(normed)
         if not return_dict:
             return (logits,)
         return FlexVARTransformerOutput(logits=logits)
