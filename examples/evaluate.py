@@ -32,6 +32,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from flexvar_hf import FlexVARPipeline  # noqa: E402
+from generate import parse_size  # noqa: E402
 from train_classifier import classify, classify_pixels, list_imagefolder, load_classifier, load_split  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -75,11 +76,6 @@ def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> floa
     cross = sqrtm_psd(root_a @ cov_b @ root_a)
     value = (mu_a - mu_b).pow(2).sum() + torch.trace(cov_a) + torch.trace(cov_b) - 2 * torch.trace(cross)
     return max(float(value), 0.0)
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    height, width = (int(part) for part in text.lower().split("x"))
-    return height, width
 
 
 def parse_args(argv=None) -> argparse.Namespace:
