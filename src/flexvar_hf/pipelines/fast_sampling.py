@@ -56,7 +56,7 @@ class FastTokenGenerator:
     def _draw_noise(self, loop: _StaticLoop, generator: torch.Generator | None) -> None:
         for buffer in loop.noise:
             if buffer is not None:
-                buffer.copy_(exponential_noise(buffer.shape, generator, buffer.device))
+                exponential_noise(buffer.shape, generator, buffer.device, out=buffer)
 
     def _run(self, loop: _StaticLoop, sampling: tuple) -> None:
         guidance_scale, guidance_schedule, top_k, top_p, temperature = sampling

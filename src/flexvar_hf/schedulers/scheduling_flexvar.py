@@ -135,12 +135,20 @@ def top_k_top_p_candidates(
 
 
 def exponential_noise(
-    shape: Sequence[int], generator: torch.Generator | None, device: torch.device | str
+    shape: Sequence[int],
+    generator: torch.Generator | None,
+    device: torch.device | str,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Exp(1) float32 noise of `shape` on `device`, drawn on the generator's device (so a CPU generator gives the
-    same numbers whatever the device)."""
+    same numbers whatever the device). With `out` (float32, `shape`, on `device`) the noise is written there, drawn
+    in place when the generator is on that device."""
+    device = torch.device(device)
     source = generator.device if generator is not None else device
-    return torch.empty(tuple(shape), device=source).exponential_(generator=generator).to(device)
+    if out is not None and source == out.device:
+        return out.exponential_(generator=generator)
+    noise = torch.empty(tuple(shape), device=source).exponential_(generator=generator).to(device)
+    return noise if out is None else out.copy_(noise)
 
 
 class FlexVARScaleScheduler(SchedulerMixin, ConfigMixin):
