@@ -35,7 +35,13 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from flexvar_hf import FlexVARPipeline, FlexVARScaleScheduler, FlexVARTransformer2DModel, FlexVQModel
-from flexvar_hf.training.checkpointing import load_checkpoint, resolve_checkpoint, resume_position, save_checkpoint
+from flexvar_hf.training.checkpointing import (
+    load_checkpoint,
+    resolve_checkpoint,
+    resume_position,
+    save_checkpoint,
+    time_is_up,
+)
 from flexvar_hf.training.data import (
     ImageDataset,
     ImageTransform,
@@ -118,6 +124,11 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     training.add_argument("--num_train_epochs", type=int, default=100)
     training.add_argument(
         "--max_train_steps", type=int, default=None, help="Optimisation steps; overrides --num_train_epochs."
+    )
+    training.add_argument(
+        "--max_train_minutes", type=float, default=None,
+        help="Stop (checkpoint and save the pipeline) once training has run this long; the schedules still span "
+        "--max_train_steps.",
     )
     training.add_argument("--gradient_accumulation_steps", type=int, default=1)
     training.add_argument("--gradient_checkpointing", action="store_true", help="Recompute activations in backward.")
@@ -245,6 +256,8 @@ def check_args(args: argparse.Namespace) -> tuple[int, int]:
             raise ValueError(f"{flag} must be positive, got {value}.")
     if args.lr_warmup_steps < 0:
         raise ValueError(f"--lr_warmup_steps must be >= 0, got {args.lr_warmup_steps}.")
+    if args.max_train_minutes is not None and args.max_train_minutes <= 0:
+        raise ValueError(f"--max_train_minutes must be positive, got {args.max_train_minutes}.")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         raise ValueError(f"--checkpoints_total_limit must be positive, got {args.checkpoints_total_limit}.")
     if args.learning_rate <= 0:
@@ -597,7 +610,7 @@ def main(args: argparse.Namespace) -> dict:
     sums = torch.zeros(4, device=accelerator.device)  # loss, accuracy, last-scale accuracy, micro-batches
     tokens = torch.zeros(2, device=accelerator.device)  # tokens, images
     micro_step = 0
-    last_log_time = time.perf_counter()
+    start_time = last_log_time = time.perf_counter()
     grad_norm = torch.tensor(float("nan"))
 
     for epoch in range(first_epoch, num_train_epochs):
@@ -660,7 +673,8 @@ def main(args: argparse.Namespace) -> dict:
             accelerator.log(logs, step=global_step)
             progress_bar.set_postfix(loss=f"{mean[0]:.4f}", acc=f"{mean[1]:.3f}", lr=f"{logs['lr']:.2e}")
 
-            if global_step % args.checkpointing_steps == 0:
+            out_of_time = time_is_up(accelerator, start_time, args.max_train_minutes)
+            if global_step % args.checkpointing_steps == 0 or out_of_time:
                 save_checkpoint(
                     accelerator, output_dir, global_step, total_limit=args.checkpoints_total_limit,
                     state={"epoch": epoch},
@@ -669,6 +683,9 @@ def main(args: argparse.Namespace) -> dict:
                 log_validation(
                     args, accelerator, transformer, vqvae, scheduler, id2label, ema_model, global_step
                 )
+            if out_of_time:
+                logger.info(f"Stopping after {args.max_train_minutes} minutes at step {global_step}.")
+                max_train_steps = global_step
             if global_step >= max_train_steps:
                 break
     progress_bar.close()

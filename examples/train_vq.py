@@ -43,7 +43,13 @@ from diffusers.optimization import get_scheduler
 from PIL import Image
 
 from flexvar_hf import FlexVQModel
-from flexvar_hf.training.checkpointing import load_checkpoint, resolve_checkpoint, resume_position, save_checkpoint
+from flexvar_hf.training.checkpointing import (
+    load_checkpoint,
+    resolve_checkpoint,
+    resume_position,
+    save_checkpoint,
+    time_is_up,
+)
 from flexvar_hf.training.data import (
     ImageDataset,
     ImageTransform,
@@ -365,10 +371,7 @@ def main(argv=None) -> int:
                             " ".join(f"{key} {value:.4g}" for key, value in logs.items()))
                 window_start, window_images = time.perf_counter(), 0
 
-            out_of_time = args.max_train_minutes is not None and \
-                time.perf_counter() - start_time > 60 * args.max_train_minutes
-            out_of_time = bool(accelerator.reduce(torch.tensor(float(out_of_time), device=accelerator.device),
-                                                  reduction="sum").item())
+            out_of_time = time_is_up(accelerator, start_time, args.max_train_minutes)
             stop = global_step >= max_train_steps or out_of_time
             if global_step % args.checkpointing_steps == 0 or stop:
                 save_checkpoint(accelerator, output_dir, global_step, total_limit=args.checkpoints_total_limit,

@@ -580,9 +580,13 @@ def test_fine_tune_a_pipeline_and_transformer_config(assets, tmp_path, train_scr
         train_script.parse_args([
             "--vqvae_model_name_or_path", str(assets["pipe"]), "--vqvae_subfolder", "vqvae", "--transformer_config",
             str(assets["config"]), "--num_classes", "5", "--train_data_dir", str(assets["data"]), "--resolution",
-            "64", "--max_train_steps", "1", "--report_to", "none", "--output_dir", str(tmp_path / "cfg"),
+            "64", "--max_train_steps", "50", "--max_train_minutes", "1e-9", "--report_to", "none",
+            "--output_dir", str(tmp_path / "cfg"),
         ])
     )
+    # Out of time after the first step: it checkpoints and saves the pipeline instead of going on to step 50.
+    assert result["global_step"] == 1 and len(result["losses"]) == 1
+    assert [p.name for p in (tmp_path / "cfg").glob("checkpoint-*")] == ["checkpoint-1"]
     config = FlexVARTransformer2DModel.load_config(tmp_path / "cfg" / "pipeline" / "transformer")
     assert (config["num_classes"], config["hidden_size"], config["vocab_size"], config["code_dim"]) == (5, 32, 64, 8)
 
@@ -599,6 +603,7 @@ def test_bad_input_is_rejected_before_training(assets, tmp_path, train_script, f
     fails("--label_column 'class' is not a column", [*base, "--label_column", "class"])
     fails(r"labels outside the model's 2 classes \[0, 2\): \[2\]", [*base, "--num_classes", "2"])
     fails("multiples of 16", [*base, "--resolution", "72"])
+    fails("--max_train_minutes must be positive", [*base, "--max_train_minutes", "0"])
     fails("Checkpoint to resume from 'checkpoint-5' does not exist",
           [*base, "--resume_from_checkpoint", "checkpoint-5"])
     fails("exactly one of --pretrained_model_name_or_path",

@@ -52,6 +52,7 @@ __all__ = [
     "load_checkpoint",
     "prune_checkpoints",
     "resume_position",
+    "time_is_up",
 ]
 
 
@@ -224,3 +225,20 @@ def resume_position(
         raise ValueError(f"`num_update_steps_per_epoch` must be positive, got {num_update_steps_per_epoch}.")
     epoch, step_in_epoch = divmod(int(global_step), int(num_update_steps_per_epoch))
     return epoch, step_in_epoch * int(gradient_accumulation_steps)
+
+
+def time_is_up(accelerator, start_time: float, max_minutes: float | None) -> bool:
+    """Whether any process has trained for more than `max_minutes` since `start_time` (`time.perf_counter()`).
+
+    Every process gets the same answer, so all of them stop at the same step (a time-boxed run, e.g. a job with a
+    wall-clock limit, then checkpoints and saves instead of being killed). None means no limit.
+    """
+    if max_minutes is None:
+        return False
+    import time
+
+    import torch
+
+    late = torch.tensor(float(time.perf_counter() - start_time > 60 * max_minutes), device=accelerator.device)
+    return bool(accelerator.reduce(late, reduction="sum").item())
+
