@@ -92,6 +92,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num_per_class", type=int, default=100)
     parser.add_argument("--batch_size", type=int, default=250, help="Images generated per pipeline call.")
     parser.add_argument("--guidance_scale", type=float, default=None, help="Default: the pipeline's (3.5).")
+    parser.add_argument("--guidance_schedule", default=None, choices=["linear", "constant"],
+                        help="Default: the pipeline's ('linear').")
+    parser.add_argument("--top_k", type=int, default=None, help="Default: the pipeline's (900).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
@@ -124,7 +127,9 @@ def run_setting(pipe, classifier, setting: Setting, args, real_images, real_labe
     """(Result, up to 10 sample images) of one setting."""
     num_classes = pipe.transformer.config.num_classes
     labels = torch.arange(num_classes).repeat_interleave(args.num_per_class)
-    extra = {} if setting.guidance_scale is None else {"guidance_scale": setting.guidance_scale}
+    extra = {name: value for name, value in [("guidance_scale", setting.guidance_scale),
+                                             ("guidance_schedule", args.guidance_schedule), ("top_k", args.top_k)]
+             if value is not None}
     start = time.perf_counter()
     if setting.kind == "real":
         # Half of the real images against the other half: the noise floor of the FD.
@@ -177,6 +182,8 @@ def run_setting(pipe, classifier, setting: Setting, args, real_images, real_labe
     fd = frechet_distance(features, real_features)
     step_text = str(len(pipe.scheduler.scales)) if setting.kind in ("generate", "inpaint") else "-"
     guidance = "-" if setting.kind == "reconstruction" else f"{setting.guidance_scale or 3.5:g}"
+    if setting.kind != "reconstruction" and setting.guidance_scale != 1.0 and args.guidance_schedule:
+        guidance += f" ({args.guidance_schedule})"
     per_class = images[:: args.num_per_class][:10]
     samples = [Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)) for image in per_class]
     return Result(setting.name, f"{setting.height}x{setting.width}", step_text, guidance, accuracy, fd, len(images),
@@ -186,8 +193,8 @@ def run_setting(pipe, classifier, setting: Setting, args, real_images, real_labe
 def markdown_table(results: list[Result], args, device_name: str) -> str:
     lines = [
         f"Model `{args.model}`, classifier `{args.classifier}`, {args.num_per_class} images per class, seed "
-        f"{args.seed}, {device_name}, {args.dtype}. FD: Frechet distance of the classifier's features against the "
-        "held-out real images (lower is better).",
+        f"{args.seed}, {device_name}, {args.dtype}, top-k {args.top_k or 900}. FD: Frechet distance of the "
+        "classifier's features against the held-out real images (lower is better).",
         "",
         "| setting | size | steps | guidance | class accuracy | FD | images | s / image |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
