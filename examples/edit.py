@@ -36,7 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--classes", nargs=2, default=["3", "8"], metavar=("SOURCE", "TARGET"),
                         help="Class ids or names: the generated source's class and the class edits are made as.")
     parser.add_argument("--size", type=int, default=None,
-                        help="Size in pixels, a multiple of 16 (default: 128 with the shipped model, else 256).")
+                        help="Size in pixels, a multiple of 16 (default: 96 with the shipped model, else 256).")
     parser.add_argument("--strengths", nargs="+", type=float, default=[0.0, 0.3, 0.5, 0.7, 1.0])
     parser.add_argument("--steps", type=int, default=None, help="Number of scales (default: the pipeline's).")
     parser.add_argument("--seed", type=int, default=0)
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     if args.model is None and not SHIPPED_MODEL.is_dir():
         print(f"No model at {SHIPPED_MODEL}; pass --model (a converted FlexVAR folder or Hub id).", file=sys.stderr)
         return 2
-    size = args.size or (128 if args.model is None else 256)
+    size = args.size or (96 if args.model is None else 256)  # the shipped model was last trained at 96x96
     source_class, target_class = (as_class(value) for value in args.classes)
     start = time.perf_counter()
 
@@ -84,6 +84,8 @@ def main(argv=None) -> int:
         return torch.Generator(args.device).manual_seed(args.seed)
 
     common = dict(num_inference_steps=args.steps)
+    if args.model is None:  # the shipped model's setting (see its model card)
+        common["guidance_schedule"] = "constant"
     if args.image is None:
         source = pipe(source_class, height=size, width=size, generator=generator(), **common).images[0]
     else:

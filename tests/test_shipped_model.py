@@ -18,9 +18,9 @@ from flexvar_hf import FlexVARPipeline
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL = REPO_ROOT / "models" / "flexvar-digits"
 CLASSIFIER = REPO_ROOT / "models" / "digits-classifier"
-# The default grid: rows of 10 x 64, 10 x 64, 10 x 128 and 10 x 128-wide (64 tall) images with 4-pixel gaps, after a
+# The default grid: rows of 10 x 96, 10 x 96, 10 x 128 and 10 x 192-wide (96 tall) images with 4-pixel gaps, after a
 # 112-pixel caption column.
-GRID_SIZE = (112 + 4 + 10 * 128 + 11 * 4, 64 + 64 + 128 + 64 + 5 * 4)
+GRID_SIZE = (112 + 4 + 10 * 192 + 11 * 4, 96 + 96 + 128 + 96 + 5 * 4)
 
 
 def load_example(name: str):
@@ -48,7 +48,7 @@ def digit_images():
     images, labels = [], []
     for index in range(20):
         rng = np.random.default_rng([12345, index])
-        images.append(digits.render_image(index % 10, rng, 128, fonts))
+        images.append(digits.render_image(index % 10, rng, 96, fonts))
         labels.append(index % 10)
     return images, torch.tensor(labels)
 
@@ -91,18 +91,35 @@ def test_classifier_reads_fresh_digits(classifier, classifier_module, digit_imag
 
 def test_tokenizer_reconstructions_keep_the_digit(pipe, classifier, classifier_module, digit_images):
     images, labels = digit_images
-    pixels = classifier_module.prepare_images(images, size=128)
+    pixels = classifier_module.prepare_images(images, size=96)
     with torch.no_grad():
         decoded = pipe.vqvae(pixels).sample.clamp(-1, 1)
     predictions, _ = classifier_module.classify(classifier, (decoded + 1) / 2)
     assert (predictions == labels).float().mean() >= 0.9
 
 
-def test_samples_show_the_requested_digit_well_above_chance(pipe, classifier, classifier_module):
-    """At 64x64 with 8 steps the evaluation measured 51% class accuracy (chance: 10%); short of the 95% target of
-    issue 7 (see the model card), so this guards the level reached, not the target."""
+def test_samples_show_the_requested_digit(pipe, classifier, classifier_module):
+    """The model's setting (96x96, 10 steps, constant guidance 3.5): the evaluation measured 95% class accuracy on
+    500 images; 20 images on the CPU must keep at least 17 digits (chance: 10%)."""
     labels = list(range(10)) * 2
     generator = torch.Generator().manual_seed(0)
-    images = pipe(labels, height=64, width=64, num_inference_steps=8, generator=generator, output_type="pt").images
+    images = pipe(labels, height=96, width=96, num_inference_steps=10, guidance_schedule="constant",
+                  generator=generator, output_type="pt").images
     predictions, _ = classifier_module.classify(classifier, images)
-    assert (predictions == torch.tensor(labels)).float().mean() >= 0.3
+    assert (predictions == torch.tensor(labels)).float().mean() >= 0.85
+
+
+def test_edit_example_writes_its_pictures(tmp_path):
+    """`examples/edit.py` (the README's editing pictures) end to end on the shipped model, small and quick."""
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "examples" / "edit.py"), "--output_dir", str(tmp_path), "--size", "48",
+         "--steps", "4", "--strengths", "0", "1", "--device", "cpu"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"to {tmp_path.resolve()}" in result.stdout
+    with Image.open(tmp_path / "source.png") as source:
+        assert source.size == (48, 48)
+    for name in ("img2img.png", "inpaint.png", "outpaint.png"):
+        with Image.open(tmp_path / name) as sheet:
+            assert sheet.width > 2 * 48 and np.asarray(sheet, dtype=np.float32).std() > 5
