@@ -497,6 +497,8 @@ def main(args: argparse.Namespace) -> dict:
     factor = vqvae.downsample_factor
     if height % factor or width % factor or scheduler.config.vae_scale_factor != factor:
         raise ValueError(f"--resolution must be a multiple of the VQ model's {factor} pixels per token.")
+    # The saved pipeline's default image size becomes the training size (the longer side for non-square training).
+    transformer.register_to_config(sample_size=max(height, width) // factor)
     id2label = {**(pretrained_id2label or {}), **(labels.id2label or {})} or None
     args.validation_label_ids = validation_label_ids(args.validation_class_labels, num_classes, id2label)
 

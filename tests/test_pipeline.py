@@ -157,6 +157,21 @@ def test_save_and_load_round_trip_gives_identical_images(tiny_pipe, tmp_path):
     np.testing.assert_array_equal(first, second)
 
 
+def test_default_size_is_the_training_size(tmp_path):
+    pipe = make_tiny_pipe()
+    assert pipe.default_sample_size == 256  # sample_size 16 x 16 pixels per token, the released models' 256x256
+    pipe.transformer.register_to_config(sample_size=3)
+    pipe.save_pretrained(tmp_path / "tiny")
+    loaded = FlexVARPipeline.from_pretrained(tmp_path / "tiny")
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.transformer.config.sample_size == 3 and loaded.default_sample_size == 48
+    call = dict(class_labels=[1], num_inference_steps=2, top_k=1, output_type="latent")
+    assert loaded(**call).images.shape == (1, 3, 3)
+    assert loaded(**call, width=32).images.shape == (1, 3, 2)  # an explicit side wins
+    with pytest.raises(ValueError, match="sample_size"):
+        FlexVARTransformer2DModel(sample_size=0)
+
+
 def test_class_names_and_tensors_are_accepted(tiny_pipe):
     by_name = tiny_pipe(
         ["class 2", "synonym 3"], height=16, width=16, num_inference_steps=1, top_k=1, output_type="latent"

@@ -566,7 +566,11 @@ def test_fine_tune_a_pipeline_and_transformer_config(assets, tmp_path, train_scr
     pipe = FlexVARPipeline.from_pretrained(tmp_path / "ft" / "pipeline")
     original = FlexVARPipeline.from_pretrained(assets["pipe"])
     assert pipe.id2label == {0: "circle", 1: "square", 2: "triangle"}  # the data's class names win
-    assert {**pipe.transformer.config, "_name_or_path": ""} == {**original.transformer.config, "_name_or_path": ""}
+    # The same architecture; the default image size follows the training resolution's longer side (64 pixels).
+    sample_size = pipe.transformer.config.sample_size
+    assert sample_size == 64 // pipe.vae_scale_factor != original.transformer.config.sample_size
+    ignored = {"_name_or_path": "", "sample_size": 0}
+    assert {**pipe.transformer.config, **ignored} == {**original.transformer.config, **ignored}
     assert pipe.transformer.dtype == torch.float32
     for name, tensor in original.vqvae.state_dict().items():  # saved as loaded, not in the bf16 used for training
         assert torch.equal(pipe.vqvae.state_dict()[name], tensor)
@@ -589,6 +593,8 @@ def test_fine_tune_a_pipeline_and_transformer_config(assets, tmp_path, train_scr
     assert [p.name for p in (tmp_path / "cfg").glob("checkpoint-*")] == ["checkpoint-1"]
     config = FlexVARTransformer2DModel.load_config(tmp_path / "cfg" / "pipeline" / "transformer")
     assert (config["num_classes"], config["hidden_size"], config["vocab_size"], config["code_dim"]) == (5, 32, 64, 8)
+    factor = FlexVARPipeline.from_pretrained(tmp_path / "cfg" / "pipeline").vae_scale_factor
+    assert config["sample_size"] == 64 // factor  # the pipeline's default size is the training size
 
 
 def test_bad_input_is_rejected_before_training(assets, tmp_path, train_script, fresh_accelerate):

@@ -214,6 +214,9 @@ class FlexVARTransformer2DModel(ModelMixin, ConfigMixin):
         num_attention_heads (`int`, defaults to 16): Heads (= depth in the released models).
         mlp_ratio (`float`, defaults to 4.0): Feed-forward width relative to `hidden_size`.
         pos_grid_size (`int`, defaults to 32): Side of the stored position grid.
+        sample_size (`int`, defaults to 16): Side, in tokens, of the images the model was (last) trained at. Only
+            the pipeline's default image size reads it: `sample_size * vae_scale_factor`, 256 for the released
+            models; `examples/train.py` sets it to the training resolution.
     """
 
     _supports_gradient_checkpointing = True
@@ -230,8 +233,11 @@ class FlexVARTransformer2DModel(ModelMixin, ConfigMixin):
         num_attention_heads: int = 16,
         mlp_ratio: float = 4.0,
         pos_grid_size: int = 32,
+        sample_size: int = 16,
     ):
         super().__init__()
+        if not isinstance(sample_size, int) or isinstance(sample_size, bool) or sample_size < 1:
+            raise ValueError(f"`sample_size` must be a positive int (tokens per side), got {sample_size!r}.")
         if hidden_size % num_attention_heads:
             raise ValueError(
                 f"hidden_size {hidden_size} must be divisible by num_attention_heads {num_attention_heads}."

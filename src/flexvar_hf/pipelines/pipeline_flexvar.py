@@ -52,6 +52,11 @@ class FlexVARPipeline(DiffusionPipeline):
         return self.scheduler.config.vae_scale_factor
 
     @property
+    def default_sample_size(self) -> int:
+        """Default image side in pixels: the training size, `transformer.config.sample_size * vae_scale_factor`."""
+        return self.transformer.config.sample_size * self.vae_scale_factor
+
+    @property
     def id2label(self) -> dict[int, str]:
         """Class id -> name ("tench, Tinca tinca"); empty when the pipeline was saved without names."""
         return {int(key): value for key, value in (self.config.id2label or {}).items()}
@@ -302,8 +307,8 @@ class FlexVARPipeline(DiffusionPipeline):
     def __call__(
         self,
         class_labels: int | str | Sequence[int | str] | torch.Tensor,
-        height: int = 256,
-        width: int = 256,
+        height: int | None = None,
+        width: int | None = None,
         num_inference_steps: int | None = None,
         scales: Sequence[ScaleLike] | None = None,
         guidance_scale: float = 3.5,
@@ -323,8 +328,10 @@ class FlexVARPipeline(DiffusionPipeline):
 
         Args:
             class_labels: ImageNet-style class ids (int, list, 1-D tensor) or class names (see `pipe.labels`).
-            height (`int`, defaults to 256), width (`int`, defaults to 256): Image size in pixels, positive multiples
-                of 16. The model was trained at up to 256 but generates any size and aspect ratio.
+            height (`int`, *optional*), width (`int`, *optional*): Image size in pixels, positive multiples of the
+                scheduler's `vae_scale_factor` (16). Default: the size the model was trained at,
+                `transformer.config.sample_size * vae_scale_factor` (256 for the released models); any other size
+                and aspect ratio works too.
             num_inference_steps (`int`, *optional*): Number of scales. None picks the published schedule for the
                 size (10 steps at 256x256, 15 at 512x512) or the scheduler's rule elsewhere.
             scales (`list`, *optional*): Explicit scales (int sides or (h, w) token-grid pairs); overrides height,
@@ -352,6 +359,8 @@ class FlexVARPipeline(DiffusionPipeline):
             temperature,
         )
         labels = self.prepare_class_labels(class_labels, num_images_per_prompt)
+        height = self.default_sample_size if height is None else height
+        width = self.default_sample_size if width is None else width
         self.scheduler.set_timesteps(num_inference_steps, height=height, width=width, scales=scales,
                                      device=self._execution_device)
 
