@@ -4,7 +4,7 @@
     python examples/generate.py --model path/or/hub-id --classes 0 1 2 --sizes 256x256 256x512 --steps 10 13
 
 With no `--model`, the shipped digits model (trained by this repository's scripts, last at 96x96, see its README)
-draws the ten digits at 96x96 with 6 and 10 steps and, zero-shot, at 128x128 and 96x192 (1:2), with constant
+draws the ten digits at 96x96 with 6 and 10 steps, at 128x128 and, zero-shot, at 96x192 (1:2), with constant
 guidance (its setting), on the CPU in well under a minute. Each row of the grid is one size and step count,
 labelled on the left.
 """
