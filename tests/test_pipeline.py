@@ -99,7 +99,8 @@ def test_default_arguments_are_the_paper_settings(tiny_pipe):
     params = inspect.signature(FlexVARPipeline.__call__).parameters
     assert params["guidance_scale"].default == 3.5 and params["guidance_schedule"].default == "linear"
     assert params["top_k"].default == 900 and params["top_p"].default == 0.95
-    assert params["height"].default == 256 and params["width"].default == 256
+    assert params["height"].default is None and params["width"].default is None  # the training size:
+    assert tiny_pipe.default_sample_size == 256  # 256 for a transformer with the released models' sample_size
     scheduler = FlexVARScaleScheduler()
     scheduler.set_timesteps(None, height=256, width=256)
     assert [h for h, _ in scheduler.scales] == [1, 2, 3, 4, 5, 6, 8, 10, 13, 16]
