@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,16 @@ PARITY_DIR = Path(os.environ.get("FLEXVAR_PARITY_DIR", REPO_ROOT.parent / "share
 # Tolerances stated in ../shared/parity/README.md for a correct float32 port on CPU.
 RELATIVE_TOLERANCE = 1e-4
 PIXEL_TOLERANCE = 1e-3
+
+
+def load_example(name: str):
+    """The module `examples/{name}.py` (the examples are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"flexvar_example_{name}", REPO_ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    # Registered so that dataclasses can look the module up and worker processes can unpickle its functions.
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -3,24 +3,16 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import load_example
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_example(name: str):
-    spec = importlib.util.spec_from_file_location(f"flexvar_example_{name}", REPO_ROOT / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # so that worker processes can unpickle its functions
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

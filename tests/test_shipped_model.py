@@ -3,7 +3,7 @@ transformer's samples as the classifier reads them."""
 
 from __future__ import annotations
 
-import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -15,19 +15,14 @@ from PIL import Image
 
 from flexvar_hf import FlexVARPipeline
 
+from conftest import load_example
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL = REPO_ROOT / "models" / "flexvar-digits"
 CLASSIFIER = REPO_ROOT / "models" / "digits-classifier"
 # The default grid: rows of 10 x 96, 10 x 96, 10 x 128 and 10 x 192-wide (96 tall) images with 4-pixel gaps, after a
 # 112-pixel caption column.
 GRID_SIZE = (112 + 4 + 10 * 192 + 11 * 4, 96 + 96 + 128 + 96 + 5 * 4)
-
-
-def load_example(name: str):
-    spec = importlib.util.spec_from_file_location(f"flexvar_example_{name}", REPO_ROOT / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +118,46 @@ def test_edit_example_writes_its_pictures(tmp_path):
     for name in ("img2img.png", "inpaint.png", "outpaint.png"):
         with Image.open(tmp_path / name) as sheet:
             assert sheet.width > 2 * 48 and np.asarray(sheet, dtype=np.float32).std() > 5
+
+
+def test_frechet_distance_numbers():
+    evaluate = load_example("evaluate")
+    features = torch.randn(2000, 4, generator=torch.Generator().manual_seed(0))
+    assert evaluate.frechet_distance(features, features) == pytest.approx(0.0, abs=1e-6)
+    # A shift of 2 in each of 4 dimensions: |mu_a - mu_b|^2 = 16, equal covariances add nothing.
+    assert evaluate.frechet_distance(features, features + 2) == pytest.approx(16.0, rel=1e-6)
+    # Doubling the spread of N(0, I): tr(S_a + S_b - 2 (S_a S_b)^1/2) = 4 * (1 + 4 - 4) = 4.
+    assert evaluate.frechet_distance(features, 2 * features) == pytest.approx(4.0, rel=0.05)
+
+
+def test_evaluate_scores_the_shipped_model(tmp_path):
+    """`examples/evaluate.py` end to end on a few fresh held-out digits: every row of the table, the sampling
+    options in the output, and accuracies that say the model draws digits (its evaluations: about 93%)."""
+    data = tmp_path / "digits96"
+    digits = load_example("make_digits_dataset")
+    assert digits.main(["--output_dir", str(data), "--resolution", "96", "--train_per_class", "1",
+                        "--test_per_class", "4", "--num_workers", "1", "--seed", "7"]) == 0
+    output = tmp_path / "eval.md"
+    evaluate = load_example("evaluate")
+    assert evaluate.main([
+        "--data_dir", str(data), "--resolution", "96", "--steps", "3", "10", "--zero_shot_sizes", "64x128",
+        "--num_per_class", "2", "--batch_size", "20", "--guidance_schedule", "constant", "--top_k", "200",
+        "--device", "cpu", "--output", str(output), "--samples", str(tmp_path / "samples.png"),
+    ]) == 0
+    results = json.loads(output.with_suffix(".json").read_text())["results"]
+    assert [(r["setting"], r["size"], r["steps"], r["guidance"], r["images"]) for r in results] == [
+        ("real held-out images", "96x96", "-", "-", 40),
+        ("VQ reconstruction", "96x96", "-", "-", 20),
+        ("generate", "96x96", "3", "3.5 (constant)", 20),
+        ("generate", "96x96", "10", "3.5 (constant)", 20),
+        ("generate, no guidance", "96x96", "10", "1", 20),
+        ("in-paint right half", "96x96", "10", "3.5 (constant)", 20),
+        ("zero-shot size", "64x128", "10", "3.5 (constant)", 20),
+    ]
+    accuracy = {(r["setting"], r["steps"]): r["accuracy"] for r in results}
+    assert accuracy[("real held-out images", "-")] >= 0.9 and accuracy[("VQ reconstruction", "-")] >= 0.8
+    assert accuracy[("generate", "10")] >= 0.7
+    assert all(r["fd"] >= 0 for r in results)
+    assert "top-k 200" in output.read_text()
+    with Image.open(tmp_path / "samples.png") as sheet:
+        assert sheet.height > 7 * 64  # one row of samples per setting

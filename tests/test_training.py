@@ -7,7 +7,6 @@ drawn here.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -41,7 +40,7 @@ from flexvar_hf.training.data import (
 from flexvar_hf.training.flexvar_loss import build_teacher_inputs, drop_class_labels, flexvar_loss, token_accuracy
 from flexvar_hf.training.optim import build_optimizer, no_decay_parameter_names, parameter_groups
 
-from conftest import RELATIVE_TOLERANCE, REPO_ROOT, relative_error
+from conftest import RELATIVE_TOLERANCE, REPO_ROOT, load_example, relative_error
 
 CLASSES = ("circle", "square", "triangle")
 TINY_VQ = dict(
@@ -119,10 +118,7 @@ def fresh_accelerate():
 
 @pytest.fixture(scope="module")
 def train_script():
-    spec = importlib.util.spec_from_file_location("flexvar_train_example", REPO_ROOT / "examples" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("train")
 
 
 def scratch_args(assets, output_dir, *extra) -> list[str]:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -23,6 +22,8 @@ from flexvar_hf.training.vq_losses import (
     sample_extra_scales,
 )
 
+from conftest import load_example
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(base_channels=32, channel_multipliers=(1, 2, 2), layers_per_block=1, z_channels=32, num_codes=64,
             code_dim=4, norm_num_groups=8)
@@ -31,13 +32,6 @@ TINY = dict(base_channels=32, channel_multipliers=(1, 2, 2), layers_per_block=1,
 def tiny_vq(seed: int = 0) -> FlexVQModel:
     torch.manual_seed(seed)
     return FlexVQModel(**TINY)
-
-
-def load_example(name: str):
-    spec = importlib.util.spec_from_file_location(f"flexvar_example_{name}", REPO_ROOT / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # ----------------------------------------------------------------------------------------------------------------
