@@ -31,9 +31,12 @@ import logging
 import os
 import re
 import shutil
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import torch
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "training_state.json"
@@ -235,10 +238,6 @@ def time_is_up(accelerator, start_time: float, max_minutes: float | None) -> boo
     """
     if max_minutes is None:
         return False
-    import time
-
-    import torch
-
     late = torch.tensor(float(time.perf_counter() - start_time > 60 * max_minutes), device=accelerator.device)
     return bool(accelerator.reduce(late, reduction="sum").item())
 
