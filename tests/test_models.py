@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from flexvar_hf import FlexVARTransformer2DModel, FlexVQModel
-from flexvar_hf.scales import flatten_grid, resize_codes
+from flexvar_hf.scales import as_hw_list, flatten_grid, resize_codes
 
 from conftest import PIXEL_TOLERANCE, RELATIVE_TOLERANCE, relative_error
 
@@ -113,6 +115,31 @@ def test_block_causal_mask_hides_later_scales():
     other = model(labels, [1, 2, 3], changed).logits
     assert torch.allclose(base[:, :5], other[:, :5])  # earlier scales cannot see it
     assert not torch.allclose(base[:, 5:], other[:, 5:])
+
+
+def test_regionally_compiled_blocks_train_like_eager_ones_for_any_schedule():
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    eager = FlexVARTransformer2DModel(
+        num_classes=3, vocab_size=16, code_dim=4, num_layers=2, hidden_size=32, num_attention_heads=2, pos_grid_size=8
+    )
+    compiled = copy.deepcopy(eager)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled.compile_repeated_blocks(dynamic=True)
+    labels = torch.tensor([0, 2, 3])
+    graphs = []
+    for scales in ([1, 2, 3], [(1, 2), (2, 3), (3, 4), (5, 6)]):  # teacher forcing, a new schedule per step
+        inputs = torch.randn(3, sum(h * w for h, w in as_hw_list(scales)[1:]), 4)
+        for model in (eager, compiled):
+            model.zero_grad()
+            model(labels, scales, inputs).logits.square().mean().backward()
+        torch.testing.assert_close(compiled(labels, scales, inputs).logits, eager(labels, scales, inputs).logits)
+        for (name, got), expected in zip(compiled.named_parameters(), eager.parameters()):
+            torch.testing.assert_close(got.grad, expected.grad, msg=name)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] > 0 and graphs[1] == graphs[0]  # one dynamic-shape block graph serves every schedule
 
 
 def test_transformer_rejects_wrong_scale_inputs():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -90,15 +90,25 @@ def normalize_queries_keys(qkv: torch.Tensor, temperature: torch.Tensor) -> torc
     return qkv * factors
 
 
-@dataclass(frozen=True)
-class ElementwiseOps:
-    """The memory-bound pieces of a block, swappable for `torch.compile`d (fused) versions."""
+@torch.compiler.disable
+def cached_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    kv_cache: FlexVARKVCache,
+    layer_index: int,
+) -> torch.Tensor:
+    """Append this call's (B, l, H, D) keys and values to `kv_cache` and attend over everything cached: (B, H, l, D).
 
-    modulated_layer_norm: Callable = modulated_layer_norm
-    normalize_queries_keys: Callable = normalize_queries_keys
-
-
-EAGER_OPS = ElementwiseOps()
+    Kept out of `torch.compile` graphs: the cache's length and the layer index differ per call, and a compiled block
+    would be specialised (recompiled) on them; around this call a compiled block stays one graph for every scale and
+    layer, with no per-scale recompilation.
+    """
+    key, value = kv_cache.update(layer_index, key, value)
+    return F.scaled_dot_product_attention(
+        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=attention_mask, scale=1.0
+    )
 
 
 class FlexVARAttention(nn.Module):
@@ -116,7 +126,6 @@ class FlexVARAttention(nn.Module):
         self.v_bias = nn.Parameter(torch.zeros(dim))
         self.log_scale = nn.Parameter(torch.full((1, num_heads, 1, 1), math.log(4.0)))
         self.to_out = nn.Linear(dim, dim)
-        self.ops = EAGER_OPS
 
     def forward(
         self,
@@ -130,13 +139,14 @@ class FlexVARAttention(nn.Module):
         bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
         qkv = F.linear(hidden_states, self.to_qkv.weight, bias).view(batch, length, 3 * heads, self.head_dim)
         temperature = self.log_scale.clamp_max(MAX_LOG_SCALE).exp().view(1, 1, heads, 1).to(qkv.dtype)
-        qkv = self.ops.normalize_queries_keys(qkv, temperature)
+        qkv = normalize_queries_keys(qkv, temperature)
         query, key, value = qkv.view(batch, length, 3, heads, self.head_dim).unbind(2)
         if kv_cache is not None:
-            key, value = kv_cache.update(layer_index, key, value)
-        out = F.scaled_dot_product_attention(
-            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=attention_mask, scale=1.0
-        )
+            out = cached_attention(query, key, value, attention_mask, kv_cache, layer_index)
+        else:
+            out = F.scaled_dot_product_attention(
+                query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=attention_mask, scale=1.0
+            )
         return self.to_out(out.transpose(1, 2).reshape(batch, length, dim))
 
 
@@ -149,7 +159,6 @@ class FlexVARBlock(nn.Module):
         self.attn = FlexVARAttention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.ff = FeedForward(dim, inner_dim=round(dim * mlp_ratio), activation_fn="gelu-approximate")
-        self.ops = EAGER_OPS
 
     def modulation(self, conditioning: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(B, dim) class embedding -> six (B, 1, dim) AdaLN-Zero terms: shift, 1 + scale and gate for attention,
@@ -169,10 +178,10 @@ class FlexVARBlock(nn.Module):
     ) -> torch.Tensor:
         """`modulation` is `self.modulation(class_embedding)`; the (B, L, dim) output has the input's shape."""
         shift_attn, scale_attn, gate_attn, shift_ff, scale_ff, gate_ff = modulation
-        normed = self.ops.modulated_layer_norm(hidden_states, shift_attn, scale_attn, self.norm1.norm.eps)
+        normed = modulated_layer_norm(hidden_states, shift_attn, scale_attn, self.norm1.norm.eps)
         attended = self.attn(normed, attention_mask, kv_cache, layer_index)
         hidden_states = torch.addcmul(hidden_states, gate_attn, attended)
-        normed = self.ops.modulated_layer_norm(hidden_states, shift_ff, scale_ff, self.norm2.eps)
+        normed = modulated_layer_norm(hidden_states, shift_ff, scale_ff, self.norm2.eps)
         return torch.addcmul(hidden_states, gate_ff, self.ff(normed))
 
 
@@ -221,6 +230,8 @@ class FlexVARTransformer2DModel(ModelMixin, ConfigMixin):
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["FlexVARBlock"]
+    # `compile_repeated_blocks(dynamic=True)` compiles the block once for every layer and scale (regional compilation).
+    _repeated_blocks = ["FlexVARBlock"]
 
     @register_to_config
     def __init__(
@@ -275,22 +286,6 @@ class FlexVARTransformer2DModel(ModelMixin, ConfigMixin):
             rows.mul_(0.5)
             rows[2].mul_(2e-5)
             rows[5].mul_(2e-5)
-
-    def compile_elementwise_ops(self, **compile_kwargs) -> None:
-        """Swap the blocks' memory-bound pieces (AdaLN norms, query/key normalisation) for `torch.compile`d, fused
-        versions (`dynamic=True` by default, so every scale shares one compilation). Compiles on the first call."""
-        compile_kwargs.setdefault("dynamic", True)
-        ops = ElementwiseOps(
-            modulated_layer_norm=torch.compile(modulated_layer_norm, **compile_kwargs),
-            normalize_queries_keys=torch.compile(normalize_queries_keys, **compile_kwargs),
-        )
-        self.set_elementwise_ops(ops)
-
-    def set_elementwise_ops(self, ops: ElementwiseOps = EAGER_OPS) -> None:
-        """Use `ops` in every block (`EAGER_OPS`: plain PyTorch)."""
-        for block in self.blocks:
-            block.ops = ops
-            block.attn.ops = ops
 
     def modulations(self, conditioning: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
         """AdaLN terms of every block, then `(1 + scale, shift)` of the head's norm (as diffusers'

@@ -265,7 +265,7 @@ class FlexVARPipeline(DiffusionPipeline):
         return known_tokens, keep_masks
 
     def enable_fast_sampling(
-        self, use_cuda_graph: bool | None = None, max_graphs: int = 4, compile_elementwise: bool = False
+        self, use_cuda_graph: bool | None = None, max_graphs: int = 4, torch_compile: bool = False
     ) -> None:
         """
         Generate through `FastTokenGenerator`: the scale loop and the VQ decoding are captured into one CUDA graph
@@ -278,21 +278,24 @@ class FlexVARPipeline(DiffusionPipeline):
             use_cuda_graph (`bool`, *optional*): Capture graphs; defaults to whether the transformer is on CUDA.
                 False runs the same static-buffer loop eagerly.
             max_graphs (`int`, defaults to 4): Settings whose graphs are kept.
-            compile_elementwise (`bool`, defaults to False): Also fuse the blocks' memory-bound pieces with
-                `torch.compile` (`transformer.compile_elementwise_ops()`); the first call then also compiles.
+            torch_compile (`bool`, defaults to False): Also `torch.compile` the transformer's blocks (regional
+                compilation: `transformer.compile_repeated_blocks(dynamic=True)`, one compiled block for every layer
+                and scale, which fuses the normalisations, modulations, residuals and activations between the
+                matrix products) and the VQ decoder (`vqvae.decoder.compile()`). The first call of a new setting
+                then also compiles (seconds). The modules stay compiled after `disable_fast_sampling()`.
         """
         if use_cuda_graph is None:
             use_cuda_graph = self.transformer.device.type == "cuda"
         if use_cuda_graph and self.transformer.device.type != "cuda":
             raise ValueError(f"CUDA graphs need the pipeline on a CUDA device, it is on {self.transformer.device}.")
         self.fast_token_generator = FastTokenGenerator(self, use_cuda_graph=use_cuda_graph, max_graphs=max_graphs)
-        if compile_elementwise:
-            self.transformer.compile_elementwise_ops()
+        if torch_compile:
+            self.transformer.compile_repeated_blocks(dynamic=True)
+            self.vqvae.decoder.compile()
 
     def disable_fast_sampling(self) -> None:
         """Back to the plain loop; frees the captured graphs."""
         self.fast_token_generator = None
-        self.transformer.set_elementwise_ops()
 
     def decode(self, indices: torch.LongTensor, output_type: str = "pil", pixels: torch.Tensor | None = None):
         """Final token grid -> images of `output_type` ("latent" returns the tokens); `pixels`, if given, are the
