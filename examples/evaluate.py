@@ -6,7 +6,8 @@
 For every setting (size, number of steps, guidance, in-painting) it generates `--num_per_class` images of each class,
 classifies them with the classifier of `examples/train_classifier.py` and reports
 
-- accuracy: the fraction classified as the class they were generated for;
+- accuracy: the fraction classified as the class they were generated for, overall and per class (the JSON has
+  every class, the table the two weakest);
 - FD: the Frechet distance between the classifier's pooled features of the generated images and of the held-out
   real images (`DATA_DIR/test`), i.e. FID with the digits classifier in place of Inception. Every image is resized
   to the classifier's 64x64 input first, so for other aspect ratios the distance also measures the change of shape.
@@ -60,6 +61,20 @@ class Result:
     fd: float
     images: int
     seconds_per_image: float
+    per_class_accuracy: list[float]  # by class index
+
+
+def per_class_accuracy(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[float]:
+    """Fraction of the images of each class that the classifier gives that class (NaN for a class with none)."""
+    correct = torch.zeros(num_classes).index_add_(0, labels, (predictions == labels).float())
+    counts = torch.bincount(labels, minlength=num_classes).float()
+    return (correct / counts).tolist()
+
+
+def weakest_classes(result: Result, count: int = 2) -> str:
+    """The `count` classes with the lowest accuracy, e.g. "7: 80%, 1: 90%"."""
+    order = sorted(range(len(result.per_class_accuracy)), key=lambda c: result.per_class_accuracy[c])[:count]
+    return ", ".join(f"{c}: {100 * result.per_class_accuracy[c]:.0f}%" for c in order)
 
 
 def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
@@ -140,7 +155,7 @@ def run_setting(pipe, classifier, setting: Setting, args, real_images, real_labe
         fd = frechet_distance(features[order[:half]], features[order[half:]])
         samples = pil_from_uint8(real_images[:: max(1, len(real_images) // 10)][:10])
         return Result(setting.name, f"{setting.height}x{setting.width}", "-", "-", accuracy, fd, len(features),
-                      0.0), samples
+                      0.0, per_class_accuracy(predictions, real_labels, num_classes)), samples
 
     outputs, used_labels = [], []
     if setting.kind in ("reconstruction", "inpaint"):
@@ -187,7 +202,7 @@ def run_setting(pipe, classifier, setting: Setting, args, real_images, real_labe
     per_class = images[:: args.num_per_class][:10]
     samples = [Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)) for image in per_class]
     return Result(setting.name, f"{setting.height}x{setting.width}", step_text, guidance, accuracy, fd, len(images),
-                  elapsed / len(images)), samples
+                  elapsed / len(images), per_class_accuracy(predictions, used_labels, num_classes)), samples
 
 
 def markdown_table(results: list[Result], args, device_name: str) -> str:
@@ -196,12 +211,12 @@ def markdown_table(results: list[Result], args, device_name: str) -> str:
         f"{args.seed}, {device_name}, {args.dtype}, top-k {args.top_k or 900}. FD: Frechet distance of the "
         "classifier's features against the held-out real images (lower is better).",
         "",
-        "| setting | size | steps | guidance | class accuracy | FD | images | s / image |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| setting | size | steps | guidance | class accuracy | weakest classes | FD | images | s / image |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
-        lines.append(f"| {r.setting} | {r.size} | {r.steps} | {r.guidance} | {100 * r.accuracy:.1f}% | {r.fd:.2f} | "
-                     f"{r.images} | {r.seconds_per_image:.3f} |")
+        lines.append(f"| {r.setting} | {r.size} | {r.steps} | {r.guidance} | {100 * r.accuracy:.1f}% | "
+                     f"{weakest_classes(r)} | {r.fd:.2f} | {r.images} | {r.seconds_per_image:.3f} |")
     return "\n".join(lines) + "\n"
 
 

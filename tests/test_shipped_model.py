@@ -4,6 +4,7 @@ transformer's samples as the classifier reads them."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -130,6 +131,16 @@ def test_frechet_distance_numbers():
     assert evaluate.frechet_distance(features, 2 * features) == pytest.approx(4.0, rel=0.05)
 
 
+def test_per_class_accuracy_and_weakest_classes():
+    evaluate = load_example("evaluate")
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2])
+    predictions = torch.tensor([0, 1, 0, 0, 1, 1, 0, 1])
+    per_class = evaluate.per_class_accuracy(predictions, labels, 4)
+    assert per_class[:3] == [0.75, 1.0, 0.0] and math.isnan(per_class[3])  # class 3 has no images
+    result = evaluate.Result("generate", "96x96", "10", "3.5", 0.625, 1.0, 8, 0.1, per_class[:3])
+    assert evaluate.weakest_classes(result) == "2: 0%, 0: 75%"
+
+
 def test_evaluate_scores_the_shipped_model(tmp_path):
     """`examples/evaluate.py` end to end on a few fresh held-out digits: every row of the table, the sampling
     options in the output, and accuracies that say the model draws digits (its evaluations: about 93%)."""
@@ -158,6 +169,9 @@ def test_evaluate_scores_the_shipped_model(tmp_path):
     assert accuracy[("real held-out images", "-")] >= 0.9 and accuracy[("VQ reconstruction", "-")] >= 0.8
     assert accuracy[("generate", "10")] >= 0.7
     assert all(r["fd"] >= 0 for r in results)
+    for r in results:  # the same number of images per class, so the per-class accuracies average to the overall one
+        assert len(r["per_class_accuracy"]) == 10
+        assert sum(r["per_class_accuracy"]) / 10 == pytest.approx(r["accuracy"], abs=1e-6)
     assert "top-k 200" in output.read_text()
     with Image.open(tmp_path / "samples.png") as sheet:
         assert sheet.height > 7 * 64  # one row of samples per setting
