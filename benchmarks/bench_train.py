@@ -67,6 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="Warm-up steps of the random-schedule runs (each a new schedule; new shapes cost more at first).",
     )
     parser.add_argument("--gradient_checkpointing", action="store_true", help="Time ours with it too.")
+    parser.add_argument("--torch_compile", action="store_true", help="Time ours with compiled blocks too.")
     parser.add_argument("--no_random", action="store_true", help="Skip the random-schedule runs.")
     parser.add_argument("--original", type=Path, default=None, help="Checkout of the original FlexVAR code.")
     parser.add_argument(
@@ -139,7 +140,15 @@ def time_call(fn, warmup: int, iters: int, device: torch.device) -> float:
 class OursTrainer:
     """Our transformer, VQ model and optimizer, one step as examples/train.py's (bf16 mixed precision)."""
 
-    def __init__(self, depth: int, width: int, heads: int, device: torch.device, gradient_checkpointing: bool):
+    def __init__(
+        self,
+        depth: int,
+        width: int,
+        heads: int,
+        device: torch.device,
+        gradient_checkpointing: bool = False,
+        torch_compile: bool = False,
+    ):
         torch.manual_seed(0)
         self.device = device
         self.transformer = FlexVARTransformer2DModel(
@@ -153,6 +162,8 @@ class OursTrainer:
         self.transformer.train()
         if gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
+        if torch_compile:  # as examples/train.py --torch_compile
+            self.transformer.compile_repeated_blocks(dynamic=True)
         # accelerate's mixed precision: the prepared model's forward runs under autocast, parameters stay float32.
         self.transformer.forward = torch.autocast(device.type, dtype=torch.bfloat16)(self.transformer.forward)
         self.vqvae = FlexVQModel(num_codes=VOCAB_SIZE, code_dim=CODE_DIM).requires_grad_(False).eval()
@@ -301,9 +312,11 @@ def main(argv=None) -> int:
         results["runs"].append(run)
         print(json.dumps(run), flush=True)
 
-    ours_modes = [("ours", False)] + ([("ours_ckpt", True)] if args.gradient_checkpointing else [])
-    for mode, checkpointing in ours_modes:
-        ours = OursTrainer(depth, width, heads, device, checkpointing)
+    ours_modes = [("ours", {})]
+    ours_modes += [("ours_ckpt", {"gradient_checkpointing": True})] if args.gradient_checkpointing else []
+    ours_modes += [("ours_compiled", {"torch_compile": True})] if args.torch_compile else []
+    for mode, options in ours_modes:
+        ours = OursTrainer(depth, width, heads, device, **options)
         results["model"]["params_m"] = sum(p.numel() for p in ours.transformer.parameters()) / 1e6
 
         def ours_step(sides, ours=ours):

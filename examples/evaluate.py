@@ -72,9 +72,9 @@ def per_class_accuracy(predictions: torch.Tensor, labels: torch.Tensor, num_clas
 
 
 def weakest_classes(result: Result, count: int = 2) -> str:
-    """The `count` classes with the lowest accuracy, e.g. "7: 80%, 1: 90%"."""
+    """The `count` classes with the lowest accuracy, e.g. "7: 80.0%, 1: 90.5%"."""
     order = sorted(range(len(result.per_class_accuracy)), key=lambda c: result.per_class_accuracy[c])[:count]
-    return ", ".join(f"{c}: {100 * result.per_class_accuracy[c]:.0f}%" for c in order)
+    return ", ".join(f"{c}: {100 * result.per_class_accuracy[c]:.1f}%" for c in order)
 
 
 def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> float:

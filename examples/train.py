@@ -132,6 +132,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     )
     training.add_argument("--gradient_accumulation_steps", type=int, default=1)
     training.add_argument("--gradient_checkpointing", action="store_true", help="Recompute activations in backward.")
+    training.add_argument(
+        "--torch_compile",
+        action="store_true",
+        help="torch.compile the transformer's blocks (regional compilation with dynamic shapes: one graph for every "
+        "layer and scale schedule); the first steps compile.",
+    )
     training.add_argument("--learning_rate", type=float, default=1e-4, help="Peak learning rate (see --scale_lr).")
     training.add_argument(
         "--scale_lr",
@@ -517,6 +523,8 @@ def main(args: argparse.Namespace) -> dict:
     transformer.train()
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
+    if args.torch_compile:
+        transformer.compile_repeated_blocks(dynamic=True)
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
 

@@ -138,7 +138,7 @@ def test_per_class_accuracy_and_weakest_classes():
     per_class = evaluate.per_class_accuracy(predictions, labels, 4)
     assert per_class[:3] == [0.75, 1.0, 0.0] and math.isnan(per_class[3])  # class 3 has no images
     result = evaluate.Result("generate", "96x96", "10", "3.5", 0.625, 1.0, 8, 0.1, per_class[:3])
-    assert evaluate.weakest_classes(result) == "2: 0%, 0: 75%"
+    assert evaluate.weakest_classes(result) == "2: 0.0%, 0: 75.0%"
 
 
 def test_evaluate_scores_the_shipped_model(tmp_path):
