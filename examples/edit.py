@@ -36,7 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--classes", nargs=2, default=["3", "8"], metavar=("SOURCE", "TARGET"),
                         help="Class ids or names: the generated source's class and the class edits are made as.")
     parser.add_argument("--size", type=int, default=None,
-                        help="Size in pixels, a multiple of 16 (default: 96 with the shipped model, else 256).")
+                        help="Size in pixels, a multiple of 16 (default: the training size; 96 for the digits).")
     parser.add_argument("--strengths", nargs="+", type=float, default=[0.0, 0.3, 0.5, 0.7, 1.0])
     parser.add_argument("--steps", type=int, default=None, help="Number of scales (default: the pipeline's).")
     parser.add_argument("--seed", type=int, default=0)
@@ -69,11 +69,11 @@ def main(argv=None) -> int:
     if args.model is None and not SHIPPED_MODEL.is_dir():
         print(f"No model at {SHIPPED_MODEL}; pass --model (a converted FlexVAR folder or Hub id).", file=sys.stderr)
         return 2
-    size = args.size or (96 if args.model is None else 256)  # the shipped model was last trained at 96x96
     source_class, target_class = (as_class(value) for value in args.classes)
     start = time.perf_counter()
 
     pipe = FlexVARPipeline.from_pretrained(model).to(args.device)
+    size = args.size or pipe.default_sample_size  # the training size: 96 for the shipped model, 256 when converted
     img2img = FlexVARImg2ImgPipeline.from_pipe(pipe)
     inpaint = FlexVARInpaintPipeline.from_pipe(pipe)
     outpaint = FlexVAROutpaintPipeline.from_pipe(pipe)
@@ -83,9 +83,7 @@ def main(argv=None) -> int:
     def generator() -> torch.Generator:
         return torch.Generator(args.device).manual_seed(args.seed)
 
-    common = dict(num_inference_steps=args.steps)
-    if args.model is None:  # the shipped model's setting (see its model card)
-        common["guidance_schedule"] = "constant"
+    common = dict(num_inference_steps=args.steps)  # guidance: the model's own (the shipped model's is "constant")
     if args.image is None:
         source = pipe(source_class, height=size, width=size, generator=generator(), **common).images[0]
     else:

@@ -108,7 +108,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=250, help="Images generated per pipeline call.")
     parser.add_argument("--guidance_scale", type=float, default=None, help="Default: the pipeline's (3.5).")
     parser.add_argument("--guidance_schedule", default=None, choices=["linear", "constant"],
-                        help="Default: the pipeline's ('linear').")
+                        help="Default: the model's own (its scheduler config).")
     parser.add_argument("--top_k", type=int, default=None, help="Default: the pipeline's (900).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -197,8 +197,8 @@ def run_setting(pipe, classifier, setting: Setting, args, real_images, real_labe
     fd = frechet_distance(features, real_features)
     step_text = str(len(pipe.scheduler.scales)) if setting.kind in ("generate", "inpaint") else "-"
     guidance = "-" if setting.kind == "reconstruction" else f"{setting.guidance_scale or 3.5:g}"
-    if setting.kind != "reconstruction" and setting.guidance_scale != 1.0 and args.guidance_schedule:
-        guidance += f" ({args.guidance_schedule})"
+    if setting.kind != "reconstruction" and setting.guidance_scale != 1.0:
+        guidance += f" ({args.guidance_schedule or pipe.scheduler.config.guidance_schedule})"
     per_class = images[:: args.num_per_class][:10]
     samples = [Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)) for image in per_class]
     return Result(setting.name, f"{setting.height}x{setting.width}", step_text, guidance, accuracy, fd, len(images),

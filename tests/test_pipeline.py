@@ -97,13 +97,32 @@ def test_default_arguments_are_the_paper_settings(tiny_pipe):
     import inspect
 
     params = inspect.signature(FlexVARPipeline.__call__).parameters
-    assert params["guidance_scale"].default == 3.5 and params["guidance_schedule"].default == "linear"
+    assert params["guidance_scale"].default == 3.5 and params["guidance_schedule"].default is None
+    assert tiny_pipe.scheduler.config.guidance_schedule == "linear"  # None: the scheduler's, the paper's ramp
     assert params["top_k"].default == 900 and params["top_p"].default == 0.95
     assert params["height"].default is None and params["width"].default is None  # the training size:
     assert tiny_pipe.default_sample_size == 256  # 256 for a transformer with the released models' sample_size
     scheduler = FlexVARScaleScheduler()
     scheduler.set_timesteps(None, height=256, width=256)
     assert [h for h, _ in scheduler.scales] == [1, 2, 3, 4, 5, 6, 8, 10, 13, 16]
+
+
+def test_the_scheduler_config_sets_the_default_guidance_schedule(tmp_path):
+    pipe = make_tiny_pipe()
+
+    def tokens(**kwargs):
+        return pipe([1, 2], height=64, width=64, top_k=1, output_type="latent", **kwargs).images
+
+    linear, constant = tokens(guidance_schedule="linear"), tokens(guidance_schedule="constant")
+    assert not torch.equal(linear, constant)  # the two schedules choose different tokens for this model
+    assert torch.equal(tokens(), linear)
+    pipe.scheduler = FlexVARScaleScheduler.from_config(pipe.scheduler.config, guidance_schedule="constant")
+    assert torch.equal(tokens(), constant) and torch.equal(tokens(guidance_schedule="linear"), linear)
+    pipe.save_pretrained(tmp_path)
+    reloaded = FlexVARPipeline.from_pretrained(tmp_path)
+    reloaded.set_progress_bar_config(disable=True)
+    assert reloaded.scheduler.config.guidance_schedule == "constant"
+    assert torch.equal(reloaded([1, 2], height=64, width=64, top_k=1, output_type="latent").images, constant)
 
 
 @pytest.mark.parametrize("output_type", ["pil", "np", "pt", "latent"])

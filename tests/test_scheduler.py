@@ -218,6 +218,20 @@ def test_constant_guidance_and_single_step(scheduler):
     assert scheduler.guidance_scale_at(0, 3.5) == 3.5
 
 
+def test_config_guidance_schedule_is_the_default():
+    scheduler = FlexVARScaleScheduler(guidance_schedule="constant")
+    scheduler.set_timesteps(10)
+    assert [scheduler.guidance_scale_at(step, 2.5) for step in range(10)] == [2.5] * 10
+    assert scheduler.guidance_scale_at(0, 2.5, "linear") == 1.0  # an explicit schedule wins
+    logits = torch.randn(2, 1, 7)
+    cond, uncond = logits.chunk(2)
+    torch.testing.assert_close(scheduler.apply_guidance(logits, 0, 2.5), uncond + 2.5 * (cond - uncond))
+    with pytest.raises(ValueError, match="guidance_schedule.*linear"):
+        FlexVARScaleScheduler(guidance_schedule="cosine")
+    with pytest.raises(ValueError, match="guidance_schedule"):
+        FlexVARScaleScheduler(guidance_schedule=None)  # the config needs a schedule; calls may pass None
+
+
 def test_guidance_ramp_length_is_configurable():
     scheduler = FlexVARScaleScheduler(guidance_ramp_steps=4)
     scheduler.set_timesteps(10)

@@ -88,7 +88,7 @@ class FastTokenGenerator:
         self,
         class_labels: torch.LongTensor,
         guidance_scale: float,
-        guidance_schedule: str,
+        guidance_schedule: str | None,
         top_k: int,
         top_p: float,
         temperature: float,

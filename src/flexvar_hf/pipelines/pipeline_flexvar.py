@@ -134,7 +134,7 @@ class FlexVARPipeline(DiffusionPipeline):
         output_type: str,
         callback_on_step_end_tensor_inputs: Sequence[str],
         guidance_scale: float,
-        guidance_schedule: str,
+        guidance_schedule: str | None,
         top_k: int,
         top_p: float,
         temperature: float,
@@ -160,7 +160,7 @@ class FlexVARPipeline(DiffusionPipeline):
         self,
         class_labels: torch.LongTensor,
         guidance_scale: float,
-        guidance_schedule: str,
+        guidance_schedule: str | None,
         top_k: int,
         top_p: float,
         temperature: float,
@@ -315,7 +315,7 @@ class FlexVARPipeline(DiffusionPipeline):
         num_inference_steps: int | None = None,
         scales: Sequence[ScaleLike] | None = None,
         guidance_scale: float = 3.5,
-        guidance_schedule: str = "linear",
+        guidance_schedule: str | None = None,
         top_k: int = 900,
         top_p: float = 0.95,
         temperature: float = 1.0,
@@ -341,8 +341,9 @@ class FlexVARPipeline(DiffusionPipeline):
                 width and num_inference_steps.
             guidance_scale (`float`, defaults to 3.5): Classifier-free guidance `uncond + g * (cond - uncond)`; 1
                 disables it. 3.5 with the linear schedule is the paper's ImageNet setting (the original's cfg 2.5).
-            guidance_schedule (`str`, defaults to "linear"): "linear" ramps g from 1 at the first step to
-                `guidance_scale` (the original evaluation schedule); "constant" uses `guidance_scale` at every step.
+            guidance_schedule (`str`, *optional*): "linear" ramps g from 1 at the first step to `guidance_scale`
+                (the original evaluation schedule); "constant" uses `guidance_scale` at every step. None: the
+                model's own, `scheduler.config.guidance_schedule` ("linear" for the released models).
             top_k (`int`, defaults to 900), top_p (`float`, defaults to 0.95): Sampling filters (0 disables).
             temperature (`float`, defaults to 1.0): Softmax temperature.
             num_images_per_prompt (`int`, defaults to 1): Images per class label.

@@ -205,7 +205,7 @@ class FlexVARImg2ImgPipeline(FlexVARPipeline):
         width: int | None = None,
         num_inference_steps: int | None = None,
         guidance_scale: float = 3.5,
-        guidance_schedule: str = "linear",
+        guidance_schedule: str | None = None,
         top_k: int = 900,
         top_p: float = 0.95,
         temperature: float = 1.0,

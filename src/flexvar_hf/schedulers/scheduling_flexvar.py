@@ -37,6 +37,13 @@ TRAINING_DROP_THRESHOLDS = (0.9, 0.95, 0.98, 0.99)  # one inner scale dropped pe
 TRAINING_CAP_WINDOW = 4  # over the token cap, drop one of the last four scales until under it
 
 
+def check_guidance_schedule(guidance_schedule: str | None, allow_none: bool = False) -> None:
+    """Raise ValueError unless `guidance_schedule` is one of `GUIDANCE_SCHEDULES` (or None, with `allow_none`)."""
+    if not (guidance_schedule in GUIDANCE_SCHEDULES or (allow_none and guidance_schedule is None)):
+        accepted = GUIDANCE_SCHEDULES + ((None,) if allow_none else ())
+        raise ValueError(f"`guidance_schedule` must be one of {accepted}, got {guidance_schedule!r}.")
+
+
 @dataclass
 class FlexVARSchedulerOutput(BaseOutput):
     """
@@ -169,6 +176,9 @@ class FlexVARScaleScheduler(SchedulerMixin, ConfigMixin):
             sampling, whatever `top_k`/`top_p`/`temperature` say. False samples at every scale.
         guidance_ramp_steps (`int`, defaults to 9): Steps over which the "linear" guidance schedule ramps to the full
             guidance scale (the original's `min(n - 1, 9)`).
+        guidance_schedule (`str`, defaults to "linear"): The model's guidance schedule, used wherever a call passes
+            `guidance_schedule=None` (the pipelines' default): "linear", the paper's, or "constant"; see
+            `guidance_scale_at`.
         train_side (`int`, defaults to 16): Final side, in tokens, of the training schedule.
         train_max_tokens (`int`, defaults to 680): Token budget of a training schedule at `train_side`; scaled with the
             final area for other sizes.
@@ -187,6 +197,7 @@ class FlexVARScaleScheduler(SchedulerMixin, ConfigMixin):
         guidance_ramp_steps: int = 9,
         train_side: int = 16,
         train_max_tokens: int = 680,
+        guidance_schedule: str = "linear",
     ):
         for name, value in (
             ("vae_scale_factor", vae_scale_factor),
@@ -199,6 +210,7 @@ class FlexVARScaleScheduler(SchedulerMixin, ConfigMixin):
                 raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
         if not all(is_int(side) and side > 0 for side in trained_sides):
             raise ValueError(f"`trained_sides` must be positive ints, got {trained_sides!r}.")
+        check_guidance_schedule(guidance_schedule)
         self.scales: list[tuple[int, int]] | None = None
         self.timesteps: torch.LongTensor | None = None
         self.num_inference_steps: int | None = None
@@ -337,19 +349,18 @@ class FlexVARScaleScheduler(SchedulerMixin, ConfigMixin):
     @staticmethod
     def check_sampling_args(
         guidance_scale: float = 1.0,
-        guidance_schedule: str = "linear",
+        guidance_schedule: str | None = None,
         top_k: int = 0,
         top_p: float = 0.0,
         temperature: float = 1.0,
     ) -> None:
-        """Raise ValueError unless `guidance_scale >= 0`, the schedule is known, `top_k >= 0`, `top_p` in [0, 1]
-        and `temperature > 0`."""
+        """Raise ValueError unless `guidance_scale >= 0`, the schedule is known (or None: the config's),
+        `top_k >= 0`, `top_p` in [0, 1] and `temperature > 0`."""
         if not isinstance(guidance_scale, Real) or not math.isfinite(guidance_scale) or guidance_scale < 0:
             raise ValueError(
                 f"`guidance_scale` must be a finite number >= 0 (1 disables guidance), got {guidance_scale!r}."
             )
-        if guidance_schedule not in GUIDANCE_SCHEDULES:
-            raise ValueError(f"`guidance_schedule` must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}.")
+        check_guidance_schedule(guidance_schedule, allow_none=True)
         if not is_int(top_k) or top_k < 0:
             raise ValueError(f"`top_k` must be an int >= 0 (0 disables it), got {top_k!r}.")
         if not isinstance(top_p, Real) or not 0 <= top_p <= 1:
@@ -357,19 +368,21 @@ class FlexVARScaleScheduler(SchedulerMixin, ConfigMixin):
         if not isinstance(temperature, Real) or not temperature > 0:
             raise ValueError(f"`temperature` must be > 0, got {temperature!r}.")
 
-    def guidance_scale_at(self, step_index: int, guidance_scale: float, guidance_schedule: str = "linear") -> float:
+    def guidance_scale_at(self, step_index: int, guidance_scale: float, guidance_schedule: str | None = None) -> float:
         """
         Guidance scale `g_s` for step `step_index` of the current schedule, used as `uncond + g_s * (cond - uncond)`.
 
-        "constant": `g_s = guidance_scale`. "linear" (the original's evaluation schedule, its cfg being
-        `guidance_scale - 1`): `g_s = 1 + (guidance_scale - 1) * s / min(n - 1, guidance_ramp_steps)` at step `s` of
-        `n`, so 1 at the first step, `guidance_scale` at step `guidance_ramp_steps` and beyond that larger, as in the
-        original; scales with a side above `max_sampled_side` use `guidance_scale`, and so does a 1-step schedule
-        (its only scale is the final one).
+        `guidance_schedule` None is the config's (`self.config.guidance_schedule`). "constant":
+        `g_s = guidance_scale`. "linear" (the original's evaluation schedule, its cfg being `guidance_scale - 1`):
+        `g_s = 1 + (guidance_scale - 1) * s / min(n - 1, guidance_ramp_steps)` at step `s` of `n`, so 1 at the first
+        step, `guidance_scale` at step `guidance_ramp_steps` and beyond that larger, as in the original; scales with a
+        side above `max_sampled_side` use `guidance_scale`, and so does a 1-step schedule (its only scale is the
+        final one).
         """
         step_index = self._step_index(step_index)
-        if guidance_schedule not in GUIDANCE_SCHEDULES:
-            raise ValueError(f"`guidance_schedule` must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}.")
+        check_guidance_schedule(guidance_schedule, allow_none=True)
+        if guidance_schedule is None:
+            guidance_schedule = self.config.guidance_schedule
         num_steps = len(self.scales)
         if (
             guidance_schedule == "constant"
@@ -385,7 +398,7 @@ class FlexVARScaleScheduler(SchedulerMixin, ConfigMixin):
         model_output: torch.Tensor,
         step_index: int,
         guidance_scale: float,
-        guidance_schedule: str = "linear",
+        guidance_schedule: str | None = None,
     ) -> torch.Tensor:
         """
         Float32 logits `(B, L, V)` to sample from at step `step_index`.
@@ -430,7 +443,7 @@ class FlexVARScaleScheduler(SchedulerMixin, ConfigMixin):
         model_output: torch.Tensor,
         timestep: int | torch.Tensor,
         guidance_scale: float = 1.0,
-        guidance_schedule: str = "linear",
+        guidance_schedule: str | None = None,
         top_k: int = 0,
         top_p: float = 0.0,
         temperature: float = 1.0,
@@ -452,7 +465,8 @@ class FlexVARScaleScheduler(SchedulerMixin, ConfigMixin):
                 or `(2B, h * w, vocab_size)` = `cat([cond, uncond])` when `guidance_scale != 1`.
             timestep (`int` or 0-d `torch.Tensor`): Step index in `[0, len(self.scales))`.
             guidance_scale (`float`, defaults to 1.0): Classifier-free guidance scale, >= 0; 1 disables guidance.
-            guidance_schedule (`str`, defaults to "linear"): "linear" or "constant", see `guidance_scale_at`.
+            guidance_schedule (`str`, *optional*): "linear" or "constant", see `guidance_scale_at`; None: the
+                config's `guidance_schedule`.
             top_k (`int`, defaults to 0): Keep the `top_k` best tokens; 0 disables, 1 is greedy.
             top_p (`float`, defaults to 0.0): Nucleus sampling threshold in [0, 1]; 0 or 1 disables it.
             temperature (`float`, defaults to 1.0): Softmax temperature, > 0.
