@@ -176,12 +176,12 @@ class FlexVARScaleScheduler(SchedulerMixin, ConfigMixin):
             sampling, whatever `top_k`/`top_p`/`temperature` say. False samples at every scale.
         guidance_ramp_steps (`int`, defaults to 9): Steps over which the "linear" guidance schedule ramps to the full
             guidance scale (the original's `min(n - 1, 9)`).
-        guidance_schedule (`str`, defaults to "linear"): The model's guidance schedule, used wherever a call passes
-            `guidance_schedule=None` (the pipelines' default): "linear", the paper's, or "constant"; see
-            `guidance_scale_at`.
         train_side (`int`, defaults to 16): Final side, in tokens, of the training schedule.
         train_max_tokens (`int`, defaults to 680): Token budget of a training schedule at `train_side`; scaled with the
             final area for other sizes.
+        guidance_schedule (`str`, defaults to "linear"): The model's guidance schedule, used wherever a call passes
+            `guidance_schedule=None` (the pipelines' default): "linear", the paper's, or "constant"; see
+            `guidance_scale_at`.
     """
 
     config_name = "scheduler_config.json"
