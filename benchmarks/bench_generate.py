@@ -211,6 +211,7 @@ def check_fast_path(depth: int, torch_compile: bool, batch: int = 4) -> dict:
         return tokens, pipe.decode(tokens, output_type="pt")
 
     plain = {mode: run(top_k=top_k) for mode, top_k in (("greedy", 1), ("sampled", 900))}
+    torch._dynamo.reset()
     pipe.enable_fast_sampling(torch_compile=torch_compile)
     fast = {mode: [run(top_k=top_k) for _ in range(2)] for mode, top_k in (("greedy", 1), ("sampled", 900))}
     report = {"size": f"d{depth}", "batch": batch, "compiled": torch_compile}
@@ -256,6 +257,8 @@ def main(argv=None) -> int:
         modes += [("ours_compiled", True, True), ("ours_plain_compiled", False, True)] if args.compile else []
         for mode, fast, compiled in modes:
             if fast:
+                if compiled:
+                    torch._dynamo.reset()  # other sizes and dtypes would count towards recompile_limit
                 pipe.enable_fast_sampling(torch_compile=compiled)
             else:
                 pipe.disable_fast_sampling()
