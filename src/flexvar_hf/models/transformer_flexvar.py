@@ -90,6 +90,16 @@ def normalize_queries_keys(qkv: torch.Tensor, temperature: torch.Tensor) -> torc
     return qkv * factors
 
 
+def attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Attention of (B, l, H, D) queries over (B, L, H, D) keys and values -> (B, H, l, D). The queries already carry
+    the head temperatures, so the dot products are not scaled again."""
+    return F.scaled_dot_product_attention(
+        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=attention_mask, scale=1.0
+    )
+
+
 @torch.compiler.disable
 def cached_attention(
     query: torch.Tensor,
@@ -106,9 +116,7 @@ def cached_attention(
     layer, with no per-scale recompilation.
     """
     key, value = kv_cache.update(layer_index, key, value)
-    return F.scaled_dot_product_attention(
-        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=attention_mask, scale=1.0
-    )
+    return attention(query, key, value, attention_mask)
 
 
 class FlexVARAttention(nn.Module):
@@ -144,9 +152,7 @@ class FlexVARAttention(nn.Module):
         if kv_cache is not None:
             out = cached_attention(query, key, value, attention_mask, kv_cache, layer_index)
         else:
-            out = F.scaled_dot_product_attention(
-                query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=attention_mask, scale=1.0
-            )
+            out = attention(query, key, value, attention_mask)
         return self.to_out(out.transpose(1, 2).reshape(batch, length, dim))
 
 
