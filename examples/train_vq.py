@@ -59,6 +59,7 @@ from flexvar_hf.training.data import (
     crop_mode,
     load_image_dataset,
 )
+from flexvar_hf.training.optim import clip_and_step
 from flexvar_hf.training.vq_losses import (
     CodeUsageTracker,
     FlexVQTrainingModule,
@@ -329,11 +330,8 @@ def main(argv=None) -> int:
                 with accelerator.autocast():
                     output = trainer(pixels, extra)
                 accelerator.backward(output.loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(trainer.parameters(), args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                clip_and_step(optimizer, trainer.parameters(), args.max_grad_norm, lr_scheduler,
+                              clip=accelerator.sync_gradients, clip_grad_norm_=accelerator.clip_grad_norm_)
                 tracker.update(output.indices)
             window_images += len(pixels) * accelerator.num_processes
 
