@@ -16,6 +16,11 @@ def is_int(value) -> bool:
     return isinstance(value, Integral) and not isinstance(value, bool)
 
 
+def round_half_up_ratio(numerator: int, denominator: int) -> int:
+    """`round(numerator / denominator)` for non-negative ints, halves rounded up, in exact integer arithmetic."""
+    return (2 * numerator + denominator) // (2 * denominator)
+
+
 def as_hw(scale: ScaleLike) -> tuple[int, int]:
     """Turn an int side or an (h, w) pair into an (h, w) tuple of positive ints."""
     if isinstance(scale, torch.Tensor):

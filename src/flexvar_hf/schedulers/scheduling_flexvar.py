@@ -17,7 +17,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
-from ..scales import as_hw, is_int
+from ..scales import as_hw, is_int, round_half_up_ratio
 
 GUIDANCE_SCHEDULES = ("linear", "constant")
 
@@ -55,11 +55,6 @@ class FlexVARSchedulerOutput(BaseOutput):
     """
 
     indices: torch.LongTensor
-
-
-def _round_half_up_ratio(numerator: int, denominator: int) -> int:
-    """`round(numerator / denominator)` for non-negative ints, halves rounded up, in exact integer arithmetic."""
-    return (2 * numerator + denominator) // (2 * denominator)
 
 
 def _ratio_progression(num_steps: int, ratio: float) -> list[int]:
@@ -240,7 +235,7 @@ class FlexVARScaleScheduler(SchedulerMixin, ConfigMixin):
         long_final, short_final = max(grid), min(grid)
         scales = []
         for long_side in long_sides:
-            short_side = max(1, _round_half_up_ratio(long_side * short_final, long_final))
+            short_side = max(1, round_half_up_ratio(long_side * short_final, long_final))
             scales.append((long_side, short_side) if grid_h >= grid_w else (short_side, long_side))
         return scales
 

@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..models.vq_model import CosineVectorQuantizer, FlexVQModel
+from ..scales import round_half_up_ratio
 
 
 @dataclass
@@ -102,7 +103,7 @@ def sample_extra_scales(
     order = torch.randperm(len(candidates), generator=generator)[:num_scales].tolist()
     scales = []
     for side in sorted(candidates[i] for i in order):
-        other = max(1, (2 * side * short_side + long_side) // (2 * long_side))
+        other = max(1, round_half_up_ratio(side * short_side, long_side))
         scales.append((side, other) if height >= width else (other, side))
     return scales
 
