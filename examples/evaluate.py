@@ -242,7 +242,7 @@ def main(argv=None) -> int:
     if len(classes) != pipe.transformer.config.num_classes:
         raise SystemExit(f"The data has {len(classes)} classes, the model {pipe.transformer.config.num_classes}.")
     # Full-resolution copies for reconstruction and in-painting.
-    full_images, full_labels = load_full_resolution(args.data_dir, args.resolution)
+    full_images, full_labels = load_split(args.data_dir, "test", size=args.resolution, resample=Image.BICUBIC)
     _, real_features = classify_pixels(classifier, real_images.float() / 127.5 - 1)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
 
@@ -276,19 +276,6 @@ def write_outputs(args, results: list[Result], sample_rows, device_name: str) ->
          "dtype": args.dtype, "results": [asdict(r) for r in results]}, indent=2) + "\n")
     if args.samples:
         sample_sheet(sample_rows).save(args.samples)
-
-
-def load_full_resolution(data_dir, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 (N, 3, resolution, resolution) test images and their labels."""
-    files, labels, _ = list_imagefolder(data_dir, "test")
-    arrays = []
-    for path in files:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-            if image.size != (resolution, resolution):
-                image = image.resize((resolution, resolution), Image.BICUBIC)
-            arrays.append(np.asarray(image))
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels)
 
 
 if __name__ == "__main__":

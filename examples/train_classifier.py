@@ -124,9 +124,15 @@ def list_imagefolder(root: str | os.PathLike, split: str) -> tuple[list[Path], l
 
 
 def load_split(
-    root, split: str, limit: int | None = None, workers: int | None = None
+    root,
+    split: str,
+    limit: int | None = None,
+    workers: int | None = None,
+    size: int = INPUT_SIZE,
+    resample: int = Image.BOX,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(uint8 images (N, 3, 64, 64), labels (N,)) of one split, resized to 64x64."""
+    """(uint8 images (N, 3, size, size), labels (N,)) of one split, resized with `resample` (default: the
+    classifier's 64x64 input, box filter)."""
     files, labels, _ = list_imagefolder(root, split)
     if limit is not None and limit < len(files):
         keep = np.random.default_rng(0).permutation(len(files))[:limit]
@@ -134,7 +140,7 @@ def load_split(
 
     def read(path: Path) -> np.ndarray:
         with Image.open(path) as image:
-            return np.asarray(image.convert("RGB").resize((INPUT_SIZE, INPUT_SIZE), Image.BOX))
+            return np.asarray(image.convert("RGB").resize((size, size), resample))
 
     with ThreadPoolExecutor(workers or min(32, os.cpu_count() or 1)) as pool:
         arrays = list(pool.map(read, files))
