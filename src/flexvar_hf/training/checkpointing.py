@@ -240,4 +240,3 @@ def time_is_up(accelerator, start_time: float, max_minutes: float | None) -> boo
         return False
     late = torch.tensor(float(time.perf_counter() - start_time > 60 * max_minutes), device=accelerator.device)
     return bool(accelerator.reduce(late, reduction="sum").item())
-
