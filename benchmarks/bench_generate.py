@@ -39,9 +39,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     parser.add_argument("--fast", action="store_true", help="Time `pipe.enable_fast_sampling()` too.")
     parser.add_argument("--compile", action="store_true", help="Time fast sampling with compiled blocks and decoder.")
-    parser.add_argument(
-        "--cudnn_benchmark", action="store_true", help="Let cuDNN time its convolution algorithms (the VQ decoder)."
-    )
     parser.add_argument("--check", action="store_true", help="Check fast == plain tokens in float32 first.")
     parser.add_argument("--profile", action="store_true", help="Print the top CUDA kernels of the last plain run.")
     parser.add_argument("--warmup", type=int, default=2)
@@ -233,7 +230,6 @@ def main(argv=None) -> int:
         raise SystemExit("This benchmark needs a CUDA GPU.")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "args": vars(args), "runs": []}
     results["args"] = {key: str(value) for key, value in vars(args).items()}
 

@@ -1,0 +1,81 @@
+"""
+Speed of VQ-16 decoding alone, under the settings that `pipe.enable_fast_sampling()` can choose between.
+
+Decodes random 16x16 token grids (256x256 images) with a randomly initialised `FlexVQModel` of the released layout
+and times each setting as the fast path runs it: captured once as a CUDA graph, then replayed. Settings: eager or
+`decoder.compile()`, each with cuDNN's algorithm search (`torch.backends.cudnn.benchmark`) off and on.
+
+    python benchmarks/bench_decode.py --batches 1 64 --json decode.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from flexvar_hf import FlexVQModel
+
+VOCAB_SIZE, CODE_DIM = 8912, 32
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 64])
+    parser.add_argument("--tokens", type=int, default=16, help="Token grid side (16: 256x256 images).")
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--json", type=Path, default=None, help="Write the results here.")
+    return parser.parse_args(argv)
+
+
+def replay_ms(decode, indices: torch.Tensor, iters: int) -> float:
+    """Mean milliseconds of one replay of `decode(indices)` captured as a CUDA graph (after 3 eager warm-ups)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            decode(indices)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        decode(indices)
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    torch.manual_seed(0)
+    vqvae = FlexVQModel(num_codes=VOCAB_SIZE, code_dim=CODE_DIM).to("cuda", torch.bfloat16).eval()
+
+    def decode(indices):
+        return vqvae.decode_indices(indices, return_dict=False)[0]
+
+    results = []
+    with torch.inference_mode():
+        for compiled in (False, True):
+            if compiled:
+                vqvae.decoder.compile()
+            for cudnn_benchmark in (False, True):
+                torch.backends.cudnn.benchmark = cudnn_benchmark
+                for batch in args.batches:
+                    indices = torch.randint(VOCAB_SIZE, (batch, args.tokens, args.tokens), device="cuda")
+                    ms = replay_ms(decode, indices, args.iters)
+                    row = {"compiled": compiled, "cudnn_benchmark": cudnn_benchmark, "batch": batch, "ms": ms}
+                    results.append(row)
+                    print(json.dumps(row), flush=True)
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()
