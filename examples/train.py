@@ -706,7 +706,10 @@ def main(args: argparse.Namespace) -> dict:
     if accelerator.is_main_process:
         final_model = model
         if ema_model is not None:  # the saved pipeline gets the EMA weights; the trained model keeps its own
-            final_model = FlexVARTransformer2DModel.from_config(model.config)
+            # Without `_use_default_values`: from_config would reset the keys listed there to their defaults,
+            # undoing `register_to_config(sample_size=...)` above.
+            config = {key: value for key, value in model.config.items() if key != "_use_default_values"}
+            final_model = FlexVARTransformer2DModel.from_config(config)
             ema_model.copy_to(final_model.parameters())
         final_vqvae = vqvae if weight_dtype == torch.float32 else load_fp32_vqvae(args)
         pipe = FlexVARPipeline(transformer=final_model, vqvae=final_vqvae, scheduler=scheduler, id2label=id2label)

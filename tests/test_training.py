@@ -595,7 +595,7 @@ def test_fine_tune_a_pipeline_and_transformer_config(assets, tmp_path, train_scr
         train_script.parse_args([
             "--vqvae_model_name_or_path", str(assets["pipe"]), "--vqvae_subfolder", "vqvae", "--transformer_config",
             str(assets["config"]), "--num_classes", "5", "--train_data_dir", str(assets["data"]), "--resolution",
-            "64", "--max_train_steps", "50", "--max_train_minutes", "1e-9", "--report_to", "none",
+            "64", "--max_train_steps", "50", "--max_train_minutes", "1e-9", "--use_ema", "--report_to", "none",
             "--output_dir", str(tmp_path / "cfg"),
         ])
     )
@@ -605,7 +605,8 @@ def test_fine_tune_a_pipeline_and_transformer_config(assets, tmp_path, train_scr
     config = FlexVARTransformer2DModel.load_config(tmp_path / "cfg" / "pipeline" / "transformer")
     assert (config["num_classes"], config["hidden_size"], config["vocab_size"], config["code_dim"]) == (5, 32, 64, 8)
     factor = FlexVARPipeline.from_pretrained(tmp_path / "cfg" / "pipeline").vae_scale_factor
-    assert config["sample_size"] == 64 // factor  # the pipeline's default size is the training size
+    # The pipeline's default size is the training size (not the default of 16 tokens), also for the saved EMA copy.
+    assert config["sample_size"] == 64 // factor != 16
 
 
 def test_bad_input_is_rejected_before_training(assets, tmp_path, train_script, fresh_accelerate):
