@@ -39,8 +39,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     parser.add_argument("--fast", action="store_true", help="Time `pipe.enable_fast_sampling()` too.")
     parser.add_argument("--compile", action="store_true", help="Time fast sampling with compiled blocks and decoder.")
+    parser.add_argument(
+        "--compile_mode", default=None, help="torch.compile mode for --compile, e.g. max-autotune-no-cudagraphs."
+    )
     parser.add_argument("--check", action="store_true", help="Check fast == plain tokens in float32 first.")
-    parser.add_argument("--profile", action="store_true", help="Print the top CUDA kernels of the last plain run.")
+    parser.add_argument(
+        "--profile", action="store_true", help="Print the top CUDA kernels of a plain run (and a compiled one)."
+    )
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--original", type=Path, default=None, help="Checkout of the original FlexVAR code.")
@@ -255,13 +260,15 @@ def main(argv=None) -> int:
             if fast:
                 if compiled:
                     torch._dynamo.reset()  # other sizes and dtypes would count towards recompile_limit
-                pipe.enable_fast_sampling(torch_compile=compiled)
+                pipe.enable_fast_sampling(torch_compile=compiled, compile_mode=args.compile_mode if compiled else None)
             else:
                 pipe.disable_fast_sampling()
             for batch in args.batches:
                 run = {"size": size, "params_m": params, "mode": mode, "batch": batch, **bench_ours(pipe, batch, args)}
                 results["runs"].append(run)
                 print(json.dumps(run), flush=True)
+        if args.profile and args.compile:  # the plain loop over the compiled modules: their kernels, without a graph
+            print(profile_kernels(pipe, args.batches[-1], args), flush=True)
         del pipe
         gc.collect()
         torch.cuda.empty_cache()

@@ -112,6 +112,22 @@ def test_compiled_blocks_and_decoder_give_the_plain_path_images_without_recompil
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)  # the same tokens; fused float sums
 
 
+def test_compile_mode_reaches_both_compiles_and_cuda_graph_modes_are_refused(tiny_pipe, monkeypatch):
+    calls = []
+    monkeypatch.setattr(tiny_pipe.transformer, "compile_repeated_blocks", lambda **kw: calls.append(("blocks", kw)))
+    monkeypatch.setattr(tiny_pipe.vqvae.decoder, "compile", lambda **kw: calls.append(("decoder", kw)))
+    tiny_pipe.enable_fast_sampling(use_cuda_graph=False, torch_compile=True, compile_mode="max-autotune-no-cudagraphs")
+    assert calls == [
+        ("blocks", {"dynamic": True, "mode": "max-autotune-no-cudagraphs"}),
+        ("decoder", {"mode": "max-autotune-no-cudagraphs"}),
+    ]
+    with pytest.raises(ValueError, match="reduce-overhead.*own CUDA graphs"):
+        tiny_pipe.enable_fast_sampling(use_cuda_graph=False, torch_compile=True, compile_mode="reduce-overhead")
+    with pytest.raises(ValueError, match="needs `torch_compile=True`"):
+        tiny_pipe.enable_fast_sampling(use_cuda_graph=False, compile_mode="default")
+    assert len(calls) == 2
+
+
 def test_query_key_normalisation_matches_f_normalize():
     from flexvar_hf.models.transformer_flexvar import normalize_queries_keys
 

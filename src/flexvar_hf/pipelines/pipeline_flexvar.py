@@ -14,6 +14,8 @@ from ..schedulers import FlexVARScaleScheduler
 from .fast_sampling import FastTokenGenerator
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# `torch.compile` modes that leave CUDA graphs to fast sampling, which captures the whole generation as one.
+FAST_SAMPLING_COMPILE_MODES = (None, "default", "max-autotune-no-cudagraphs")
 
 
 class FlexVARPipeline(DiffusionPipeline):
@@ -265,7 +267,11 @@ class FlexVARPipeline(DiffusionPipeline):
         return known_tokens, keep_masks
 
     def enable_fast_sampling(
-        self, use_cuda_graph: bool | None = None, max_graphs: int = 4, torch_compile: bool = False
+        self,
+        use_cuda_graph: bool | None = None,
+        max_graphs: int = 4,
+        torch_compile: bool = False,
+        compile_mode: str | None = None,
     ) -> None:
         """
         Generate through `FastTokenGenerator`: the scale loop and the VQ decoding are captured into one CUDA graph
@@ -283,15 +289,26 @@ class FlexVARPipeline(DiffusionPipeline):
                 and scale, which fuses the normalisations, modulations, residuals and activations between the
                 matrix products) and the VQ decoder (`vqvae.decoder.compile()`). The first call of a new setting
                 then also compiles (seconds). The modules stay compiled after `disable_fast_sampling()`.
+            compile_mode (`str`, *optional*): `torch.compile`'s `mode` for both, with `torch_compile=True`: None
+                (its default) or "max-autotune-no-cudagraphs" (Triton matrix-product kernels chosen by timing, with
+                the following elementwise work fused into them; minutes of start-up). Modes that capture their own
+                CUDA graphs are refused: the whole generation is already captured as one.
         """
+        if compile_mode not in FAST_SAMPLING_COMPILE_MODES:
+            raise ValueError(
+                f"`compile_mode` must be one of {FAST_SAMPLING_COMPILE_MODES}, got {compile_mode!r} (modes with their "
+                "own CUDA graphs cannot run inside fast sampling's captured graph)."
+            )
+        if compile_mode is not None and not torch_compile:
+            raise ValueError(f"`compile_mode={compile_mode!r}` needs `torch_compile=True`.")
         if use_cuda_graph is None:
             use_cuda_graph = self.transformer.device.type == "cuda"
         if use_cuda_graph and self.transformer.device.type != "cuda":
             raise ValueError(f"CUDA graphs need the pipeline on a CUDA device, it is on {self.transformer.device}.")
         self.fast_token_generator = FastTokenGenerator(self, use_cuda_graph=use_cuda_graph, max_graphs=max_graphs)
         if torch_compile:
-            self.transformer.compile_repeated_blocks(dynamic=True)
-            self.vqvae.decoder.compile()
+            self.transformer.compile_repeated_blocks(dynamic=True, mode=compile_mode)
+            self.vqvae.decoder.compile(mode=compile_mode)
 
     def disable_fast_sampling(self) -> None:
         """Back to the plain loop; frees the captured graphs."""
