@@ -56,6 +56,7 @@ from flexvar_hf.training.data import (
     set_dataloader_epoch,
 )
 from flexvar_hf.training.flexvar_loss import token_accuracy, training_loss
+from flexvar_hf.training.growth import grow_depth, init_config
 from flexvar_hf.training.optim import build_optimizer, clip_and_step
 from flexvar_hf.utils.io import atomic_directory
 
@@ -107,6 +108,13 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         type=str,
         default=None,
         help="From scratch: a JSON file of FlexVARTransformer2DModel config values (e.g. a saved config.json).",
+    )
+    model.add_argument(
+        "--grow_num_layers",
+        type=int,
+        default=None,
+        help="Fine-tuning: first deepen the pretrained transformer to this many layers. New blocks are spread evenly "
+        "between the old ones with zero AdaLN gates, so training starts from the same outputs.",
     )
     model.add_argument(
         "--num_classes",
@@ -233,7 +241,9 @@ def check_args(args: argparse.Namespace) -> tuple[int, int]:
                                           ("--vqvae_subfolder", args.vqvae_subfolder)) if value is not None]
         if given:
             raise ValueError(f"{', '.join(given)} only apply when training from scratch; fine-tuning keeps the sizes "
-                             "of --pretrained_model_name_or_path.")
+                             "of --pretrained_model_name_or_path (--grow_num_layers deepens it).")
+    elif args.grow_num_layers is not None:
+        raise ValueError("--grow_num_layers deepens a pretrained transformer: pass --pretrained_model_name_or_path.")
     else:
         if (args.depth is None) == (args.transformer_config is None):
             raise ValueError("Training from scratch needs exactly one of --depth and --transformer_config.")
@@ -310,6 +320,8 @@ def load_models(args: argparse.Namespace, data_num_classes: int):
                 f"--num_classes {args.num_classes} differs from the pretrained transformer's "
                 f"{transformer.config.num_classes} classes; fine-tuning cannot change the number of classes."
             )
+        if args.grow_num_layers is not None:
+            transformer = grow_depth(transformer, args.grow_num_layers)
         return transformer, vqvae, scheduler, pipe.id2label or None
 
     vqvae = FlexVQModel.from_pretrained(
@@ -706,10 +718,7 @@ def main(args: argparse.Namespace) -> dict:
     if accelerator.is_main_process:
         final_model = model
         if ema_model is not None:  # the saved pipeline gets the EMA weights; the trained model keeps its own
-            # Without `_use_default_values`: from_config would reset the keys listed there to their defaults,
-            # undoing `register_to_config(sample_size=...)` above.
-            config = {key: value for key, value in model.config.items() if key != "_use_default_values"}
-            final_model = FlexVARTransformer2DModel.from_config(config)
+            final_model = FlexVARTransformer2DModel.from_config(init_config(model))
             ema_model.copy_to(final_model.parameters())
         final_vqvae = vqvae if weight_dtype == torch.float32 else load_fp32_vqvae(args)
         pipe = FlexVARPipeline(transformer=final_model, vqvae=final_vqvae, scheduler=scheduler, id2label=id2label)

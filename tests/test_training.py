@@ -609,6 +609,37 @@ def test_fine_tune_a_pipeline_and_transformer_config(assets, tmp_path, train_scr
     assert config["sample_size"] == 64 // factor != 16
 
 
+def test_grow_num_layers_deepens_the_pretrained_transformer_and_resumes(assets, tmp_path, train_script):
+    original = FlexVARPipeline.from_pretrained(assets["pipe"]).transformer
+    depth = original.config.num_layers
+    out = tmp_path / "grow"
+
+    def run(*extra):
+        reset_accelerate()
+        return train_script.main(train_script.parse_args([
+            "--pretrained_model_name_or_path", str(assets["pipe"]), "--grow_num_layers", str(depth + 2),
+            "--train_data_dir", str(assets["data"]), "--resolution", "64", "--train_batch_size", "4",
+            "--max_train_steps", "2", "--report_to", "none", "--output_dir", str(out), "--use_ema", *extra,
+        ]))
+
+    # Out of time after the first step: a checkpoint of the grown model, which the next run resumes.
+    assert run("--max_train_minutes", "1e-9")["global_step"] == 1
+    assert run("--resume_from_checkpoint", "latest")["global_step"] == 2
+    grown = FlexVARPipeline.from_pretrained(out / "pipeline").transformer
+    assert grown.config.num_layers == depth + 2 and len(grown.blocks) == depth + 2
+    assert grown.config.sample_size == 64 // FlexVARPipeline.from_pretrained(out / "pipeline").vae_scale_factor
+    ignored = {"_name_or_path": "", "num_layers": 0, "sample_size": 0}
+    assert {**grown.config, **ignored} == {**original.config, **ignored}
+
+    reset_accelerate()
+    with pytest.raises(ValueError, match="more than the model's"):
+        train_script.main(train_script.parse_args([
+            "--pretrained_model_name_or_path", str(assets["pipe"]), "--grow_num_layers", str(depth),
+            "--train_data_dir", str(assets["data"]), "--resolution", "64", "--output_dir", str(tmp_path / "same"),
+        ]))
+    reset_accelerate()
+
+
 def test_bad_input_is_rejected_before_training(assets, tmp_path, train_script, fresh_accelerate):
     def fails(match: str, arguments: list[str]) -> None:
         reset_accelerate()
@@ -618,6 +649,7 @@ def test_bad_input_is_rejected_before_training(assets, tmp_path, train_script, f
     out = tmp_path / "bad"
     base = scratch_args(assets, out, "--max_train_steps", "1")
     fails("is not an existing folder", [*base, "--train_data_dir", str(tmp_path / "nowhere")])
+    fails("--grow_num_layers deepens a pretrained transformer", [*base, "--grow_num_layers", "2"])
     fails("--label_column 'class' is not a column", [*base, "--label_column", "class"])
     fails(r"labels outside the model's 2 classes \[0, 2\): \[2\]", [*base, "--num_classes", "2"])
     fails("multiples of 16", [*base, "--resolution", "72"])
