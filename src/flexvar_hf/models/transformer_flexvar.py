@@ -20,6 +20,8 @@ from ..scales import ScaleLike, as_hw_list, flatten_grid, num_tokens
 # The per-head attention scale is exp(log_scale), clamped at exp(MAX_LOG_SCALE) = 100 as in the original.
 L2_EPS = 1e-12
 MAX_LOG_SCALE = math.log(100.0)
+# A block's AdaLN output is six `hidden_size` chunks (see `FlexVARBlock.modulation`); these are its two gates.
+ADALN_GATE_CHUNKS = (2, 5)
 
 
 @dataclass
@@ -290,8 +292,8 @@ class FlexVARTransformer2DModel(ModelMixin, ConfigMixin):
             # AdaLN-Zero rows: shift, scale, gate for attention, then for the feed-forward; gates start near zero.
             rows = block.norm1.linear.weight.view(6, dim, dim)
             rows.mul_(0.5)
-            rows[2].mul_(2e-5)
-            rows[5].mul_(2e-5)
+            for chunk in ADALN_GATE_CHUNKS:
+                rows[chunk].mul_(2e-5)
 
     def modulations(self, conditioning: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
         """AdaLN terms of every block, then `(1 + scale, shift)` of the head's norm (as diffusers'

@@ -6,6 +6,7 @@ import torch
 from diffusers import ModelMixin
 
 from ..models import FlexVARTransformer2DModel
+from ..models.transformer_flexvar import ADALN_GATE_CHUNKS
 
 
 def init_config(model: ModelMixin) -> dict:
@@ -49,11 +50,11 @@ def grow_depth(transformer: FlexVARTransformer2DModel, num_layers: int) -> FlexV
             _, index, rest = name.split(".", 2)
             name = f"blocks.{positions[int(index)]}.{rest}"
         new_state[name] = tensor
+    grown.load_state_dict(new_state, strict=True)
     width = transformer.config.hidden_size
     for index in sorted(set(range(num_layers)) - set(positions)):
-        # norm1.linear's output is (shift, scale, gate) for attention, then for the feed-forward, `width` each.
-        for gate in (slice(2 * width, 3 * width), slice(5 * width, 6 * width)):
-            new_state[f"blocks.{index}.norm1.linear.weight"][gate] = 0
-            new_state[f"blocks.{index}.norm1.linear.bias"][gate] = 0
-    grown.load_state_dict(new_state, strict=True)
+        linear = grown.blocks[index].norm1.linear
+        for chunk in ADALN_GATE_CHUNKS:
+            linear.weight.view(6, width, width)[chunk].zero_()
+            linear.bias.view(6, width)[chunk].zero_()
     return grown
