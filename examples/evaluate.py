@@ -21,6 +21,7 @@ class. The table goes to `--output` (markdown) and the numbers to the same name 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 import time
@@ -39,6 +40,8 @@ from train_classifier import classify, classify_pixels, list_imagefolder, load_c
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO_ROOT / "models" / "flexvar-digits"
 DEFAULT_CLASSIFIER = REPO_ROOT / "models" / "digits-classifier"
+# The pipeline's own defaults (guidance_scale, top_k, ...), named in the report for arguments left out.
+PIPELINE_DEFAULTS = {name: p.default for name, p in inspect.signature(FlexVARPipeline.__call__).parameters.items()}
 
 
 @dataclass
@@ -196,8 +199,9 @@ def run_setting(pipe, classifier, setting: Setting, args, real_images, real_labe
     accuracy = (predictions == used_labels).float().mean().item()
     fd = frechet_distance(features, real_features)
     step_text = str(len(pipe.scheduler.scales)) if setting.kind in ("generate", "inpaint") else "-"
-    guidance = "-" if setting.kind == "reconstruction" else f"{setting.guidance_scale or 3.5:g}"
-    if setting.kind != "reconstruction" and setting.guidance_scale != 1.0:
+    guidance_scale = PIPELINE_DEFAULTS["guidance_scale"] if setting.guidance_scale is None else setting.guidance_scale
+    guidance = "-" if setting.kind == "reconstruction" else f"{guidance_scale:g}"
+    if setting.kind != "reconstruction" and guidance_scale != 1.0:
         guidance += f" ({args.guidance_schedule or pipe.scheduler.config.guidance_schedule})"
     per_class = images[:: args.num_per_class][:10]
     samples = [Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)) for image in per_class]
@@ -206,9 +210,10 @@ def run_setting(pipe, classifier, setting: Setting, args, real_images, real_labe
 
 
 def markdown_table(results: list[Result], args, device_name: str) -> str:
+    top_k = PIPELINE_DEFAULTS["top_k"] if args.top_k is None else args.top_k
     lines = [
         f"Model `{args.model}`, classifier `{args.classifier}`, {args.num_per_class} images per class, seed "
-        f"{args.seed}, {device_name}, {args.dtype}, top-k {args.top_k or 900}. FD: Frechet distance of the "
+        f"{args.seed}, {device_name}, {args.dtype}, top-k {top_k}. FD: Frechet distance of the "
         "classifier's features against the held-out real images (lower is better).",
         "",
         "| setting | size | steps | guidance | class accuracy | weakest classes | FD | images | s / image |",
