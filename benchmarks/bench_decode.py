@@ -18,8 +18,6 @@ import torch
 
 from flexvar_hf import FlexVQModel
 
-VOCAB_SIZE, CODE_DIM = 8912, 32
-
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -54,7 +52,8 @@ def replay_ms(decode, indices: torch.Tensor, iters: int) -> float:
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     torch.manual_seed(0)
-    vqvae = FlexVQModel(num_codes=VOCAB_SIZE, code_dim=CODE_DIM).to("cuda", torch.bfloat16).eval()
+    vqvae = FlexVQModel().to("cuda", torch.bfloat16).eval()  # its defaults are the released VQ-16: 8912 codes of 32
+    num_codes = vqvae.config.num_codes
 
     def decode(indices):
         return vqvae.decode_indices(indices, return_dict=False)[0]
@@ -67,7 +66,7 @@ def main(argv=None) -> list[dict]:
             for cudnn_benchmark in (False, True):
                 torch.backends.cudnn.benchmark = cudnn_benchmark
                 for batch in args.batches:
-                    indices = torch.randint(VOCAB_SIZE, (batch, args.tokens, args.tokens), device="cuda")
+                    indices = torch.randint(num_codes, (batch, args.tokens, args.tokens), device="cuda")
                     ms = replay_ms(decode, indices, args.iters)
                     row = {"compiled": compiled, "cudnn_benchmark": cudnn_benchmark, "batch": batch, "ms": ms}
                     results.append(row)
