@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from flexvar_hf import FlexVQModel
 from flexvar_hf.conversion import pipeline_from_original
 
 from test_pipeline import make_tiny_pipe
@@ -112,7 +113,7 @@ def test_compiled_blocks_and_decoder_give_the_plain_path_images_without_recompil
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)  # the same tokens; fused float sums
 
 
-def test_compile_mode_reaches_both_compiles_and_cuda_graph_modes_are_refused(tiny_pipe, monkeypatch):
+def test_compile_mode_reaches_both_compiles_and_cuda_graph_modes_are_refused(tiny_pipe, monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(tiny_pipe.transformer, "compile_repeated_blocks", lambda **kw: calls.append(("blocks", kw)))
     monkeypatch.setattr(tiny_pipe.vqvae.decoder, "compile", lambda **kw: calls.append(("decoder", kw)))
@@ -121,6 +122,13 @@ def test_compile_mode_reaches_both_compiles_and_cuda_graph_modes_are_refused(tin
         ("blocks", {"dynamic": True, "mode": "max-autotune-no-cudagraphs"}),
         ("decoder", {"mode": "max-autotune-no-cudagraphs"}),
     ]
+    # The compiled decoder runs on channels-last weights; saving writes the same values in the usual layout.
+    conv_weight = tiny_pipe.vqvae.decoder.conv_in.weight
+    assert conv_weight.is_contiguous(memory_format=torch.channels_last) and not conv_weight.is_contiguous()
+    tiny_pipe.vqvae.save_pretrained(tmp_path)
+    reloaded = FlexVQModel.from_pretrained(tmp_path)
+    for name, tensor in reloaded.state_dict().items():
+        assert torch.equal(tensor, tiny_pipe.vqvae.state_dict()[name]) and tensor.is_contiguous()
     with pytest.raises(ValueError, match="reduce-overhead.*own CUDA graphs"):
         tiny_pipe.enable_fast_sampling(use_cuda_graph=False, torch_compile=True, compile_mode="reduce-overhead")
     with pytest.raises(ValueError, match="needs `torch_compile=True`"):
@@ -133,9 +141,12 @@ def test_query_key_normalisation_matches_f_normalize():
 
     torch.manual_seed(0)
     qkv = torch.randn(2, 5, 3 * 4, 8)
+    qkv[0, 0, 0] = 0  # a zero query stays zero (F.normalize's eps), not NaN
     temperature = torch.rand(1, 1, 4, 1) + 0.5
     out = normalize_queries_keys(qkv, temperature)
     query, key, value = qkv.view(2, 5, 3, 4, 8).unbind(2)
     normalize = torch.nn.functional.normalize
     expected = torch.cat((normalize(query, dim=-1) * temperature, normalize(key, dim=-1), value), dim=2)
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-7)
+    assert torch.equal(out[:, :, 8:], value)  # values multiplied by exactly 1
+

@@ -82,13 +82,16 @@ def normalize_queries_keys(qkv: torch.Tensor, temperature: torch.Tensor) -> torc
         qkv (`torch.Tensor` of shape `(B, L, 3 * H, D)`): The projection, heads of queries, keys, then values.
         temperature (`torch.Tensor` of shape `(1, 1, H, 1)`): Per-head factor of the queries.
 
-    One pass over the contiguous projection; F.normalize's eps, so the numbers are the original's.
+    One read of the contiguous projection: the norms are taken over every head, values included, so that the
+    reduction and the product cover the same rows and `torch.compile` fuses them into one kernel (a norm over only
+    the query and key heads compiled into a separate, slow strided reduction). F.normalize's eps, so the numbers
+    are the original's; value rows are multiplied by exactly 1.
     """
-    batch, length, _, _ = qkv.shape
     heads = temperature.shape[2]
-    norms = torch.linalg.vector_norm(qkv[:, :, : 2 * heads], dim=-1, keepdim=True).clamp_min(L2_EPS)
-    value_factors = norms.new_ones(()).expand(batch, length, heads, 1)
-    factors = torch.cat((temperature / norms[:, :, :heads], 1 / norms[:, :, heads:], value_factors), dim=2)
+    norms = torch.linalg.vector_norm(qkv, dim=-1, keepdim=True).clamp_min(L2_EPS)
+    numerators = torch.cat((temperature, temperature.new_ones(1, 1, 2 * heads, 1)), dim=2)
+    is_value = torch.arange(3 * heads, device=qkv.device).view(1, 1, -1, 1) >= 2 * heads
+    factors = torch.where(is_value, 1.0, numerators / norms)
     return qkv * factors
 
 
