@@ -3,7 +3,8 @@ Speed of VQ-16 decoding alone, under the settings that `pipe.enable_fast_samplin
 
 Decodes random 16x16 token grids (256x256 images) with a randomly initialised `FlexVQModel` of the released layout
 and times each setting as the fast path runs it: captured once as a CUDA graph, then replayed. Settings: eager or
-`decoder.compile()`, each with cuDNN's algorithm search (`torch.backends.cudnn.benchmark`) off and on.
+`decoder.compile()`, each with the weights in contiguous (NCHW) or channels-last (NHWC) memory format. (cuDNN's
+algorithm search, `torch.backends.cudnn.benchmark`, was measured in run 5 of RESULTS.md: no gain.)
 
     python benchmarks/bench_decode.py --batches 1 64 --json decode.json
 """
@@ -51,24 +52,25 @@ def replay_ms(decode, indices: torch.Tensor, iters: int) -> float:
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    torch.manual_seed(0)
-    vqvae = FlexVQModel().to("cuda", torch.bfloat16).eval()  # its defaults are the released VQ-16: 8912 codes of 32
-    num_codes = vqvae.config.num_codes
-
-    def decode(indices):
-        return vqvae.decode_indices(indices, return_dict=False)[0]
-
+    num_codes = FlexVQModel().config.num_codes  # its defaults are the released VQ-16: 8912 codes of 32
     results = []
     with torch.inference_mode():
         for compiled in (False, True):
-            if compiled:
-                vqvae.decoder.compile()
-            for cudnn_benchmark in (False, True):
-                torch.backends.cudnn.benchmark = cudnn_benchmark
+            for channels_last in (False, True):
+                torch.manual_seed(0)
+                vqvae = FlexVQModel().to("cuda", torch.bfloat16).eval()
+                if channels_last:
+                    vqvae.to(memory_format=torch.channels_last)
+                if compiled:
+                    vqvae.decoder.compile()
+
+                def decode(indices, vqvae=vqvae):
+                    return vqvae.decode_indices(indices, return_dict=False)[0]
+
                 for batch in args.batches:
                     indices = torch.randint(num_codes, (batch, args.tokens, args.tokens), device="cuda")
                     ms = replay_ms(decode, indices, args.iters)
-                    row = {"compiled": compiled, "cudnn_benchmark": cudnn_benchmark, "batch": batch, "ms": ms}
+                    row = {"compiled": compiled, "channels_last": channels_last, "batch": batch, "ms": ms}
                     results.append(row)
                     print(json.dumps(row), flush=True)
     if args.json is not None:

@@ -287,8 +287,9 @@ class FlexVARPipeline(DiffusionPipeline):
             torch_compile (`bool`, defaults to False): Also `torch.compile` the transformer's blocks (regional
                 compilation: `transformer.compile_repeated_blocks(dynamic=True)`, one compiled block for every layer
                 and scale, which fuses the normalisations, modulations, residuals and activations between the
-                matrix products) and the VQ decoder (`vqvae.decoder.compile()`). The first call of a new setting
-                then also compiles (seconds). The modules stay compiled after `disable_fast_sampling()`.
+                matrix products) and the VQ decoder (`vqvae.decoder.compile()`, its weights moved to channels-last
+                memory format so that the compiled convolutions need no layout conversions). The first call of a new
+                setting then also compiles (seconds). The modules stay compiled after `disable_fast_sampling()`.
             compile_mode (`str`, *optional*): `torch.compile`'s `mode` for both, with `torch_compile=True`: None
                 (its default) or "max-autotune-no-cudagraphs" (Triton matrix-product kernels chosen by timing, with
                 the following elementwise work fused into them; minutes of start-up). Modes that capture their own
@@ -308,6 +309,7 @@ class FlexVARPipeline(DiffusionPipeline):
         self.fast_token_generator = FastTokenGenerator(self, use_cuda_graph=use_cuda_graph, max_graphs=max_graphs)
         if torch_compile:
             self.transformer.compile_repeated_blocks(dynamic=True, mode=compile_mode)
+            self.vqvae.to(memory_format=torch.channels_last)
             self.vqvae.decoder.compile(mode=compile_mode)
 
     def disable_fast_sampling(self) -> None:
