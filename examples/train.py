@@ -168,6 +168,13 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         help="Probability of replacing a label by the unconditional one (for classifier-free guidance).",
     )
     training.add_argument("--label_smoothing", type=float, default=0.0)
+    training.add_argument(
+        "--scale_weight_power",
+        type=float,
+        default=0.0,
+        help="Weight each token's loss by (tokens of its scale) ** -power, normalised to mean 1: 0 is the original's "
+        "per-token mean, 1 weighs every scale alike, between moves weight to the coarse scales.",
+    )
     training.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
     training.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
     training.add_argument(
@@ -282,6 +289,8 @@ def check_args(args: argparse.Namespace) -> tuple[int, int]:
         raise ValueError(f"--class_dropout_prob must be in [0, 1), got {args.class_dropout_prob}.")
     if not 0 <= args.label_smoothing < 1:
         raise ValueError(f"--label_smoothing must be in [0, 1), got {args.label_smoothing}.")
+    if not args.scale_weight_power >= 0:
+        raise ValueError(f"--scale_weight_power must be >= 0, got {args.scale_weight_power}.")
     if args.validation_steps is not None and not args.validation_class_labels:
         raise ValueError("--validation_steps needs --validation_class_labels (class ids or names).")
     for flag, value in (
@@ -653,6 +662,7 @@ def main(args: argparse.Namespace) -> dict:
                 step = training_loss(
                     transformer, vqvae, scales, batch["pixel_values"], batch["labels"], num_classes,
                     args.class_dropout_prob, args.label_smoothing, generator=dropout_generator,
+                    scale_weight_power=args.scale_weight_power,
                 )
                 loss, logits, teacher = step.loss, step.logits, step.teacher
                 accelerator.backward(loss)

@@ -37,7 +37,13 @@ from flexvar_hf.training.data import (
     parse_resolution,
     set_dataloader_epoch,
 )
-from flexvar_hf.training.flexvar_loss import build_teacher_inputs, drop_class_labels, flexvar_loss, token_accuracy
+from flexvar_hf.training.flexvar_loss import (
+    build_teacher_inputs,
+    drop_class_labels,
+    flexvar_loss,
+    scale_token_weights,
+    token_accuracy,
+)
 from flexvar_hf.training.optim import build_optimizer, no_decay_parameter_names, parameter_groups
 
 from conftest import RELATIVE_TOLERANCE, REPO_ROOT, load_example, relative_error
@@ -289,6 +295,35 @@ def test_loss_and_accuracy_numbers():
     assert accuracy.item() == pytest.approx(0.2) and last.item() == 0.0
     with pytest.raises(ValueError, match="do not match"):
         flexvar_loss(perfect[:, :4], targets)
+
+
+def test_scale_weighted_loss_numbers():
+    scales = [(1, 1), (2, 2), (3, 4)]  # 1 + 4 + 12 = 17 tokens
+    assert torch.equal(scale_token_weights(scales, 0.0), torch.ones(17))
+    equal_scales = scale_token_weights(scales, 1.0)
+    assert equal_scales.mean().item() == pytest.approx(1.0)
+    # Power 1: each scale's tokens carry the same total weight, 17 / 3.
+    totals = [chunk.sum().item() for chunk in equal_scales.split([1, 4, 12])]
+    assert totals == pytest.approx([17 / 3] * 3)
+    half = scale_token_weights(scales, 0.5)
+    assert half[0] / half[-1] == pytest.approx(12**0.5) and half.mean().item() == pytest.approx(1.0)
+
+    logits = torch.randn(3, 17, 16, generator=torch.Generator().manual_seed(0))
+    targets = torch.randint(16, (3, 17), generator=torch.Generator().manual_seed(1))
+    unweighted = flexvar_loss(logits, targets)
+    torch.testing.assert_close(flexvar_loss(logits, targets, token_weights=torch.ones(17)), unweighted)
+    per_scale = [
+        torch.nn.functional.cross_entropy(chunk_logits.flatten(0, 1), chunk_targets.flatten())
+        for chunk_logits, chunk_targets in zip(logits.split([1, 4, 12], 1), targets.split([1, 4, 12], 1))
+    ]
+    weighted = flexvar_loss(logits, targets, token_weights=equal_scales)
+    torch.testing.assert_close(weighted, torch.stack(per_scale).mean())
+    assert abs(weighted - unweighted) > 1e-3
+    with pytest.raises(ValueError, match=r"`token_weights` must have shape \(17,\)"):
+        flexvar_loss(logits, targets, token_weights=equal_scales[:16])
+    for power in (-0.5, float("nan")):
+        with pytest.raises(ValueError, match="`power` must be a number >= 0"):
+            scale_token_weights(scales, power)
 
 
 def test_class_label_dropout_rate():
@@ -564,6 +599,19 @@ def test_torch_compile_trains_like_eager(assets, tmp_path, train_script, fresh_a
     assert all(torch.allclose(first[name], second[name], atol=1e-5) for name in first)
 
 
+def test_scale_weight_power_reaches_the_loss(assets, tmp_path, train_script, fresh_accelerate):
+    def first_loss(*extra):
+        reset_accelerate()
+        arguments = scratch_args(assets, tmp_path / str(len(extra)), "--max_train_steps", "1", "--seed", "3", *extra)
+        return train_script.main(train_script.parse_args(arguments))["losses"][0]
+
+    # The same initialisation, batch and scales, so equal settings give equal losses; only the weighting differs
+    # (slightly: at initialisation every token's loss is near log(vocabulary size)).
+    unweighted = first_loss()
+    assert first_loss("--scale_weight_power", "0") == unweighted
+    assert first_loss("--scale_weight_power", "1") != unweighted
+
+
 def test_fine_tune_a_pipeline_and_transformer_config(assets, tmp_path, train_script, fresh_accelerate):
     result = train_script.main(
         train_script.parse_args([
@@ -654,6 +702,7 @@ def test_bad_input_is_rejected_before_training(assets, tmp_path, train_script, f
     fails(r"labels outside the model's 2 classes \[0, 2\): \[2\]", [*base, "--num_classes", "2"])
     fails("multiples of 16", [*base, "--resolution", "72"])
     fails("--max_train_minutes must be positive", [*base, "--max_train_minutes", "0"])
+    fails("--scale_weight_power must be >= 0", [*base, "--scale_weight_power", "-1"])
     fails("Checkpoint to resume from 'checkpoint-5' does not exist",
           [*base, "--resume_from_checkpoint", "checkpoint-5"])
     fails("exactly one of --pretrained_model_name_or_path",

@@ -9,7 +9,8 @@ One training step (as the original trainer):
 3. `drop_class_labels`: replace labels by the unconditional label `num_classes` with probability 0.1, which trains
    the unconditional branch of classifier-free guidance;
 4. `transformer(labels, scales, teacher.scale_inputs).logits` and `flexvar_loss`: cross-entropy over all tokens of
-   all scales, averaged per token, optionally label-smoothed; `token_accuracy` for logging.
+   all scales, averaged per token (or with `scale_token_weights`, coarse scales weighted up), optionally
+   label-smoothed; `token_accuracy` for logging.
 
 `training_loss` does 2-4 for one batch (what `examples/train.py` and `benchmarks/bench_train.py` run per step); the
 backward pass, clipping and the optimizer step follow (`flexvar_hf.training.optim.clip_and_step`).
@@ -31,6 +32,7 @@ __all__ = [
     "build_teacher_inputs",
     "drop_class_labels",
     "flexvar_loss",
+    "scale_token_weights",
     "token_accuracy",
     "training_loss",
 ]
@@ -113,18 +115,46 @@ def drop_class_labels(
     return torch.where(draw < dropout_prob, torch.full_like(labels, num_classes), labels)
 
 
-def flexvar_loss(logits: torch.Tensor, targets: torch.LongTensor, label_smoothing: float = 0.0) -> torch.Tensor:
+def scale_token_weights(scales: Sequence[ScaleLike], power: float) -> torch.Tensor:
+    """
+    Per-token loss weights (L,) for `scales`, row-major and concatenated like the targets: each token of a scale of
+    `n` tokens gets `n ** -power`, normalised to a mean of 1 over the L tokens.
+
+    `power` 0 weights every token alike (the original's per-token mean); 1 gives every scale the same total weight,
+    so the 1x1 scale counts as much as the last one; values between move weight from the fine to the coarse scales.
+    """
+    if not power >= 0:
+        raise ValueError(f"`power` must be a number >= 0, got {power!r}.")
+    sizes = [height * width for height, width in as_hw_list(scales)]
+    weights = torch.cat([torch.full((size,), float(size) ** -power) for size in sizes])
+    return weights / weights.mean()
+
+
+def flexvar_loss(
+    logits: torch.Tensor,
+    targets: torch.LongTensor,
+    label_smoothing: float = 0.0,
+    token_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Cross-entropy of `logits` (B, L, V) against `targets` (B, L), in float32, averaged over all B * L tokens.
 
     The mean over every token of every scale is what the original computes (a 1/L weight per token, then the mean
-    over the batch). With `label_smoothing` eps the target distribution is `(1 - eps) * onehot + eps / V`, so the
-    minimum of the loss is that distribution's entropy, not 0.
+    over the batch). `token_weights` (L,) with mean 1 (`scale_token_weights`) weights the tokens' terms instead. With
+    `label_smoothing` eps the target distribution is `(1 - eps) * onehot + eps / V`, so the minimum of the loss is
+    that distribution's entropy, not 0.
     """
     if logits.shape[:2] != targets.shape:
         raise ValueError(f"`logits` {tuple(logits.shape)} and `targets` {tuple(targets.shape)} do not match.")
-    return F.cross_entropy(
-        logits.flatten(0, 1).float(), targets.flatten(), label_smoothing=label_smoothing, reduction="mean"
-    )
+    if token_weights is None:
+        return F.cross_entropy(
+            logits.flatten(0, 1).float(), targets.flatten(), label_smoothing=label_smoothing, reduction="mean"
+        )
+    if token_weights.shape != targets.shape[1:]:
+        raise ValueError(f"`token_weights` must have shape ({targets.shape[1]},), got {tuple(token_weights.shape)}.")
+    per_token = F.cross_entropy(
+        logits.flatten(0, 1).float(), targets.flatten(), label_smoothing=label_smoothing, reduction="none"
+    ).view_as(targets)
+    return (per_token * token_weights.to(per_token.device)).mean()
 
 
 @torch.no_grad()
@@ -161,12 +191,13 @@ def training_loss(
     class_dropout_prob: float = 0.1,
     label_smoothing: float = 0.0,
     generator: torch.Generator | None = None,
+    scale_weight_power: float = 0.0,
 ) -> TrainingLoss:
     """
     The forward half of one training step: tokenise `pixels` at `scales` with the frozen `vqvae`
     (`build_teacher_inputs`), drop `labels` to the unconditional label `num_classes` with probability
     `class_dropout_prob` (`drop_class_labels`, draws from `generator`), run `transformer` with teacher forcing and
-    take `flexvar_loss`.
+    take `flexvar_loss`, with `scale_token_weights(scales, scale_weight_power)` unless the power is 0.
 
     `transformer` may be wrapped (DDP, an accelerate-prepared module): it is only called. Call `.backward()` on the
     returned loss (or `accelerator.backward`), then step the optimizer.
@@ -174,5 +205,6 @@ def training_loss(
     teacher = build_teacher_inputs(vqvae, scales, pixels=pixels)
     class_labels = drop_class_labels(labels, num_classes, class_dropout_prob, generator=generator)
     logits = transformer(class_labels, teacher.scales, teacher.scale_inputs).logits
-    loss = flexvar_loss(logits, teacher.targets, label_smoothing)
+    weights = scale_token_weights(teacher.scales, scale_weight_power) if scale_weight_power else None
+    loss = flexvar_loss(logits, teacher.targets, label_smoothing, weights)
     return TrainingLoss(loss=loss, logits=logits, teacher=teacher)
