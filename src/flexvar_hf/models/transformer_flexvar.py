@@ -82,10 +82,10 @@ def normalize_queries_keys(qkv: torch.Tensor, temperature: torch.Tensor) -> torc
         qkv (`torch.Tensor` of shape `(B, L, 3 * H, D)`): The projection, heads of queries, keys, then values.
         temperature (`torch.Tensor` of shape `(1, 1, H, 1)`): Per-head factor of the queries.
 
-    One read of the contiguous projection: the norms are taken over every head, values included, so that the
-    reduction and the product cover the same rows and `torch.compile` fuses them into one kernel (a norm over only
-    the query and key heads compiled into a separate, slow strided reduction). F.normalize's eps, so the numbers
-    are the original's; value rows are multiplied by exactly 1.
+    The norms are taken over every head, values included, so that the reduction and the product cover the same
+    rows and `torch.compile` can fuse them into one kernel (run 6a of benchmarks/RESULTS.md: a norm over only the
+    query and key heads compiled into a reduction of its own, the largest kernel after the matrix products).
+    F.normalize's eps, so the numbers are the original's; value rows are multiplied by exactly 1.
     """
     heads = temperature.shape[2]
     norms = torch.linalg.vector_norm(qkv, dim=-1, keepdim=True).clamp_min(L2_EPS)

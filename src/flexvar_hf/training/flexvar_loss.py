@@ -145,16 +145,17 @@ def flexvar_loss(
     """
     if logits.shape[:2] != targets.shape:
         raise ValueError(f"`logits` {tuple(logits.shape)} and `targets` {tuple(targets.shape)} do not match.")
-    if token_weights is None:
-        return F.cross_entropy(
-            logits.flatten(0, 1).float(), targets.flatten(), label_smoothing=label_smoothing, reduction="mean"
-        )
-    if token_weights.shape != targets.shape[1:]:
+    if token_weights is not None and token_weights.shape != targets.shape[1:]:
         raise ValueError(f"`token_weights` must have shape ({targets.shape[1]},), got {tuple(token_weights.shape)}.")
-    per_token = F.cross_entropy(
-        logits.flatten(0, 1).float(), targets.flatten(), label_smoothing=label_smoothing, reduction="none"
-    ).view_as(targets)
-    return (per_token * token_weights.to(per_token.device)).mean()
+    loss = F.cross_entropy(
+        logits.flatten(0, 1).float(),
+        targets.flatten(),
+        label_smoothing=label_smoothing,
+        reduction="mean" if token_weights is None else "none",
+    )
+    if token_weights is None:
+        return loss
+    return (loss.view_as(targets) * token_weights.to(loss.device)).mean()
 
 
 @torch.no_grad()
