@@ -52,15 +52,15 @@ def replay_ms(decode, indices: torch.Tensor, iters: int) -> float:
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    num_codes = FlexVQModel().config.num_codes  # its defaults are the released VQ-16: 8912 codes of 32
     results = []
     with torch.inference_mode():
         for compiled in (False, True):
             for channels_last in (False, True):
                 torch.manual_seed(0)
-                vqvae = FlexVQModel().to("cuda", torch.bfloat16).eval()
-                if channels_last:
-                    vqvae.to(memory_format=torch.channels_last)
+                vqvae = FlexVQModel().to("cuda", torch.bfloat16).eval()  # the defaults: the released VQ-16
+                if channels_last:  # the decoding modules, as enable_fast_sampling(torch_compile=True) converts them
+                    for module in (vqvae.post_quant_conv, vqvae.decoder):
+                        module.to(memory_format=torch.channels_last)
                 if compiled:
                     vqvae.decoder.compile()
 
@@ -68,7 +68,7 @@ def main(argv=None) -> list[dict]:
                     return vqvae.decode_indices(indices, return_dict=False)[0]
 
                 for batch in args.batches:
-                    indices = torch.randint(num_codes, (batch, args.tokens, args.tokens), device="cuda")
+                    indices = torch.randint(vqvae.config.num_codes, (batch, args.tokens, args.tokens), device="cuda")
                     ms = replay_ms(decode, indices, args.iters)
                     row = {"compiled": compiled, "channels_last": channels_last, "batch": batch, "ms": ms}
                     results.append(row)

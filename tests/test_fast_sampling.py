@@ -125,6 +125,7 @@ def test_compile_mode_reaches_both_compiles_and_cuda_graph_modes_are_refused(tin
     # The compiled decoder runs on channels-last weights; saving writes the same values in the usual layout.
     conv_weight = tiny_pipe.vqvae.decoder.conv_in.weight
     assert conv_weight.is_contiguous(memory_format=torch.channels_last) and not conv_weight.is_contiguous()
+    assert tiny_pipe.vqvae.encoder.conv_in.weight.is_contiguous()  # eager encoding keeps its layout
     tiny_pipe.vqvae.save_pretrained(tmp_path)
     reloaded = FlexVQModel.from_pretrained(tmp_path)
     for name, tensor in reloaded.state_dict().items():
@@ -149,4 +150,3 @@ def test_query_key_normalisation_matches_f_normalize():
     expected = torch.cat((normalize(query, dim=-1) * temperature, normalize(key, dim=-1), value), dim=2)
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-7)
     assert torch.equal(out[:, :, 8:], value)  # values multiplied by exactly 1
-

@@ -309,7 +309,10 @@ class FlexVARPipeline(DiffusionPipeline):
         self.fast_token_generator = FastTokenGenerator(self, use_cuda_graph=use_cuda_graph, max_graphs=max_graphs)
         if torch_compile:
             self.transformer.compile_repeated_blocks(dynamic=True, mode=compile_mode)
-            self.vqvae.to(memory_format=torch.channels_last)
+            # Only the decoding modules: the encoder stays contiguous for the eager encoding of the image-to-image
+            # pipelines that share this VQ model (eager convolutions are slower channels-last, run 7).
+            for module in (self.vqvae.post_quant_conv, self.vqvae.decoder):
+                module.to(memory_format=torch.channels_last)
             self.vqvae.decoder.compile(mode=compile_mode)
 
     def disable_fast_sampling(self) -> None:
