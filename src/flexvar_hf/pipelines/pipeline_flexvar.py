@@ -292,8 +292,9 @@ class FlexVARPipeline(DiffusionPipeline):
                 setting then also compiles (seconds). The modules stay compiled after `disable_fast_sampling()`.
             compile_mode (`str`, *optional*): `torch.compile`'s `mode` for both, with `torch_compile=True`: None
                 (its default) or "max-autotune-no-cudagraphs" (Triton matrix-product kernels chosen by timing, with
-                the following elementwise work fused into them; minutes of start-up). Modes that capture their own
-                CUDA graphs are refused: the whole generation is already captured as one.
+                the following elementwise work fused into them; minutes of start-up, and slower at d24 batch 1 on
+                an H100: 57.6 against 33.0 ms in benchmarks/RESULTS.md, run 8b). Modes that capture their own CUDA
+                graphs are refused: the whole generation is already captured as one.
         """
         if compile_mode not in FAST_SAMPLING_COMPILE_MODES:
             raise ValueError(
