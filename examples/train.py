@@ -175,6 +175,14 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         help="Weight each token's loss by (tokens of its scale) ** -power, normalised to mean 1: 0 is the original's "
         "per-token mean, 1 weighs every scale alike, between moves weight to the coarse scales.",
     )
+    training.add_argument(
+        "--input_token_noise",
+        type=float,
+        default=0.0,
+        help="Fraction of the teacher-forcing input tokens replaced by another image's token at the same "
+        "position (targets stay true), so the model learns to correct coarse scales whose independently drawn tokens "
+        "do not fit together, as its own draws at generation time. Needs a batch of 2 or more. 0: the original.",
+    )
     training.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
     training.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
     training.add_argument(
@@ -291,6 +299,10 @@ def check_args(args: argparse.Namespace) -> tuple[int, int]:
         raise ValueError(f"--label_smoothing must be in [0, 1), got {args.label_smoothing}.")
     if not args.scale_weight_power >= 0:
         raise ValueError(f"--scale_weight_power must be >= 0, got {args.scale_weight_power}.")
+    if not 0 <= args.input_token_noise < 1:
+        raise ValueError(f"--input_token_noise must be in [0, 1), got {args.input_token_noise}.")
+    if args.input_token_noise and args.train_batch_size < 2:
+        raise ValueError("--input_token_noise mixes tokens across the images of a batch: use --train_batch_size >= 2.")
     if args.validation_steps is not None and not args.validation_class_labels:
         raise ValueError("--validation_steps needs --validation_class_labels (class ids or names).")
     for flag, value in (
@@ -662,7 +674,7 @@ def main(args: argparse.Namespace) -> dict:
                 step = training_loss(
                     transformer, vqvae, scales, batch["pixel_values"], batch["labels"], num_classes,
                     args.class_dropout_prob, args.label_smoothing, generator=dropout_generator,
-                    scale_weight_power=args.scale_weight_power,
+                    scale_weight_power=args.scale_weight_power, input_token_noise=args.input_token_noise,
                 )
                 loss, logits, teacher = step.loss, step.logits, step.teacher
                 accelerator.backward(loss)

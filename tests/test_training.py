@@ -41,6 +41,7 @@ from flexvar_hf.training.flexvar_loss import (
     build_teacher_inputs,
     drop_class_labels,
     flexvar_loss,
+    mix_tokens_across_images,
     scale_token_weights,
     token_accuracy,
 )
@@ -341,6 +342,46 @@ def test_class_label_dropout_rate():
         drop_class_labels(labels, 10, 1.5)
 
 
+def test_mix_tokens_across_images_rate_donors_and_seeding():
+    indices = torch.randint(50, (4, 100, 100), generator=torch.Generator().manual_seed(0))
+    mixed = mix_tokens_across_images(indices, 0.3, generator=torch.Generator().manual_seed(1))
+    # A replaced token keeps its value when the donor has the same one (1/50), so the changed rate is
+    # 0.3 * 49/50 = 0.294; 40,000 tokens give a standard deviation of 0.0023, 5 sigma.
+    changed = mixed != indices
+    assert abs(changed.float().mean().item() - 0.294) < 0.0115
+    # Each changed token is another image's token at the same position.
+    from_others = (mixed.unsqueeze(1) == indices.unsqueeze(0)) & ~torch.eye(4, dtype=torch.bool).view(4, 4, 1, 1)
+    assert from_others.any(dim=1)[changed].all()
+    assert torch.equal(mixed, mix_tokens_across_images(indices, 0.3, generator=torch.Generator().manual_seed(1)))
+    pair = mix_tokens_across_images(indices[:2], 1.0, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(pair, indices[:2].flip(0))  # two images: every token comes from the other one
+    assert torch.equal(mix_tokens_across_images(indices, 0.0), indices)
+    for prob in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match=r"`prob` must be in \[0, 1\]"):
+            mix_tokens_across_images(indices, prob)
+    with pytest.raises(ValueError, match="at least 2 images"):
+        mix_tokens_across_images(indices[:1], 0.5)
+
+
+def test_teacher_inputs_with_token_noise_keep_the_targets(parity_vq, reference):
+    scales = [(1, 1), (2, 2), (3, 3), (4, 4)]
+    clean = build_teacher_inputs(parity_vq, scales, pixels=reference["image"])
+
+    def noisy(prob, seed=0):
+        generator = torch.Generator().manual_seed(seed)
+        return build_teacher_inputs(
+            parity_vq, scales, pixels=reference["image"], input_token_noise=prob, generator=generator
+        )
+
+    assert torch.equal(noisy(0.0).scale_inputs, clean.scale_inputs)
+    half = noisy(0.5)
+    assert torch.equal(half.targets, clean.targets)  # the model still learns the true tokens
+    assert torch.equal(half.scale_inputs, noisy(0.5).scale_inputs)
+    assert not torch.equal(half.scale_inputs, noisy(0.5, seed=1).scale_inputs)
+    # Two images and probability 1: every input scale of each image is built from the other image's tokens.
+    assert torch.equal(noisy(1.0).scale_inputs, clean.scale_inputs.flip(0))
+
+
 def test_teacher_inputs_match_the_pipeline_and_the_original(parity_vq, reference):
     pipe = FlexVARPipeline(
         FlexVARTransformer2DModel(num_classes=2, vocab_size=parity_vq.config.num_codes, code_dim=32, num_layers=1,
@@ -599,7 +640,7 @@ def test_torch_compile_trains_like_eager(assets, tmp_path, train_script, fresh_a
     assert all(torch.allclose(first[name], second[name], atol=1e-5) for name in first)
 
 
-def test_scale_weight_power_reaches_the_loss(assets, tmp_path, train_script, fresh_accelerate):
+def test_scale_weight_power_and_input_token_noise_reach_the_loss(assets, tmp_path, train_script, fresh_accelerate):
     def first_loss(*extra):
         reset_accelerate()
         arguments = scratch_args(assets, tmp_path / str(len(extra)), "--max_train_steps", "1", "--seed", "3", *extra)
@@ -610,6 +651,7 @@ def test_scale_weight_power_reaches_the_loss(assets, tmp_path, train_script, fre
     unweighted = first_loss()
     assert first_loss("--scale_weight_power", "0") == unweighted
     assert first_loss("--scale_weight_power", "1") != unweighted
+    assert first_loss("--input_token_noise", "0.5") != unweighted
 
 
 def test_fine_tune_a_pipeline_and_transformer_config(assets, tmp_path, train_script, fresh_accelerate):
@@ -703,6 +745,8 @@ def test_bad_input_is_rejected_before_training(assets, tmp_path, train_script, f
     fails("multiples of 16", [*base, "--resolution", "72"])
     fails("--max_train_minutes must be positive", [*base, "--max_train_minutes", "0"])
     fails("--scale_weight_power must be >= 0", [*base, "--scale_weight_power", "-1"])
+    fails(r"--input_token_noise must be in \[0, 1\)", [*base, "--input_token_noise", "1"])
+    fails("use --train_batch_size >= 2", [*base, "--input_token_noise", "0.2", "--train_batch_size", "1"])
     fails("Checkpoint to resume from 'checkpoint-5' does not exist",
           [*base, "--resume_from_checkpoint", "checkpoint-5"])
     fails("exactly one of --pretrained_model_name_or_path",

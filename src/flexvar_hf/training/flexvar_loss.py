@@ -5,7 +5,9 @@ One training step (as the original trainer):
 1. draw scales for the batch (`FlexVARScaleScheduler.sample_training_scales`);
 2. `build_teacher_inputs`: encode the images once, quantise the latent at every scale (area-resized), and feed each
    scale but the last as its normalised code vectors resized bicubic to the next scale (exactly what
-   `FlexVARPipeline.next_scale_inputs` feeds at generation time); the targets are every scale's token indices;
+   `FlexVARPipeline.next_scale_inputs` feeds at generation time); the targets are every scale's token indices.
+   Optionally (`input_token_noise`, not in the original) some input tokens are first replaced by those of other
+   images at the same position (`mix_tokens_across_images`) while the targets stay true;
 3. `drop_class_labels`: replace labels by the unconditional label `num_classes` with probability 0.1, which trains
    the unconditional branch of classifier-free guidance;
 4. `transformer(labels, scales, teacher.scale_inputs).logits` and `flexvar_loss`: cross-entropy over all tokens of
@@ -30,6 +32,7 @@ __all__ = [
     "TeacherForcingBatch",
     "TrainingLoss",
     "build_teacher_inputs",
+    "mix_tokens_across_images",
     "drop_class_labels",
     "flexvar_loss",
     "scale_token_weights",
@@ -60,12 +63,47 @@ class TeacherForcingBatch:
         return height * width
 
 
+def uniform_draws(like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """U[0, 1) draws of `like`'s shape on `like`'s device, made on `generator`'s device when one is given (so a CPU
+    generator gives the same draws whatever the device)."""
+    device = generator.device if generator is not None else like.device
+    return torch.rand(like.shape, generator=generator, device=device).to(like.device)
+
+
+def mix_tokens_across_images(
+    indices: torch.LongTensor, prob: float, generator: torch.Generator | None = None
+) -> torch.LongTensor:
+    """
+    Replace each token of `indices` (B, ...) with probability `prob` in [0, 1] by the token at the same position of
+    another image of the batch (drawn uniformly from the other B - 1; B >= 2). The draws come from `generator` when
+    given (on its device). Returns a new tensor.
+
+    Every replaced token is a likely one for its position, but the tokens of a scale no longer come from one image:
+    what independent per-token sampling produces where the model's distribution for each position is broad.
+    """
+    if not 0 <= prob <= 1:
+        raise ValueError(f"`prob` must be in [0, 1], got {prob!r}.")
+    batch = indices.shape[0]
+    if batch < 2:
+        raise ValueError(f"Mixing tokens across images needs a batch of at least 2 images, got {batch}.")
+    if prob == 0:
+        return indices.clone()
+    replace = uniform_draws(indices, generator) < prob
+    device = generator.device if generator is not None else indices.device
+    offsets = torch.randint(1, batch, indices.shape, generator=generator, device=device).to(indices.device)
+    own = torch.arange(batch, device=indices.device).view(-1, *[1] * (indices.ndim - 1))
+    donors = indices.gather(0, (own + offsets) % batch)
+    return torch.where(replace, donors, indices)
+
+
 @torch.no_grad()
 def build_teacher_inputs(
     vqvae,
     scales: Sequence[ScaleLike],
     pixels: torch.Tensor | None = None,
     latents: torch.Tensor | None = None,
+    input_token_noise: float = 0.0,
+    generator: torch.Generator | None = None,
 ) -> TeacherForcingBatch:
     """
     Token targets and teacher-forcing inputs of a batch at the given scales, from a frozen `FlexVQModel`.
@@ -74,6 +112,12 @@ def build_teacher_inputs(
     latents are quantised at every scale in float32 (`quantize_multiscale`), so the tokens do not depend on a reduced
     precision encoder dtype beyond the encoder itself; code vectors are the normalised codebook rows
     (`indices_to_codes`) and scale `i`'s input is scale `i - 1`'s code map resized bicubic to scale `i`.
+
+    `input_token_noise` > 0 (not in the original) replaces that fraction of the tokens fed as inputs by the tokens of
+    other images of the batch at the same positions (`mix_tokens_across_images`, drawing from `generator`); the
+    targets stay the true tokens. At generation time every scale is fed the model's own draws, made independently
+    per token, which need not fit together where each position's distribution is broad (the coarse scales); trained
+    this way the model learns to correct such inputs instead of building on them.
 
     Returns:
         `TeacherForcingBatch` with `scale_inputs` in float32.
@@ -88,6 +132,8 @@ def build_teacher_inputs(
     indices = vqvae.quantize_multiscale(latents, scales)
     inputs = []
     for scale_indices, next_scale in zip(indices[:-1], scales[1:]):
+        if input_token_noise:
+            scale_indices = mix_tokens_across_images(scale_indices, input_token_noise, generator)
         codes = vqvae.indices_to_codes(scale_indices).float()
         inputs.append(flatten_grid(resize_codes(codes, next_scale)))
     scale_inputs = torch.cat(inputs, dim=1) if inputs else None
@@ -110,8 +156,7 @@ def drop_class_labels(
         raise ValueError(f"`dropout_prob` must be in [0, 1], got {dropout_prob}.")
     if dropout_prob == 0:
         return labels.clone()
-    device = generator.device if generator is not None else labels.device
-    draw = torch.rand(labels.shape, generator=generator, device=device).to(labels.device)
+    draw = uniform_draws(labels, generator)
     return torch.where(draw < dropout_prob, torch.full_like(labels, num_classes), labels)
 
 
@@ -193,17 +238,21 @@ def training_loss(
     label_smoothing: float = 0.0,
     generator: torch.Generator | None = None,
     scale_weight_power: float = 0.0,
+    input_token_noise: float = 0.0,
 ) -> TrainingLoss:
     """
     The forward half of one training step: tokenise `pixels` at `scales` with the frozen `vqvae`
-    (`build_teacher_inputs`), drop `labels` to the unconditional label `num_classes` with probability
-    `class_dropout_prob` (`drop_class_labels`, draws from `generator`), run `transformer` with teacher forcing and
-    take `flexvar_loss`, with `scale_token_weights(scales, scale_weight_power)` unless the power is 0.
+    (`build_teacher_inputs`, with `input_token_noise`), drop `labels` to the unconditional label `num_classes` with
+    probability `class_dropout_prob` (`drop_class_labels`; both draw from `generator`), run `transformer` with
+    teacher forcing and take `flexvar_loss`, with `scale_token_weights(scales, scale_weight_power)` unless the power
+    is 0.
 
     `transformer` may be wrapped (DDP, an accelerate-prepared module): it is only called. Call `.backward()` on the
     returned loss (or `accelerator.backward`), then step the optimizer.
     """
-    teacher = build_teacher_inputs(vqvae, scales, pixels=pixels)
+    teacher = build_teacher_inputs(
+        vqvae, scales, pixels=pixels, input_token_noise=input_token_noise, generator=generator
+    )
     class_labels = drop_class_labels(labels, num_classes, class_dropout_prob, generator=generator)
     logits = transformer(class_labels, teacher.scales, teacher.scale_inputs).logits
     weights = scale_token_weights(teacher.scales, scale_weight_power) if scale_weight_power else None
