@@ -32,9 +32,9 @@ __all__ = [
     "TeacherForcingBatch",
     "TrainingLoss",
     "build_teacher_inputs",
-    "mix_tokens_across_images",
     "drop_class_labels",
     "flexvar_loss",
+    "mix_tokens_across_images",
     "scale_token_weights",
     "token_accuracy",
     "training_loss",
@@ -63,11 +63,10 @@ class TeacherForcingBatch:
         return height * width
 
 
-def uniform_draws(like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """U[0, 1) draws of `like`'s shape on `like`'s device, made on `generator`'s device when one is given (so a CPU
-    generator gives the same draws whatever the device)."""
-    device = generator.device if generator is not None else like.device
-    return torch.rand(like.shape, generator=generator, device=device).to(like.device)
+def _draw_device(like: torch.Tensor, generator: torch.Generator | None) -> torch.device:
+    """Where to make random draws for `like`: on `generator`'s device when one is given, so that a CPU generator gives
+    the same draws whatever device the data is on (the draws are then moved to `like`'s device)."""
+    return generator.device if generator is not None else like.device
 
 
 def mix_tokens_across_images(
@@ -88,8 +87,8 @@ def mix_tokens_across_images(
         raise ValueError(f"Mixing tokens across images needs a batch of at least 2 images, got {batch}.")
     if prob == 0:
         return indices.clone()
-    replace = uniform_draws(indices, generator) < prob
-    device = generator.device if generator is not None else indices.device
+    device = _draw_device(indices, generator)
+    replace = (torch.rand(indices.shape, generator=generator, device=device) < prob).to(indices.device)
     offsets = torch.randint(1, batch, indices.shape, generator=generator, device=device).to(indices.device)
     own = torch.arange(batch, device=indices.device).view(-1, *[1] * (indices.ndim - 1))
     donors = indices.gather(0, (own + offsets) % batch)
@@ -156,7 +155,7 @@ def drop_class_labels(
         raise ValueError(f"`dropout_prob` must be in [0, 1], got {dropout_prob}.")
     if dropout_prob == 0:
         return labels.clone()
-    draw = uniform_draws(labels, generator)
+    draw = torch.rand(labels.shape, generator=generator, device=_draw_device(labels, generator)).to(labels.device)
     return torch.where(draw < dropout_prob, torch.full_like(labels, num_classes), labels)
 
 
