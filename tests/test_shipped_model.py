@@ -96,8 +96,8 @@ def test_tokenizer_reconstructions_keep_the_digit(pipe, classifier, classifier_m
 
 def test_samples_show_the_requested_digit(pipe, classifier, classifier_module):
     """The model's setting (96x96 and constant guidance 3.5, the pipeline's defaults for it from its configs, and
-    10 steps): the evaluations measured about 92.9% class accuracy over 5,100 images; 20 images on the CPU must keep
-    at least 17 digits (chance: 10%)."""
+    10 steps): the evaluations measured about 97% class accuracy over 4,000 images; 20 images on the CPU must keep
+    at least 17 digits (chance: 10%; this seed gives 18)."""
     assert pipe.scheduler.config.guidance_schedule == "constant" and pipe.default_sample_size == 96
     labels = list(range(10)) * 2
     generator = torch.Generator().manual_seed(0)
