@@ -53,9 +53,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def build_pipeline(depth: int, dtype: torch.dtype, device: str) -> FlexVARPipeline:
+def build_transformer(depth: int) -> FlexVARTransformer2DModel:
+    """A randomly initialised transformer of a released size (width 64 per layer, one head per layer), float32."""
     torch.manual_seed(0)
-    transformer = FlexVARTransformer2DModel(
+    return FlexVARTransformer2DModel(
         num_layers=depth,
         hidden_size=64 * depth,
         num_attention_heads=depth,
@@ -63,6 +64,10 @@ def build_pipeline(depth: int, dtype: torch.dtype, device: str) -> FlexVARPipeli
         vocab_size=VOCAB_SIZE,
         code_dim=CODE_DIM,
     )
+
+
+def build_pipeline(depth: int, dtype: torch.dtype, device: str) -> FlexVARPipeline:
+    transformer = build_transformer(depth)
     vqvae = FlexVQModel(num_codes=VOCAB_SIZE, code_dim=CODE_DIM)
     pipe = FlexVARPipeline(transformer=transformer, vqvae=vqvae, scheduler=FlexVARScaleScheduler())
     pipe.set_progress_bar_config(disable=True)

@@ -1,0 +1,119 @@
+"""
+Does the first launch of a compiled FlexVAR block decide how fast it runs at the largest scale?
+
+Inductor picks a Triton kernel's launch configuration by timing its candidates at the kernel's first launch and keeps
+that choice for every later shape. Blocks compiled with `compile_repeated_blocks(dynamic=True)` first launch their
+dynamic-shape graph at generation's 2x2 scale (the 1x1 scale gets a graph of its own). If the candidates take about
+the same time at those few rows, their choice is a draw for the largest scale. This script compiles one block of a
+released size afresh (a fresh Inductor cache) `--trials` times for each side of that first launch, then times the
+block at the last scale (the guidance-doubled batch, the earlier scales' tokens in its cache) and prints the spread.
+
+    python benchmarks/bench_autotune.py --size d24 --batch 64 --first_sides 2 16 --trials 4 --json autotune.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch._inductor.utils import fresh_inductor_cache
+
+from bench_generate import DEPTHS, DTYPES, build_transformer
+from flexvar_hf.models.transformer_flexvar import FlexVARBlock, FlexVARKVCache
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="d24", choices=sorted(DEPTHS))
+    parser.add_argument("--batch", type=int, default=64, help="Images; the block sees twice as many (guidance).")
+    parser.add_argument(
+        "--sides",
+        nargs="+",
+        type=int,
+        default=[1, 2, 3, 4, 5, 6, 8, 10, 13, 16],
+        help="The scale sides of one generation (256x256, 10 steps by default); the last is timed.",
+    )
+    parser.add_argument(
+        "--first_sides",
+        nargs="+",
+        type=int,
+        default=[2, 16],
+        help="Sides of the dynamic graph's first launch to compare.",
+    )
+    parser.add_argument("--trials", type=int, default=4, help="Fresh compilations per first side.")
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if any(side not in args.sides[1:] for side in args.first_sides):
+        parser.error(f"--first_sides must be among the sides after the first, {args.sides[1:]}.")
+    return args
+
+
+class BlockInputs:
+    """Random inputs of one block at every side of a generation, with a one-layer cache."""
+
+    def __init__(self, block: FlexVARBlock, sequences: int, sides: list[int], dtype: torch.dtype):
+        dim = block.attn.num_heads * block.attn.head_dim
+        tensor_kw = {"dtype": dtype, "device": block.attn.to_qkv.weight.device}
+        self.sides = sides
+        self.modulation = block.modulation(torch.randn(sequences, dim, **tensor_kw))
+        self.hidden = {side: torch.randn(sequences, side * side, dim, **tensor_kw) for side in sides}
+        max_tokens = sum(side * side for side in sides)
+        self.cache = FlexVARKVCache(1, sequences, block.attn.num_heads, max_tokens, block.attn.head_dim, **tensor_kw)
+        for buffer in self.cache.keys + self.cache.values:
+            buffer.normal_()  # the earlier scales' keys and values, never written by `run`
+
+    def run(self, block, side: int) -> torch.Tensor:
+        """One call at `side`, with the tokens of the sides before it cached (their values do not matter here)."""
+        self.cache.length = sum(earlier * earlier for earlier in self.sides[: self.sides.index(side)])
+        return block(self.hidden[side], self.modulation, None, self.cache, 0)
+
+
+def time_trial(block: FlexVARBlock, inputs: BlockInputs, first_side: int, iters: int) -> float:
+    """Compile `block` afresh, launch it at side 1 then `first_side`, and return ms per call at the last side."""
+    torch._dynamo.reset()
+    compiled = torch.compile(block, dynamic=True)
+    with torch.no_grad(), fresh_inductor_cache():  # a new cache folder, in-memory caches cleared: a new draw
+        inputs.run(compiled, inputs.sides[0])
+        inputs.run(compiled, first_side)
+        last = inputs.sides[-1]
+        for _ in range(3):
+            inputs.run(compiled, last)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(iters):
+            inputs.run(compiled, last)
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / iters * 1e3
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("This benchmark needs a CUDA GPU.")
+    dtype = DTYPES[args.dtype]
+    block = build_transformer(DEPTHS[args.size]).blocks[0].to(device="cuda", dtype=dtype).eval()
+    with torch.no_grad():
+        inputs = BlockInputs(block, 2 * args.batch, args.sides, dtype)
+    results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "args": vars(args) | {"json": None}}
+    for first_side in args.first_sides:
+        times = [time_trial(block, inputs, first_side, args.iters) for _ in range(args.trials)]
+        results[f"first_side_{first_side}"] = times
+        print(
+            f"{args.size} batch {args.batch}, first launch at {first_side}x{first_side}: block at "
+            f"{args.sides[-1]}x{args.sides[-1]} {min(times):.3f}-{max(times):.3f} ms (median "
+            f"{statistics.median(times):.3f}) over {len(times)} compilations: " + ", ".join(f"{t:.3f}" for t in times),
+            flush=True,
+        )
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
