@@ -40,12 +40,11 @@ from pathlib import Path
 
 import torch
 
+from bench_generate import CODE_DIM, DEPTHS, NUM_CLASSES, VOCAB_SIZE
 from flexvar_hf import FlexVARScaleScheduler, FlexVARTransformer2DModel, FlexVQModel
 from flexvar_hf.training.flexvar_loss import build_teacher_inputs, training_loss
 from flexvar_hf.training.optim import build_optimizer, clip_and_step
 
-DEPTHS = {"d16": 16, "d20": 20, "d24": 24, "d30": 30}
-VOCAB_SIZE, CODE_DIM, NUM_CLASSES = 8912, 32, 1000
 LEARNING_RATE, WEIGHT_DECAY, BETAS, MAX_GRAD_NORM, CLASS_DROPOUT = 1e-4, 0.05, (0.9, 0.95), 2.0, 0.1
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # The original train.py's `nowd_keys` (its parameter groups come from utils.lr_control.filter_params with these).
