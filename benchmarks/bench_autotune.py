@@ -100,7 +100,8 @@ def main(argv=None) -> int:
     block = build_transformer(DEPTHS[args.size]).blocks[0].to(device="cuda", dtype=dtype).eval()
     with torch.no_grad():
         inputs = BlockInputs(block, 2 * args.batch, args.sides, dtype)
-    results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "args": vars(args) | {"json": None}}
+    recorded_args = {name: value for name, value in vars(args).items() if name != "json"}
+    results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "args": recorded_args}
     for first_side in args.first_sides:
         times = [time_trial(block, inputs, first_side, args.iters) for _ in range(args.trials)]
         results[f"first_side_{first_side}"] = times
