@@ -65,7 +65,7 @@ class BlockInputs:
         self.hidden = {side: torch.randn(sequences, side * side, dim, **tensor_kw) for side in sides}
         max_tokens = sum(side * side for side in sides)
         self.cache = FlexVARKVCache(1, sequences, block.attn.num_heads, max_tokens, block.attn.head_dim, **tensor_kw)
-        for buffer in self.cache.keys + self.cache.values:
+        for buffer in self.cache.key_values:
             buffer.normal_()  # the earlier scales' keys and values, never written by `run`
 
     def run(self, block, side: int) -> torch.Tensor:

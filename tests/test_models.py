@@ -102,6 +102,20 @@ def test_incremental_path_non_square_scales_beyond_position_grid():
 
 
 @torch.no_grad()
+def test_kv_cache_refuses_more_tokens_than_it_holds():
+    torch.manual_seed(0)
+    model = FlexVARTransformer2DModel(
+        num_classes=3, vocab_size=16, code_dim=4, num_layers=1, hidden_size=32, num_attention_heads=2, pos_grid_size=4
+    ).eval()
+    labels = torch.tensor([0, 1])
+    cache = model.init_kv_cache(2, 4)
+    assert cache.key_values[0].shape == (2, 4, 2, 2, 16)
+    model(labels, [(1, 1)], kv_cache=cache)
+    with pytest.raises(ValueError, match="holds 4 tokens; this call needs 5"):
+        model(labels, [(2, 2)], torch.randn(2, 4, 4), kv_cache=cache)
+
+
+@torch.no_grad()
 def test_block_causal_mask_hides_later_scales():
     torch.manual_seed(0)
     model = FlexVARTransformer2DModel(

@@ -38,29 +38,29 @@ class FlexVARTransformerOutput(BaseOutput):
 class FlexVARKVCache:
     """Preallocated key/value cache for generating one scale per call.
 
-    Each layer gets `(batch, max_tokens, heads, head_dim)` key and value buffers (the projection's own layout, so a
-    write is one slab copy); a call writes its tokens after the ones already cached and attends to everything
-    written so far.
+    Each layer gets one `(batch, max_tokens, 2, heads, head_dim)` buffer of keys and values, the layout of the key
+    and value heads in the attention's projection, so that a call writes its tokens' keys and values as one copy
+    after the tokens already cached, and attends to everything written so far.
     """
 
     def __init__(self, num_layers: int, batch_size: int, num_heads: int, max_tokens: int, head_dim: int, **tensor_kw):
-        shape = (batch_size, max_tokens, num_heads, head_dim)
-        self.keys = [torch.empty(shape, **tensor_kw) for _ in range(num_layers)]
-        self.values = [torch.empty(shape, **tensor_kw) for _ in range(num_layers)]
+        shape = (batch_size, max_tokens, 2, num_heads, head_dim)
+        self.key_values = [torch.empty(shape, **tensor_kw) for _ in range(num_layers)]
         self.max_tokens = max_tokens
         self.length = 0
         # Per-layer AdaLN modulation of the sequence's class embedding, computed by the first call and reused by the
         # later ones: it does not depend on the scale.
         self.modulations: list[tuple[torch.Tensor, ...]] | None = None
 
-    def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this call's (B, l, H, D) keys and values for `layer`; return all cached ones including them."""
-        end = self.length + keys.shape[1]
+    def update(self, layer: int, key_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this call's (B, l, 2, H, D) keys and values for `layer`; return all cached (B, L, H, D) keys and
+        values, these included."""
+        end = self.length + key_values.shape[1]
         if end > self.max_tokens:
             raise ValueError(f"The KV cache holds {self.max_tokens} tokens; this call needs {end}.")
-        self.keys[layer][:, self.length : end] = keys
-        self.values[layer][:, self.length : end] = values
-        return self.keys[layer][:, :end], self.values[layer][:, :end]
+        cached = self.key_values[layer]
+        cached[:, self.length : end] = key_values
+        return cached[:, :end, 0], cached[:, :end, 1]
 
     def advance(self, num_new_tokens: int) -> None:
         """Mark the tokens of the last call as cached (after every layer wrote them)."""
@@ -108,19 +108,19 @@ def attention(
 @torch.compiler.disable
 def cached_attention(
     query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
+    key_values: torch.Tensor,
     attention_mask: torch.Tensor | None,
     kv_cache: FlexVARKVCache,
     layer_index: int,
 ) -> torch.Tensor:
-    """Append this call's (B, l, H, D) keys and values to `kv_cache` and attend over everything cached: (B, H, l, D).
+    """Append this call's (B, l, 2, H, D) keys and values to `kv_cache` and attend with the (B, l, H, D) queries over
+    everything cached: (B, H, l, D).
 
     Kept out of `torch.compile` graphs: the cache's length and the layer index differ per call, and a compiled block
     would be specialised (recompiled) on them; around this call a compiled block stays one graph for every scale and
     layer, with no per-scale recompilation.
     """
-    key, value = kv_cache.update(layer_index, key, value)
+    key, value = kv_cache.update(layer_index, key_values)
     return attention(query, key, value, attention_mask)
 
 
@@ -153,11 +153,11 @@ class FlexVARAttention(nn.Module):
         qkv = F.linear(hidden_states, self.to_qkv.weight, bias).view(batch, length, 3 * heads, self.head_dim)
         temperature = self.log_scale.clamp_max(MAX_LOG_SCALE).exp().view(1, 1, heads, 1).to(qkv.dtype)
         qkv = normalize_queries_keys(qkv, temperature)
-        query, key, value = qkv.view(batch, length, 3, heads, self.head_dim).unbind(2)
+        qkv = qkv.view(batch, length, 3, heads, self.head_dim)
         if kv_cache is not None:
-            out = cached_attention(query, key, value, attention_mask, kv_cache, layer_index)
+            out = cached_attention(qkv[:, :, 0], qkv[:, :, 1:], attention_mask, kv_cache, layer_index)
         else:
-            out = attention(query, key, value, attention_mask)
+            out = attention(*qkv.unbind(2), attention_mask)
         return self.to_out(out.transpose(1, 2).reshape(batch, length, dim))
 
 
