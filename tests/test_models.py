@@ -106,12 +106,13 @@ RESIZES = [((1, 1), (2, 2)), ((2, 3), (3, 5)), ((13, 13), (16, 16)), ((16, 16), 
 
 @pytest.mark.parametrize("source, target", RESIZES)
 def test_resize_codes_is_pytorch_bicubic(source, target):
-    """The matrix form gives F.interpolate's bicubic numbers (up, down, non-square, edge clamping) in float32, and
-    keeps a bfloat16 map's dtype within bfloat16 rounding."""
+    """The matrix form gives F.interpolate's bicubic numbers (up, down, non-square, edge clamping) in float32 and
+    float64, and keeps a bfloat16 map's dtype within bfloat16 rounding."""
     torch.manual_seed(0)
     codes = torch.randn(3, 8, *source)
     expected = torch.nn.functional.interpolate(codes.double(), size=target, mode="bicubic")
     assert (resize_codes(codes, target).double() - expected).abs().max() < 1e-5
+    assert (resize_codes(codes.double(), target) - expected).abs().max() < 1e-12
     resized = resize_codes(codes.bfloat16(), target)
     assert resized.dtype == torch.bfloat16
     reference = torch.nn.functional.interpolate(codes.bfloat16().double(), size=target, mode="bicubic")

@@ -53,10 +53,10 @@ BICUBIC_A = -0.75
 
 
 @functools.cache
-def bicubic_matrix(in_size: int, out_size: int, device: torch.device) -> torch.Tensor:
-    """(out_size, in_size) float32 matrix that resizes one axis as `F.interpolate(mode="bicubic",
-    align_corners=False)` does: half-pixel source positions, four cubic-convolution taps, indices clamped at the
-    edges (their weights add up on the edge sample). Built in float64, kept per device."""
+def bicubic_matrix(in_size: int, out_size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(out_size, in_size) matrix that resizes one axis as `F.interpolate(mode="bicubic", align_corners=False)`
+    does: half-pixel source positions, four cubic-convolution taps, indices clamped at the edges (their weights add
+    up on the edge sample). Built in float64, kept per device and dtype."""
     source = (torch.arange(out_size, dtype=torch.float64) + 0.5) * (in_size / out_size) - 0.5
     base = source.floor()
     offset = source - base
@@ -70,17 +70,19 @@ def bicubic_matrix(in_size: int, out_size: int, device: torch.device) -> torch.T
     weights = torch.stack((far(offset + 1), near(offset), near(1 - offset), far(2 - offset)), dim=1)
     taps = (base.long()[:, None] + torch.arange(-1, 3)).clamp(0, in_size - 1)
     matrix = torch.zeros(out_size, in_size, dtype=torch.float64).scatter_add_(1, taps, weights)
-    return matrix.to(device=device, dtype=torch.float32)
+    return matrix.to(device=device, dtype=dtype)
 
 
 def resize_codes(codes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bicubic resize of a code map (B, C, h, w) to `size`, as FlexVAR does between scales: the numbers of
-    `F.interpolate(codes, size, mode="bicubic")` up to float32 rounding, computed as two small matrix products in
-    float32 because PyTorch's CUDA bicubic kernel runs one thread per output pixel and loops over batch and channels
-    (about 0.7 ms a call for 64 maps of 32 channels on an H100, benchmarks/RESULTS.md run 9)."""
-    rows = bicubic_matrix(codes.shape[-2], size[0], codes.device)
-    columns = bicubic_matrix(codes.shape[-1], size[1], codes.device)
-    return (rows @ codes.float() @ columns.T).to(codes.dtype)
+    `F.interpolate(codes, size, mode="bicubic")` up to rounding, computed as two small matrix products (in float32,
+    or float64 for float64 maps) because PyTorch's CUDA bicubic kernel runs one thread per output pixel and loops
+    over batch and channels (about 0.7 ms a call for 64 maps of 32 channels on an H100, benchmarks/RESULTS.md
+    run 9)."""
+    compute_dtype = torch.promote_types(codes.dtype, torch.float32)
+    rows = bicubic_matrix(codes.shape[-2], size[0], codes.device, compute_dtype)
+    columns = bicubic_matrix(codes.shape[-1], size[1], codes.device, compute_dtype)
+    return (rows @ codes.to(compute_dtype) @ columns.T).to(codes.dtype)
 
 
 def flatten_grid(grid: torch.Tensor) -> torch.Tensor:
