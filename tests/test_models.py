@@ -15,6 +15,13 @@ from conftest import PIXEL_TOLERANCE, RELATIVE_TOLERANCE, relative_error
 TRAIN_SCALES = [1, 2, 3, 4]
 
 
+def tiny_transformer(**overrides) -> FlexVARTransformer2DModel:
+    """A small random transformer (3 classes, 16 codes of 4 dims, one layer of width 32, 2 heads) with `overrides`
+    of its config."""
+    config = dict(num_classes=3, vocab_size=16, code_dim=4, num_layers=1, hidden_size=32, num_attention_heads=2)
+    return FlexVARTransformer2DModel(**(config | overrides))
+
+
 def teacher_inputs_from_indices(vq, indices, scales):
     codes = [vq.indices_to_codes(ix) for ix in indices]
     return torch.cat([flatten_grid(resize_codes(c, (s, s))) for c, s in zip(codes[:-1], scales[1:])], dim=1)
@@ -84,8 +91,8 @@ def test_incremental_path_equals_teacher_forcing_on_fixture(parity_transformer, 
 @torch.no_grad()
 def test_incremental_path_non_square_scales_beyond_position_grid():
     torch.manual_seed(0)
-    model = FlexVARTransformer2DModel(
-        num_classes=5, vocab_size=40, code_dim=8, num_layers=2, hidden_size=64, num_attention_heads=2, pos_grid_size=4
+    model = tiny_transformer(
+        num_classes=5, vocab_size=40, code_dim=8, num_layers=2, hidden_size=64, pos_grid_size=4
     ).eval()
     scales = [(1, 2), (2, 3), (3, 5), (6, 8)]  # non-square, and larger than the 4x4 stored grid
     labels = torch.tensor([0, 4, 5])  # 5 is the unconditional label
@@ -122,9 +129,7 @@ def test_resize_codes_is_pytorch_bicubic(source, target):
 @torch.no_grad()
 def test_kv_cache_refuses_more_tokens_than_it_holds():
     torch.manual_seed(0)
-    model = FlexVARTransformer2DModel(
-        num_classes=3, vocab_size=16, code_dim=4, num_layers=1, hidden_size=32, num_attention_heads=2, pos_grid_size=4
-    ).eval()
+    model = tiny_transformer(pos_grid_size=4).eval()
     labels = torch.tensor([0, 1])
     cache = model.init_kv_cache(2, 4)
     assert cache.key_values[0].shape == (2, 4, 2, 2, 16)
@@ -136,9 +141,7 @@ def test_kv_cache_refuses_more_tokens_than_it_holds():
 @torch.no_grad()
 def test_block_causal_mask_hides_later_scales():
     torch.manual_seed(0)
-    model = FlexVARTransformer2DModel(
-        num_classes=3, vocab_size=16, code_dim=4, num_layers=1, hidden_size=32, num_attention_heads=2, pos_grid_size=8
-    ).eval()
+    model = tiny_transformer(pos_grid_size=8).eval()
     labels = torch.tensor([1])
     inputs = torch.randn(1, 4 + 9, 4)
     base = model(labels, [1, 2, 3], inputs).logits
@@ -153,9 +156,7 @@ def test_regionally_compiled_blocks_train_like_eager_ones_for_any_schedule():
     from torch._dynamo.utils import counters
 
     torch.manual_seed(0)
-    eager = FlexVARTransformer2DModel(
-        num_classes=3, vocab_size=16, code_dim=4, num_layers=2, hidden_size=32, num_attention_heads=2, pos_grid_size=8
-    )
+    eager = tiny_transformer(num_layers=2, pos_grid_size=8)
     compiled = copy.deepcopy(eager)
     torch._dynamo.reset()
     counters.clear()
@@ -175,9 +176,7 @@ def test_regionally_compiled_blocks_train_like_eager_ones_for_any_schedule():
 
 
 def test_transformer_rejects_wrong_scale_inputs():
-    model = FlexVARTransformer2DModel(
-        num_classes=3, vocab_size=16, code_dim=4, num_layers=1, hidden_size=32, num_attention_heads=2
-    )
+    model = tiny_transformer()
     with pytest.raises(ValueError, match="scale_inputs"):
         model(torch.tensor([0]), [1, 2], torch.randn(1, 3, 4))
     with pytest.raises(ValueError, match="scale"):
