@@ -7,8 +7,12 @@ dynamic-shape graph at generation's 2x2 scale (the 1x1 scale gets a graph of its
 the same time at those few rows, their choice is a draw for the largest scale. This script compiles one block of a
 released size afresh (a fresh Inductor cache) `--trials` times for each side of that first launch, then times the
 block at the last scale (the guidance-doubled batch, the earlier scales' tokens in its cache) and prints the spread.
+With `--after_profiler` a torch.profiler session runs first: a second suspect, since the slow compiled runs (6a, 9 of
+RESULTS.md) profiled before compiling, and the profiler leaves CUDA's tracing (CUPTI) on, which adds a cost to each
+kernel that may swamp the differences between candidates.
 
     python benchmarks/bench_autotune.py --size d24 --batch 64 --first_sides 2 16 --trials 4 --json autotune.json
+    python benchmarks/bench_autotune.py --size d24 --batch 64 --first_sides 2 16 --trials 4 --after_profiler
 """
 
 from __future__ import annotations
@@ -45,6 +49,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="Sides of the dynamic graph's first launch to compare.",
     )
     parser.add_argument("--trials", type=int, default=4, help="Fresh compilations per first side.")
+    parser.add_argument(
+        "--after_profiler",
+        action="store_true",
+        help="Profile a few eager block calls with torch.profiler before compiling, as bench_generate's --profile "
+        "did before its compiled modes in runs 6a and 9 (the profiler leaves CUDA's tracing set up).",
+    )
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     parser.add_argument("--json", type=Path, default=None)
@@ -92,6 +102,16 @@ def time_trial(block: FlexVARBlock, inputs: BlockInputs, first_side: int, iters:
     return (time.perf_counter() - start) / iters * 1e3
 
 
+def profile_eager_calls(block: FlexVARBlock, inputs: BlockInputs) -> None:
+    """One torch.profiler session over eager calls at every side; afterwards CUDA's tracing stays set up."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]):
+        for side in inputs.sides:
+            inputs.run(block, side)
+        torch.cuda.synchronize()
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
@@ -100,6 +120,8 @@ def main(argv=None) -> int:
     block = build_transformer(DEPTHS[args.size]).blocks[0].to(device="cuda", dtype=dtype).eval()
     with torch.no_grad():
         inputs = BlockInputs(block, 2 * args.batch, args.sides, dtype)
+    if args.after_profiler:
+        profile_eager_calls(block, inputs)
     recorded_args = {name: value for name, value in vars(args).items() if name != "json"}
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "args": recorded_args}
     for first_side in args.first_sides:
