@@ -18,6 +18,7 @@ kernel that may swamp the differences between candidates.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -28,6 +29,7 @@ from torch._inductor.utils import fresh_inductor_cache
 
 from bench_generate import DEPTHS, DTYPES, build_transformer
 from flexvar_hf.models.transformer_flexvar import FlexVARBlock, FlexVARKVCache
+from flexvar_hf.utils.inductor import PERSISTENT_ROW_LIMIT, wide_row_persistent_reductions
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,6 +60,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--persistent_rows",
+        action="store_true",
+        help="Compile within `wide_row_persistent_reductions()`: one-pass LayerNorms over rows of up to "
+        f"{PERSISTENT_ROW_LIMIT} elements.",
+    )
     args = parser.parse_args(argv)
     if any(side not in args.sides[1:] for side in args.first_sides):
         parser.error(f"--first_sides must be among the sides after the first, {args.sides[1:]}.")
@@ -84,13 +92,15 @@ class BlockInputs:
         return block(self.hidden[side], self.modulation, None, self.cache, 0)
 
 
-def time_trial(block: FlexVARBlock, inputs: BlockInputs, first_side: int, iters: int) -> float:
+def time_trial(block: FlexVARBlock, inputs: BlockInputs, first_side: int, iters: int, persistent_rows: bool) -> float:
     """Compile `block` afresh, launch it at side 1 then `first_side`, and return ms per call at the last side."""
     torch._dynamo.reset()
     compiled = torch.compile(block, dynamic=True)
+    heuristics = wide_row_persistent_reductions() if persistent_rows else contextlib.nullcontext()
     with torch.no_grad(), fresh_inductor_cache():  # a new cache folder, in-memory caches cleared: a new draw
-        inputs.run(compiled, inputs.sides[0])
-        inputs.run(compiled, first_side)
+        with heuristics:
+            inputs.run(compiled, inputs.sides[0])
+            inputs.run(compiled, first_side)
         last = inputs.sides[-1]
         for _ in range(3):
             inputs.run(compiled, last)
@@ -125,7 +135,7 @@ def main(argv=None) -> int:
     recorded_args = {name: value for name, value in vars(args).items() if name != "json"}
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "args": recorded_args}
     for first_side in args.first_sides:
-        times = [time_trial(block, inputs, first_side, args.iters) for _ in range(args.trials)]
+        times = [time_trial(block, inputs, first_side, args.iters, args.persistent_rows) for _ in range(args.trials)]
         results[f"first_side_{first_side}"] = times
         print(
             f"{args.size} batch {args.batch}, first launch at {first_side}x{first_side}: block at "
