@@ -150,3 +150,56 @@ def test_query_key_normalisation_matches_f_normalize():
     expected = torch.cat((normalize(query, dim=-1) * temperature, normalize(key, dim=-1), value), dim=2)
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-7)
     assert torch.equal(out[:, :, 8:], value)  # values multiplied by exactly 1
+
+
+def test_wide_row_heuristic_makes_rows_up_to_2048_persistent_and_is_scoped():
+    import sympy
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.runtime.hints import ReductionHint
+    from torch._inductor.sizevars import SizeVarAllocator
+    from torch._inductor.virtualized import V
+
+    from flexvar_hf.utils.inductor import WideRowChoices, wide_row_persistent_reductions
+
+    class Features:  # what the heuristic reads of a kernel
+        def __init__(self, numel, hint=ReductionHint.INNER):
+            self.reduction_numel, self.hint = sympy.Integer(numel), hint
+
+        def get_reduction_hint(self):
+            return self.hint
+
+    def persistent(choices, numel, **kwargs):
+        return choices.should_use_persistent_reduction(Features(numel, **kwargs), False)
+
+    with V.set_graph_handler(type("Graph", (), {"sizevars": SizeVarAllocator()})()):
+        # d16's 1024-wide rows were already one pass; d24's 1536 and d30's 1920 become so; wider rows do not.
+        assert [persistent(InductorChoices, n) for n in (1024, 1536, 1920)] == [True, False, False]
+        assert [persistent(WideRowChoices, n) for n in (1024, 1536, 1920, 4096)] == [True, True, True, False]
+        assert not persistent(WideRowChoices, 1536, hint=ReductionHint.OUTER)  # only row reductions change
+
+    default = type(V.choices)
+    with wide_row_persistent_reductions():
+        assert isinstance(V.choices, WideRowChoices)
+    assert type(V.choices) is default  # nothing leaks to other compiled code of the process
+
+
+def test_compiled_fast_sampling_generates_under_the_wide_row_heuristic(tiny_pipe, monkeypatch):
+    from torch._inductor.virtualized import V
+
+    from flexvar_hf.utils.inductor import WideRowChoices
+
+    seen = []
+    generate_tokens = tiny_pipe.generate_tokens
+
+    def spy(*args, **kwargs):
+        seen.append(type(V.choices))
+        return generate_tokens(*args, **kwargs)
+
+    monkeypatch.setattr(tiny_pipe, "generate_tokens", spy)
+    monkeypatch.setattr(tiny_pipe.transformer, "compile_repeated_blocks", lambda **kw: None)
+    monkeypatch.setattr(tiny_pipe.vqvae.decoder, "compile", lambda **kw: None)
+    tiny_pipe.enable_fast_sampling(use_cuda_graph=False, torch_compile=True)
+    generate(tiny_pipe, height=64, width=64)
+    tiny_pipe.enable_fast_sampling(use_cuda_graph=False)
+    generate(tiny_pipe, height=64, width=64)
+    assert seen[0] is WideRowChoices and seen[1] is not WideRowChoices

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -39,12 +40,13 @@ class FastTokenGenerator:
     (what the tests check on CPU).
     """
 
-    def __init__(self, pipeline, use_cuda_graph: bool = True, max_graphs: int = 4):
+    def __init__(self, pipeline, use_cuda_graph: bool = True, max_graphs: int = 4, compiled: bool = False):
         if max_graphs < 1:
             raise ValueError(f"`max_graphs` must be >= 1, got {max_graphs}.")
         self.pipeline = pipeline
         self.use_cuda_graph = use_cuda_graph
         self.max_graphs = max_graphs
+        self.compiled = compiled
         self.loops: OrderedDict[tuple, _StaticLoop] = OrderedDict()
 
     def _noise_shapes(self, batch_size: int, top_k: int) -> list[tuple[int, int, int] | None]:
@@ -59,6 +61,19 @@ class FastTokenGenerator:
                 exponential_noise(buffer.shape, generator, buffer.device, out=buffer)
 
     def _run(self, loop: _StaticLoop, sampling: tuple) -> None:
+        with self._compile_heuristics():
+            self._generate(loop, sampling)
+
+    def _compile_heuristics(self) -> AbstractContextManager:
+        """With `compiled` modules, which compile at their first call of a new shape (in `_run`): one-pass
+        LayerNorms over rows up to 2048 wide (d24 and d30), see `utils.inductor`."""
+        if not self.compiled:
+            return nullcontext()
+        from ..utils.inductor import wide_row_persistent_reductions  # imports Inductor (about 0.8 s)
+
+        return wide_row_persistent_reductions()
+
+    def _generate(self, loop: _StaticLoop, sampling: tuple) -> None:
         guidance_scale, guidance_schedule, top_k, top_p, temperature = sampling
         loop.indices = self.pipeline.generate_tokens(
             loop.class_labels,

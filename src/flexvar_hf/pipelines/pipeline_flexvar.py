@@ -289,7 +289,10 @@ class FlexVARPipeline(DiffusionPipeline):
                 and scale, which fuses the normalisations, modulations, residuals and activations between the
                 matrix products) and the VQ decoder (`vqvae.decoder.compile()`, its weights moved to channels-last
                 memory format so that the compiled convolutions need no layout conversions). The first call of a new
-                setting then also compiles (seconds). The modules stay compiled after `disable_fast_sampling()`.
+                setting then also compiles (seconds), with one Inductor heuristic changed: LayerNorms over rows of up
+                to 2048 elements compile to one-pass kernels (`utils.inductor`; Inductor's limit is 1024, below d24's
+                width). The modules stay compiled after `disable_fast_sampling()`; calls that take the plain path
+                (`callback_on_step_end`) compile new shapes with Inductor's defaults.
             compile_mode (`str`, *optional*): `torch.compile`'s `mode` for both, with `torch_compile=True`: None
                 (its default) or "max-autotune-no-cudagraphs" (Triton matrix-product kernels chosen by timing, with
                 the following elementwise work fused into them; minutes of start-up, and slower at d24 batch 1 on
@@ -307,7 +310,9 @@ class FlexVARPipeline(DiffusionPipeline):
             use_cuda_graph = self.transformer.device.type == "cuda"
         if use_cuda_graph and self.transformer.device.type != "cuda":
             raise ValueError(f"CUDA graphs need the pipeline on a CUDA device, it is on {self.transformer.device}.")
-        self.fast_token_generator = FastTokenGenerator(self, use_cuda_graph=use_cuda_graph, max_graphs=max_graphs)
+        self.fast_token_generator = FastTokenGenerator(
+            self, use_cuda_graph=use_cuda_graph, max_graphs=max_graphs, compiled=torch_compile
+        )
         if torch_compile:
             self.transformer.compile_repeated_blocks(dynamic=True, mode=compile_mode)
             # Only the decoding modules: the encoder stays contiguous for the eager encoding of the image-to-image
