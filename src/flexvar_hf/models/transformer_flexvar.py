@@ -68,10 +68,17 @@ class FlexVARKVCache:
 
 
 def modulated_layer_norm(
-    hidden_states: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
+    norm: nn.LayerNorm, hidden_states: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
 ) -> torch.Tensor:
-    """AdaLN: `shift + layer_norm(hidden_states) * scale` (no affine parameters); (B, L, D) with (B, 1, D) terms."""
-    return torch.addcmul(shift, F.layer_norm(hidden_states, hidden_states.shape[-1:], eps=eps), scale)
+    """AdaLN: `shift + norm(hidden_states) * scale` for a LayerNorm without affine parameters; (B, L, D) with
+    (B, 1, D) terms.
+
+    The width comes from `norm` (a Python int), not from the input's shape: in blocks compiled with `dynamic=True`
+    every input dimension is symbolic, and a LayerNorm over a symbolic width compiled to a looped kernel, since
+    Inductor can only make a reduction of known size persistent (run 14 of benchmarks/RESULTS.md: the block's first
+    LayerNorm took 118 us a call at d24 batch 64, the second, whose width followed from a weight, 35 us).
+    """
+    return torch.addcmul(shift, norm(hidden_states), scale)
 
 
 def normalize_queries_keys(qkv: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
@@ -189,10 +196,10 @@ class FlexVARBlock(nn.Module):
     ) -> torch.Tensor:
         """`modulation` is `self.modulation(class_embedding)`; the (B, L, dim) output has the input's shape."""
         shift_attn, scale_attn, gate_attn, shift_ff, scale_ff, gate_ff = modulation
-        normed = modulated_layer_norm(hidden_states, shift_attn, scale_attn, self.norm1.norm.eps)
+        normed = modulated_layer_norm(self.norm1.norm, hidden_states, shift_attn, scale_attn)
         attended = self.attn(normed, attention_mask, kv_cache, layer_index)
         hidden_states = torch.addcmul(hidden_states, gate_attn, attended)
-        normed = modulated_layer_norm(hidden_states, shift_ff, scale_ff, self.norm2.eps)
+        normed = modulated_layer_norm(self.norm2, hidden_states, shift_ff, scale_ff)
         return torch.addcmul(hidden_states, gate_ff, self.ff(normed))
 
 
@@ -384,7 +391,7 @@ class FlexVARTransformer2DModel(ModelMixin, ConfigMixin):
             kv_cache.advance(hidden_states.shape[1])
 
         scale_out, shift_out = modulations[-1]
-        normed = modulated_layer_norm(hidden_states, shift_out, scale_out, self.norm_out.norm.eps)
+        normed = modulated_layer_norm(self.norm_out.norm, hidden_states, shift_out, scale_out)
         logits = self.proj_out(normed)
         if not return_dict:
             return (logits,)
