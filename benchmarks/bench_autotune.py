@@ -1,18 +1,16 @@
 """
-Does the first launch of a compiled FlexVAR block decide how fast it runs at the largest scale?
+Time one compiled FlexVAR block at the largest scale over several fresh compilations.
 
-Inductor picks a Triton kernel's launch configuration by timing its candidates at the kernel's first launch and keeps
-that choice for every later shape. Blocks compiled with `compile_repeated_blocks(dynamic=True)` first launch their
-dynamic-shape graph at generation's 2x2 scale (the 1x1 scale gets a graph of its own). If the candidates take about
-the same time at those few rows, their choice is a draw for the largest scale. This script compiles one block of a
-released size afresh (a fresh Inductor cache) `--trials` times for each side of that first launch, then times the
-block at the last scale (the guidance-doubled batch, the earlier scales' tokens in its cache) and prints the spread.
-With `--after_profiler` a torch.profiler session runs first: a second suspect, since the slow compiled runs (6a, 9 of
-RESULTS.md) profiled before compiling, and the profiler leaves CUDA's tracing (CUPTI) on, which adds a cost to each
-kernel that may swamp the differences between candidates.
+Compiles one block of a released size afresh (a fresh Inductor cache) `--trials` times for each side of the
+dynamic-shape graph's first launch (`--first_sides`; generation launches it first at the 2x2 scale, the 1x1 scale
+having a graph of its own), then times the block at the last scale (the guidance-doubled batch, the earlier scales'
+tokens in its cache) and prints the spread. It was written for runs 9-10's question, whether the first launch (where
+Inductor times a kernel's candidate configurations) or a profiler session before compiling (`--after_profiler`)
+makes some processes' kernels slower; run 11 of RESULTS.md found neither (4% between compilations).
+`--persistent_rows` compiles under `flexvar_hf.utils.inductor.wide_row_persistent_reductions()`.
 
     python benchmarks/bench_autotune.py --size d24 --batch 64 --first_sides 2 16 --trials 4 --json autotune.json
-    python benchmarks/bench_autotune.py --size d24 --batch 64 --first_sides 2 16 --trials 4 --after_profiler
+    python benchmarks/bench_autotune.py --size d24 --batch 64 --first_sides 2 --trials 2 --persistent_rows
 """
 
 from __future__ import annotations

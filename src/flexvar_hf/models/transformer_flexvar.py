@@ -75,8 +75,8 @@ def modulated_layer_norm(
 
     The width comes from `norm` (a Python int), not from the input's shape: in blocks compiled with `dynamic=True`
     every input dimension is symbolic, and a LayerNorm over a symbolic width compiled to a looped kernel, since
-    Inductor can only make a reduction of known size persistent (run 14 of benchmarks/RESULTS.md: the block's first
-    LayerNorm took 118 us a call at d24 batch 64, the second, whose width followed from a weight, 35 us).
+    Inductor can only make a reduction of known size persistent (runs 13-14 of benchmarks/RESULTS.md: the block's
+    first LayerNorm took 118 us a call at d24 batch 64, the second, whose width followed from a weight, 35 us).
     """
     return torch.addcmul(shift, norm(hidden_states), scale)
 
