@@ -175,6 +175,31 @@ def test_regionally_compiled_blocks_train_like_eager_ones_for_any_schedule():
     assert graphs[0] > 0 and graphs[1] == graphs[0]  # one dynamic-shape block graph serves every schedule
 
 
+def test_compiled_block_layer_norms_see_a_static_width():
+    """A block compiled with `dynamic=True` normalises over the model's width as a constant: a symbolic width kept
+    Inductor from compiling the LayerNorm as a one-pass kernel (runs 13-14 of benchmarks/RESULTS.md)."""
+    graphs = []
+
+    def capture(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    model = tiny_transformer(num_layers=1)
+    block = model.blocks[0]
+    torch._dynamo.reset()
+    compiled = torch.compile(block, dynamic=True, backend=capture)
+    modulation = block.modulation(torch.randn(3, 32))
+    for length in (2, 5):  # past the specialisation of sizes 0 and 1
+        compiled(torch.randn(3, length, 32), modulation)
+    widths = [
+        node.kwargs.get("normalized_shape", node.args[1] if len(node.args) > 1 else None)
+        for graph_module in graphs
+        for node in graph_module.graph.nodes
+        if node.op == "call_function" and node.target is torch.nn.functional.layer_norm
+    ]
+    assert len(widths) == 2 * len(graphs) and all(width == (32,) for width in widths), widths
+
+
 def test_transformer_rejects_wrong_scale_inputs():
     model = tiny_transformer()
     with pytest.raises(ValueError, match="scale_inputs"):
