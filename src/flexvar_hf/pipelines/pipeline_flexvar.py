@@ -101,8 +101,11 @@ class FlexVARPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------------------------------------------------
     # Input checks
 
-    def prepare_class_labels(self, class_labels, num_images_per_prompt: int = 1) -> torch.LongTensor:
-        """int, list of ints or names, or a 1-D tensor -> LongTensor (B * num_images_per_prompt,) on the device."""
+    def prepare_class_labels(
+        self, class_labels, num_images_per_prompt: int = 1, device: torch.device | None = None
+    ) -> torch.LongTensor:
+        """int, list of ints or names, or a 1-D tensor -> LongTensor (B * num_images_per_prompt,) on `device`
+        (default: the execution device)."""
         if isinstance(class_labels, torch.Tensor):
             labels = class_labels.flatten().tolist() if class_labels.ndim <= 1 else None
             if labels is None or class_labels.is_floating_point():
@@ -123,7 +126,7 @@ class FlexVARPipeline(DiffusionPipeline):
             raise ValueError(f"Class labels must be ints in [0, {num_classes}) or known class names, got {bad}.")
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(f"`num_images_per_prompt` must be a positive int, got {num_images_per_prompt!r}.")
-        labels = torch.tensor(labels, dtype=torch.long, device=self._execution_device)
+        labels = torch.tensor(labels, dtype=torch.long, device=self._execution_device if device is None else device)
         return labels.repeat_interleave(num_images_per_prompt)
 
     @staticmethod
@@ -278,7 +281,8 @@ class FlexVARPipeline(DiffusionPipeline):
         per setting (batch size, scales, sampling arguments) and replayed. The first call of a setting costs about
         two plain calls (warm-up and capture); later ones launch the whole generation at once. Tokens equal
         the plain path's for the same generator. Calls with `callback_on_step_end` take the plain path. Captured
-        graphs hold their memory until `disable_fast_sampling()` (at most `max_graphs` are kept).
+        graphs hold their memory until `disable_fast_sampling()` (at most `max_graphs` are kept). The whole pipeline
+        must sit on one device: CPU offloading is refused.
 
         Args:
             use_cuda_graph (`bool`, *optional*): Capture graphs; defaults to whether the transformer is on CUDA.
@@ -306,6 +310,13 @@ class FlexVARPipeline(DiffusionPipeline):
             )
         if compile_mode is not None and not torch_compile:
             raise ValueError(f"`compile_mode={compile_mode!r}` needs `torch_compile=True`.")
+        weights_device, execution_device = self.transformer.proj_out.weight.device, self._execution_device
+        if (weights_device.type, weights_device.index or 0) != (execution_device.type, execution_device.index or 0):
+            raise ValueError(
+                f"Fast sampling runs where the transformer's weights are ({weights_device}), but this pipeline "
+                f"executes on {execution_device}, as with CPU offloading, which fast sampling does not support. "
+                "Move the whole pipeline with `pipe.to(device)` instead."
+            )
         if use_cuda_graph is None:
             use_cuda_graph = self.transformer.device.type == "cuda"
         if use_cuda_graph and self.transformer.device.type != "cuda":
@@ -390,15 +401,16 @@ class FlexVARPipeline(DiffusionPipeline):
             output_type, callback_on_step_end_tensor_inputs, guidance_scale, guidance_schedule, top_k, top_p,
             temperature,
         )
-        labels = self.prepare_class_labels(class_labels, num_images_per_prompt)
+        fast = self.fast_token_generator is not None and callback_on_step_end is None
+        device = self.fast_token_generator.device if fast else self._execution_device
+        labels = self.prepare_class_labels(class_labels, num_images_per_prompt, device)
         height = self.default_sample_size if height is None else height
         width = self.default_sample_size if width is None else width
-        self.scheduler.set_timesteps(num_inference_steps, height=height, width=width, scales=scales,
-                                     device=self._execution_device)
+        self.scheduler.set_timesteps(num_inference_steps, height=height, width=width, scales=scales, device=device)
 
         sampling = (guidance_scale, guidance_schedule, top_k, top_p, temperature)
         pixels = None
-        if self.fast_token_generator is not None and callback_on_step_end is None:
+        if fast:
             decode = output_type != "latent"
             indices, pixels = self.fast_token_generator(labels, *sampling, generator=generator, decode=decode)
         else:
