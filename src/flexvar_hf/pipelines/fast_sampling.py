@@ -121,8 +121,7 @@ class FastTokenGenerator:
         with `decode`, their (B, 3, 16h, 16w) pixels from `vqvae.decode_indices` (else None)."""
         transformer, scales = self.pipeline.transformer, tuple(self.pipeline.scheduler.scales)
         sampling = (float(guidance_scale), guidance_schedule, int(top_k), float(top_p), float(temperature))
-        weight = transformer.proj_out.weight
-        key = (len(class_labels), scales, sampling, decode, weight.dtype, weight.device)
+        key = (len(class_labels), scales, sampling, decode, transformer.proj_out.weight.dtype, self.device)
         loop = self.loops.pop(key, None)
         if loop is None:
             loop = self._new_loop(class_labels, sampling, decode)

@@ -310,17 +310,18 @@ class FlexVARPipeline(DiffusionPipeline):
             )
         if compile_mode is not None and not torch_compile:
             raise ValueError(f"`compile_mode={compile_mode!r}` needs `torch_compile=True`.")
-        weights_device, execution_device = self.transformer.proj_out.weight.device, self._execution_device
-        if (weights_device.type, weights_device.index or 0) != (execution_device.type, execution_device.index or 0):
+        device = self.transformer.proj_out.weight.device  # where `FastTokenGenerator` runs the loop
+        execution_device = self._execution_device
+        if (device.type, device.index or 0) != (execution_device.type, execution_device.index or 0):
             raise ValueError(
-                f"Fast sampling runs where the transformer's weights are ({weights_device}), but this pipeline "
-                f"executes on {execution_device}, as with CPU offloading, which fast sampling does not support. "
-                "Move the whole pipeline with `pipe.to(device)` instead."
+                f"Fast sampling runs where the transformer's weights are ({device}), but this pipeline executes on "
+                f"{execution_device}, as with CPU offloading, which fast sampling does not support. Move the whole "
+                "pipeline with `pipe.to(device)` instead."
             )
         if use_cuda_graph is None:
-            use_cuda_graph = self.transformer.device.type == "cuda"
-        if use_cuda_graph and self.transformer.device.type != "cuda":
-            raise ValueError(f"CUDA graphs need the pipeline on a CUDA device, it is on {self.transformer.device}.")
+            use_cuda_graph = device.type == "cuda"
+        if use_cuda_graph and device.type != "cuda":
+            raise ValueError(f"CUDA graphs need the pipeline on a CUDA device, it is on {device}.")
         self.fast_token_generator = FastTokenGenerator(
             self, use_cuda_graph=use_cuda_graph, max_graphs=max_graphs, compiled=torch_compile
         )
