@@ -248,3 +248,16 @@ def test_compiled_fast_sampling_generates_under_the_wide_row_heuristic(tiny_pipe
     tiny_pipe.enable_fast_sampling(use_cuda_graph=False)
     generate(tiny_pipe, height=64, width=64)
     assert seen[0] is WideRowChoices and seen[1] is not WideRowChoices
+
+
+def test_compiled_fast_sampling_falls_back_to_inductors_heuristics_on_other_torch_versions(tiny_pipe, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "flexvar_hf.utils.inductor", None)  # its import now raises ImportError
+    monkeypatch.setattr(tiny_pipe.transformer, "compile_repeated_blocks", lambda **kw: None)
+    monkeypatch.setattr(tiny_pipe.vqvae.decoder, "compile", lambda **kw: None)
+    tiny_pipe.enable_fast_sampling(use_cuda_graph=False, torch_compile=True)
+    with pytest.warns(UserWarning, match="Inductor's own heuristics"):
+        fast = generate(tiny_pipe, height=64, width=64)
+    tiny_pipe.disable_fast_sampling()
+    assert torch.equal(fast, generate(tiny_pipe, height=64, width=64))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -9,6 +10,14 @@ from torch._inductor import config
 from torch._inductor.choices import InductorChoices
 from torch._inductor.runtime.hints import ReductionHint
 from torch._inductor.virtualized import V
+
+# These are Inductor's private extension points (torch 2.11 and 2.13 were checked); a torch whose heuristic has
+# another signature gets an ImportError here, and the caller compiles with Inductor's own heuristics.
+if list(inspect.signature(InductorChoices.should_use_persistent_reduction).parameters) != [
+    "features",
+    "cooperative_reduction",
+]:
+    raise ImportError("This torch's InductorChoices.should_use_persistent_reduction has another signature.")
 
 # Widest rows whose reductions (the LayerNorms) compile to one pass. Inductor's own limit is 1024 elements, so the
 # 1536- and 1920-wide rows of d24 and d30 got looped reductions: run 11 of benchmarks/RESULTS.md timed d24's modulated
