@@ -11,8 +11,9 @@ from torch._inductor.choices import InductorChoices
 from torch._inductor.runtime.hints import ReductionHint
 from torch._inductor.virtualized import V
 
-# These are Inductor's private extension points (torch 2.11 and 2.13 were checked); a torch whose heuristic has
-# another signature gets an ImportError here, and the caller compiles with Inductor's own heuristics.
+# These are Inductor's private extension points (the tests run them on torch 2.13; runs 13-16 of RESULTS.md used them
+# on 2.11). With a torch whose heuristic has another signature, importing this module raises ImportError, and the
+# caller compiles with Inductor's own heuristics.
 if list(inspect.signature(InductorChoices.should_use_persistent_reduction).parameters) != [
     "features",
     "cooperative_reduction",
