@@ -12,6 +12,13 @@ import torch
 from ..schedulers.scheduling_flexvar import exponential_noise
 
 
+def loop_device(pipeline) -> torch.device:
+    """Where fast sampling runs the loop: the device of the transformer's weights. Read off one weight, since
+    diffusers' `device`, `dtype` and `_execution_device` each walk every module for offload hooks (about 3 ms for the
+    700 modules of d24 on a CPU host, paid before every replay)."""
+    return pipeline.transformer.proj_out.weight.device
+
+
 @dataclass(eq=False)
 class _StaticLoop:
     """The buffers one setting's loop reads and writes, and its graph (None when it runs eagerly)."""
@@ -52,10 +59,8 @@ class FastTokenGenerator:
 
     @property
     def device(self) -> torch.device:
-        """Where the loop runs: the device of the transformer's weights. Read off one weight, since diffusers'
-        `device`, `dtype` and `_execution_device` each walk every module for offload hooks (about 3 ms for the 700
-        modules of d24 on a CPU host, paid before every replay)."""
-        return self.pipeline.transformer.proj_out.weight.device
+        """Where the loop runs, `loop_device(pipeline)`."""
+        return loop_device(self.pipeline)
 
     def _noise_shapes(self, batch_size: int, top_k: int) -> list[tuple[int, int, int] | None]:
         scheduler = self.pipeline.scheduler

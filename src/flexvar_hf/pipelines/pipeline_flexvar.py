@@ -11,7 +11,7 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineO
 from ..models import FlexVARKVCache, FlexVARTransformer2DModel, FlexVQModel
 from ..scales import ScaleLike, flatten_grid, is_int, num_tokens, resize_codes
 from ..schedulers import FlexVARScaleScheduler
-from .fast_sampling import FastTokenGenerator
+from .fast_sampling import FastTokenGenerator, loop_device
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # `torch.compile` modes that leave CUDA graphs to fast sampling, which captures the whole generation as one.
@@ -310,7 +310,7 @@ class FlexVARPipeline(DiffusionPipeline):
             )
         if compile_mode is not None and not torch_compile:
             raise ValueError(f"`compile_mode={compile_mode!r}` needs `torch_compile=True`.")
-        device = self.transformer.proj_out.weight.device  # where `FastTokenGenerator` runs the loop
+        device = loop_device(self)
         execution_device = self._execution_device
         if (device.type, device.index or 0) != (execution_device.type, execution_device.index or 0):
             raise ValueError(
