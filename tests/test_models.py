@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from flexvar_hf import FlexVARTransformer2DModel, FlexVQModel
+from flexvar_hf.models.transformer_flexvar import feed_forward, linear_gelu
 from flexvar_hf.scales import as_hw_list, flatten_grid, resize_codes
 
 from conftest import PIXEL_TOLERANCE, RELATIVE_TOLERANCE, relative_error
@@ -198,6 +199,41 @@ def test_compiled_block_layer_norms_see_a_static_width():
         if node.op == "call_function" and node.target is torch.nn.functional.layer_norm
     ]
     assert len(widths) == 2 * len(graphs) and all(width == (32,) for width in widths), widths
+
+
+def test_linear_gelu_is_the_projection_then_gelu():
+    """`linear_gelu`'s single op takes the projection's bias and transposed weight, on any leading shape. On the CPU
+    `torch._addmm_activation` applies the exact GELU (CUDA: the tanh one, checked by the CUDA test below)."""
+    projection = torch.nn.Linear(8, 12)
+    hidden_states = torch.randn(2, 5, 8)
+    expected = torch.nn.functional.gelu(projection(hidden_states))
+    torch.testing.assert_close(linear_gelu(projection, hidden_states), expected)
+
+
+def test_feed_forward_takes_the_module_where_the_fused_op_does_not_apply():
+    """Training (autograd), the CPU and autocast take diffusers' module: the fused op has no backward, applies the
+    exact GELU on the CPU and is not cast by autocast."""
+    block = tiny_transformer(num_layers=1).blocks[0]
+    hidden_states = torch.randn(2, 3, 32, requires_grad=True)
+    out = feed_forward(block.ff, hidden_states)
+    out.square().sum().backward()
+    assert hidden_states.grad is not None
+    with torch.no_grad():
+        torch.testing.assert_close(feed_forward(block.ff, hidden_states), block.ff(hidden_states), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused GELU epilogue runs on CUDA only")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_feed_forward_matches_the_module_on_cuda(dtype):
+    block = tiny_transformer(num_layers=1).blocks[0].to("cuda", dtype)
+    hidden_states = torch.randn(4, 37, 32, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        fused, module = feed_forward(block.ff, hidden_states), block.ff(hidden_states)
+    # bfloat16: the module rounds the product before the GELU, the epilogue after it.
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(fused, module, **tolerance)
+    activation = block.ff.net[0]
+    torch.testing.assert_close(linear_gelu(activation.proj, hidden_states), activation(hidden_states), **tolerance)
 
 
 def test_transformer_rejects_wrong_scale_inputs():

@@ -81,6 +81,29 @@ def modulated_layer_norm(
     return torch.addcmul(shift, norm(hidden_states), scale)
 
 
+def linear_gelu(projection: nn.Linear, hidden_states: torch.Tensor) -> torch.Tensor:
+    """`gelu(projection(hidden_states))` as one `torch._addmm_activation` call, (..., in) -> (..., out), for a
+    projection with a bias. On CUDA the GELU is the tanh approximation, applied by cuBLASLt to the float32
+    accumulator before the result is rounded to the weights' dtype; on the CPU it is the exact GELU."""
+    rows = hidden_states.reshape(-1, hidden_states.shape[-1])
+    activated = torch._addmm_activation(projection.bias, rows, projection.weight.t(), use_gelu=True)
+    return activated.view(*hidden_states.shape[:-1], -1)
+
+
+def feed_forward(ff: FeedForward, hidden_states: torch.Tensor) -> torch.Tensor:
+    """diffusers' `FeedForward` with a tanh GELU and no dropout, (..., dim) -> (..., dim).
+
+    In CUDA inference the first projection, its bias and the GELU run as one matrix product with a GELU epilogue
+    (`linear_gelu`), so the 4x-wide activations are written once instead of being written, read and written again
+    by a separate GELU kernel (run 15 of benchmarks/RESULTS.md: that kernel took 8% of a compiled d24 batch-64
+    generation). Outputs in low precision differ from the module's by rounding. The op has no autograd formula, is
+    not cast by autocast, and on the CPU applies the exact GELU, so training, autocast and CPU runs take the module.
+    """
+    if torch.is_grad_enabled() or torch.is_autocast_enabled() or not hidden_states.is_cuda:
+        return ff(hidden_states)
+    return ff.net[2](linear_gelu(ff.net[0].proj, hidden_states))
+
+
 def normalize_queries_keys(qkv: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
     """
     Queries to unit vectors times their head's temperature, keys to unit vectors, values unchanged.
@@ -200,7 +223,7 @@ class FlexVARBlock(nn.Module):
         attended = self.attn(normed, attention_mask, kv_cache, layer_index)
         hidden_states = torch.addcmul(hidden_states, gate_attn, attended)
         normed = modulated_layer_norm(self.norm2, hidden_states, shift_ff, scale_ff)
-        return torch.addcmul(hidden_states, gate_ff, self.ff(normed))
+        return torch.addcmul(hidden_states, gate_ff, feed_forward(self.ff, normed))
 
 
 def sincos_position_grid(dim: int, size: int) -> torch.Tensor:
