@@ -236,6 +236,29 @@ def test_fused_feed_forward_matches_the_module_on_cuda(dtype):
     torch.testing.assert_close(linear_gelu(activation.proj, hidden_states), activation(hidden_states), **tolerance)
 
 
+@pytest.mark.parametrize("guidance_scale", [0.0, 1.0, 3.5])
+def test_transformer_guidance_equals_combining_the_logits(guidance_scale):
+    """The head of the combined features equals the combination of both rows' logits: the head is linear and the
+    weights `1 - g` and `g` sum to one, so its bias carries over."""
+    model = tiny_transformer(num_layers=2).eval()
+    labels = torch.tensor([0, 2, 3, 3])  # two conditional rows, then their unconditional ones
+    scales = [(1, 1), (2, 3)]
+    inputs = torch.randn(4, 6, 4)
+    with torch.no_grad():
+        logits = model(labels, scales, inputs).logits.double()
+        guided = model(labels, scales, inputs, guidance_scale=guidance_scale).logits
+    cond, uncond = logits.chunk(2)
+    expected = uncond + guidance_scale * (cond - uncond)
+    assert guided.shape == (2, 7, 16) and guided.dtype == torch.float32
+    torch.testing.assert_close(guided.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_transformer_guidance_needs_stacked_rows():
+    model = tiny_transformer()
+    with pytest.raises(ValueError, match="odd batch of 3"):
+        model(torch.tensor([0, 1, 3]), [1], guidance_scale=2.0)
+
+
 def test_transformer_rejects_wrong_scale_inputs():
     model = tiny_transformer()
     with pytest.raises(ValueError, match="scale_inputs"):

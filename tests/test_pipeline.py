@@ -227,6 +227,21 @@ def test_guidance_off_matches_unbatched_conditional_model(tiny_pipe):
     assert tokens.flatten().tolist() == logits.argmax(-1).flatten().tolist()
 
 
+def test_guided_generation_runs_the_head_on_the_conditional_rows_only(tiny_pipe, monkeypatch):
+    """The pipeline hands the guidance of each step to the transformer, which combines the features before its
+    head: the scheduler sees B rows of logits, not the 2B of the guided batch."""
+    seen = []
+    step = tiny_pipe.scheduler.step
+
+    def recording_step(model_output, *args, **kwargs):
+        seen.append((model_output.shape[0], kwargs.get("guidance_scale", 1.0)))
+        return step(model_output, *args, **kwargs)
+
+    monkeypatch.setattr(tiny_pipe.scheduler, "step", recording_step)
+    tiny_pipe([1, 2, 3], height=32, width=32, num_inference_steps=2, guidance_scale=3.0, output_type="latent")
+    assert seen == [(3, 1.0), (3, 1.0)]
+
+
 def test_bfloat16_transformer(tiny_pipe):
     pipe = make_tiny_pipe()
     pipe.transformer.to(torch.bfloat16)

@@ -15,6 +15,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.normalization import AdaLayerNormContinuous, AdaLayerNormZero
 from diffusers.utils import BaseOutput
 
+from ..guidance import combine_guidance
 from ..scales import ScaleLike, as_hw_list, flatten_grid, num_tokens
 
 # The per-head attention scale is exp(log_scale), clamped at exp(MAX_LOG_SCALE) = 100 as in the original.
@@ -358,6 +359,7 @@ class FlexVARTransformer2DModel(ModelMixin, ConfigMixin):
         scales: Sequence[ScaleLike],
         scale_inputs: torch.Tensor | None = None,
         kv_cache: FlexVARKVCache | None = None,
+        guidance_scale: float | None = None,
         return_dict: bool = True,
     ) -> FlexVARTransformerOutput | tuple[torch.Tensor]:
         """
@@ -371,9 +373,18 @@ class FlexVARTransformer2DModel(ModelMixin, ConfigMixin):
                 scale's code map resized bicubic to it, flattened row-major. None when only the first scale is fed.
             kv_cache (`FlexVARKVCache`, *optional*): Cache from `init_kv_cache` for incremental generation; the
                 tokens of this call are appended to it.
+            guidance_scale (`float`, *optional*): Classifier-free guidance for a batch stacked as
+                `cat([cond, uncond])`: the logits are `uncond + g * (cond - uncond)` for the B conditional rows.
+                They are computed as the head of the combined features: the head is linear (and the combination's
+                weights sum to 1, so its bias is kept), so this equals combining the two rows' logits up to
+                rounding, while the head runs on half the rows and the combination moves hidden-size instead of
+                vocabulary-size rows (a 6x smaller tensor at the released sizes). The combination is taken in
+                float32 and rounded once to the head's dtype; in bfloat16 that is closer to exact than combining
+                logits that were each rounded and then amplified by `g`. None: logits of every row.
 
         Returns:
-            `FlexVARTransformerOutput` with `logits` of shape `(B, tokens of the fed scales, vocab_size)`.
+            `FlexVARTransformerOutput` with `logits` of shape `(B, tokens of the fed scales, vocab_size)` (B/2 rows
+            with `guidance_scale`).
         """
         scales = as_hw_list(scales)
         num_cached = 0 if kv_cache is None else kv_cache.length
@@ -415,6 +426,8 @@ class FlexVARTransformer2DModel(ModelMixin, ConfigMixin):
 
         scale_out, shift_out = modulations[-1]
         normed = modulated_layer_norm(self.norm_out.norm, hidden_states, shift_out, scale_out)
+        if guidance_scale is not None:
+            normed = combine_guidance(normed, guidance_scale).to(normed.dtype)
         logits = self.proj_out(normed)
         if not return_dict:
             return (logits,)

@@ -205,15 +205,21 @@ class FlexVARPipeline(DiffusionPipeline):
             for step_index, scale in enumerate(scales):
                 known, keep = known_tokens[step_index], keep_masks[step_index]
                 if step_index <= last_sampled:
-                    logits = self.transformer(model_labels, [scale], scale_inputs, kv_cache=kv_cache).logits
+                    # Guidance is combined in the transformer, before its linear head (see its `guidance_scale`).
+                    step_guidance = (
+                        self.scheduler.guidance_scale_at(step_index, guidance_scale, guidance_schedule)
+                        if guided
+                        else None
+                    )
+                    logits = self.transformer(
+                        model_labels, [scale], scale_inputs, kv_cache=kv_cache, guidance_scale=step_guidance
+                    ).logits
                 if fully_known[step_index]:
                     indices = known
                 else:
                     indices = self.scheduler.step(
                         logits,
                         step_index,
-                        guidance_scale=guidance_scale,
-                        guidance_schedule=guidance_schedule,
                         top_k=top_k,
                         top_p=top_p,
                         temperature=temperature,

@@ -17,6 +17,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
+from ..guidance import combine_guidance
 from ..scales import as_hw, is_int, round_half_up_ratio
 
 GUIDANCE_SCHEDULES = ("linear", "constant")
@@ -402,14 +403,9 @@ class FlexVARScaleScheduler(SchedulerMixin, ConfigMixin):
         `uncond + g * (cond - uncond)` with `g = guidance_scale_at(step_index, ...)` (just `cond` where `g == 1`);
         otherwise `model_output` `(B, L, V)` itself.
         """
-        logits = model_output.float()
         if guidance_scale == 1:
-            return logits
-        cond, uncond = logits.chunk(2)
-        step_guidance = self.guidance_scale_at(step_index, guidance_scale, guidance_schedule)
-        if step_guidance == 1:
-            return cond
-        return uncond + step_guidance * (cond - uncond)
+            return model_output.float()
+        return combine_guidance(model_output, self.guidance_scale_at(step_index, guidance_scale, guidance_schedule))
 
     # ------------------------------------------------------------------------------------------------------------
     # Sampling
