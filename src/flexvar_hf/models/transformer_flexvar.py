@@ -373,8 +373,8 @@ class FlexVARTransformer2DModel(ModelMixin, ConfigMixin):
                 scale's code map resized bicubic to it, flattened row-major. None when only the first scale is fed.
             kv_cache (`FlexVARKVCache`, *optional*): Cache from `init_kv_cache` for incremental generation; the
                 tokens of this call are appended to it.
-            guidance_scale (`float`, *optional*): Classifier-free guidance for a batch stacked as
-                `cat([cond, uncond])`: the logits are `uncond + g * (cond - uncond)` for the B conditional rows.
+            guidance_scale (`float`, *optional*): Classifier-free guidance `g` for a batch stacked as
+                `cat([cond, uncond])`: the logits are `uncond + g * (cond - uncond)`, one row per conditional row.
                 They are computed as the head of the combined features: the head is linear (and the combination's
                 weights sum to 1, so its bias is kept), so this equals combining the two rows' logits up to
                 rounding, while the head runs on half the rows and the combination moves hidden-size instead of
@@ -383,8 +383,8 @@ class FlexVARTransformer2DModel(ModelMixin, ConfigMixin):
                 logits that were each rounded and then amplified by `g`. None: logits of every row.
 
         Returns:
-            `FlexVARTransformerOutput` with `logits` of shape `(B, tokens of the fed scales, vocab_size)` (B/2 rows
-            with `guidance_scale`).
+            `FlexVARTransformerOutput` with `logits` of shape `(B, tokens of the fed scales, vocab_size)`, or
+            `(B / 2, ...)` with `guidance_scale`.
         """
         scales = as_hw_list(scales)
         num_cached = 0 if kv_cache is None else kv_cache.length
