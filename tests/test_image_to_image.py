@@ -336,3 +336,28 @@ def test_bad_inputs_are_rejected(tiny, cls, kwargs, match):
     call.update(kwargs)
     with pytest.raises(ValueError, match=match):
         tiny[cls](**call)
+
+
+@pytest.mark.parametrize(
+    "cls, inputs",
+    [
+        (FlexVARImg2ImgPipeline, dict(strength=0.5)),
+        (FlexVARInpaintPipeline, dict(mask_image=torch.ones(1, 1, 64, 64))),
+        (FlexVAROutpaintPipeline, dict(width=96)),
+    ],
+)
+def test_image_pipelines_read_the_execution_device_once_per_call(tiny, cls, inputs, monkeypatch):
+    """diffusers' `_execution_device` walks every module for offload hooks (about 3 ms for d24 on a CPU host); the
+    image-conditioned pipelines read it once, for the input pixels, and put everything else where those are."""
+    from diffusers import DiffusionPipeline
+
+    reads = []
+    execution_device = DiffusionPipeline._execution_device
+
+    def counted(self):
+        reads.append(True)
+        return execution_device.fget(self)
+
+    monkeypatch.setattr(DiffusionPipeline, "_execution_device", property(counted))
+    tiny[cls](random_images(), class_labels=[1], num_inference_steps=3, output_type="latent", **inputs)
+    assert len(reads) == 1

@@ -160,16 +160,18 @@ class FlexVARImg2ImgPipeline(FlexVARPipeline):
         class_labels: int | str | Sequence[int | str] | torch.Tensor,
         num_images: int,
         num_images_per_prompt: int = 1,
+        device: torch.device | None = None,
     ) -> tuple[torch.LongTensor, torch.LongTensor]:
         """
         Pair input images with class labels: as many labels as images pair up in order; one image goes with every
-        label; one label goes with every image. Anything else is a ValueError.
+        label; one label goes with every image. Anything else is a ValueError. The labels go to `device` (default:
+        the execution device).
 
         Returns:
             `(labels, image_index)`: LongTensors of length `batch * num_images_per_prompt`; `image_index[i]` is the
             input image of output `i`.
         """
-        labels = self.prepare_class_labels(class_labels, num_images_per_prompt)[::num_images_per_prompt]
+        labels = self.prepare_class_labels(class_labels, num_images_per_prompt, device)[::num_images_per_prompt]
         num_labels = len(labels)
         if num_images == num_labels:
             image_index = torch.arange(num_images)
@@ -246,10 +248,13 @@ class FlexVARImg2ImgPipeline(FlexVARPipeline):
             temperature,
         )
         self.num_kept_scales(strength, 1)  # checks strength before any work
+        # The pixels are on the execution device; reading it off them spares a walk over every module per read.
         pixels = self.prepare_image(image, height, width, round_to_multiple)
-        labels, image_index = self.pair_images_with_labels(class_labels, len(pixels), num_images_per_prompt)
+        labels, image_index = self.pair_images_with_labels(
+            class_labels, len(pixels), num_images_per_prompt, pixels.device
+        )
         self.scheduler.set_timesteps(
-            num_inference_steps, height=pixels.shape[-2], width=pixels.shape[-1], device=self._execution_device
+            num_inference_steps, height=pixels.shape[-2], width=pixels.shape[-1], device=pixels.device
         )
         scales = self.scheduler.scales
         num_kept = self.num_kept_scales(strength, len(scales))

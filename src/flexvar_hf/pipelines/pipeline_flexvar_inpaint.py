@@ -124,10 +124,12 @@ class FlexVARInpaintPipeline(FlexVARImg2ImgPipeline):
     # ------------------------------------------------------------------------------------------------------------
     # Masks
 
-    def prepare_mask(self, mask_image, num_images: int, height: int, width: int) -> torch.Tensor:
+    def prepare_mask(
+        self, mask_image, num_images: int, height: int, width: int, device: torch.device | None = None
+    ) -> torch.Tensor:
         """
         Mask input (white = regenerate; PIL, numpy or tensor, any size) -> float32 `(B, 1, height, width)` of 0/1 on
-        the execution device, `B` being 1 (one mask for all images) or `num_images`.
+        `device` (default: the execution device), `B` being 1 (one mask for all images) or `num_images`.
         """
         mask = self.mask_processor.preprocess(mask_to_tensor(mask_image), height=height, width=width)
         if mask.ndim != 4 or mask.shape[1] != 1 or tuple(mask.shape[-2:]) != (height, width):
@@ -137,7 +139,7 @@ class FlexVARInpaintPipeline(FlexVARImg2ImgPipeline):
             raise ValueError(
                 f"Got {mask.shape[0]} masks for {num_images} images: pass one mask per image or one for all."
             )
-        return mask.to(device=self._execution_device, dtype=torch.float32)
+        return mask.to(device=self._execution_device if device is None else device, dtype=torch.float32)
 
     def regenerate_mask(self, mask: torch.Tensor) -> torch.BoolTensor:
         """
@@ -285,12 +287,14 @@ class FlexVARInpaintPipeline(FlexVARImg2ImgPipeline):
             temperature,
         )
         self.check_mask_threshold(mask_threshold)
-        pixels = self.prepare_image(image, height, width, round_to_multiple)
-        mask = self.prepare_mask(mask_image, len(pixels), *pixels.shape[-2:])
+        pixels = self.prepare_image(image, height, width, round_to_multiple)  # on the execution device
+        mask = self.prepare_mask(mask_image, len(pixels), *pixels.shape[-2:], device=pixels.device)
         regenerate = self.regenerate_mask(mask)
-        labels, image_index = self.pair_images_with_labels(class_labels, len(pixels), num_images_per_prompt)
+        labels, image_index = self.pair_images_with_labels(
+            class_labels, len(pixels), num_images_per_prompt, pixels.device
+        )
         self.scheduler.set_timesteps(
-            num_inference_steps, height=pixels.shape[-2], width=pixels.shape[-1], device=self._execution_device
+            num_inference_steps, height=pixels.shape[-2], width=pixels.shape[-1], device=pixels.device
         )
         sampling = dict(
             guidance_scale=guidance_scale,
@@ -445,8 +449,10 @@ class FlexVAROutpaintPipeline(FlexVARInpaintPipeline):
         width = pixels.shape[-1] if width is None else width
         self.scheduler.token_grid(height, width)  # positive multiples of 16, else ValueError
         canvas, mask, (top, left) = self.prepare_canvas(pixels, height, width, offset)
-        labels, image_index = self.pair_images_with_labels(class_labels, len(pixels), num_images_per_prompt)
-        self.scheduler.set_timesteps(num_inference_steps, height=height, width=width, device=self._execution_device)
+        labels, image_index = self.pair_images_with_labels(
+            class_labels, len(pixels), num_images_per_prompt, pixels.device
+        )
+        self.scheduler.set_timesteps(num_inference_steps, height=height, width=width, device=pixels.device)
 
         factor = self.vae_scale_factor
         image_latents = self.encode_image(pixels)
