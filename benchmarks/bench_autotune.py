@@ -1,16 +1,18 @@
 """
 Time one compiled FlexVAR block at the largest scale over several fresh compilations.
 
-Compiles one block of a released size afresh (a fresh Inductor cache) `--trials` times for each side of the
-dynamic-shape graph's first launch (`--first_sides`; generation launches it first at the 2x2 scale, the 1x1 scale
-having a graph of its own), then times the block at the last scale (the guidance-doubled batch, the earlier scales'
-tokens in its cache) and prints the spread. It was written for runs 9-10's question, whether the first launch (where
-Inductor times a kernel's candidate configurations) or a profiler session before compiling (`--after_profiler`)
-makes some processes' kernels slower; run 11 of RESULTS.md found neither (4% between compilations).
+Compiles one block of a released size afresh (a fresh Inductor cache) `--trials` times for each side and batch of
+the dynamic-shape graph's first launch (`--first_sides`, `--first_batches`; generation launches it first at the 2x2
+scale of its first call's batch, the 1x1 scale having a graph of its own), then times the block at the last scale of
+`--batch` (the guidance-doubled batch, the earlier scales' tokens in its cache) and prints the spread. It was written
+for runs 9-10's question, whether the first launch (where Inductor times a kernel's candidate configurations) or a
+profiler session before compiling (`--after_profiler`) makes some processes' kernels slower; run 11 of RESULTS.md
+found neither at a first launch of batch 64 (4% between compilations).
 `--persistent_rows` compiles under `flexvar_hf.utils.inductor.wide_row_persistent_reductions()`.
 
     python benchmarks/bench_autotune.py --size d24 --batch 64 --first_sides 2 16 --trials 4 --json autotune.json
     python benchmarks/bench_autotune.py --size d24 --batch 64 --first_sides 2 --trials 2 --persistent_rows
+    python benchmarks/bench_autotune.py --size d16 --batch 64 --first_sides 2 --first_batches 1 64 --trials 6
 """
 
 from __future__ import annotations
@@ -48,7 +50,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=[2, 16],
         help="Sides of the dynamic graph's first launch to compare.",
     )
-    parser.add_argument("--trials", type=int, default=4, help="Fresh compilations per first side.")
+    parser.add_argument(
+        "--first_batches",
+        nargs="+",
+        type=int,
+        default=None,
+        help="Images at the dynamic-shape graph's first launch to compare (default: --batch). Generation compiles "
+        "at its first call, often batch 1, whose few rows leave the timing of a kernel's candidate configurations "
+        "to noise.",
+    )
+    parser.add_argument("--trials", type=int, default=4, help="Fresh compilations per first side and batch.")
     parser.add_argument(
         "--after_profiler",
         action="store_true",
@@ -90,15 +101,23 @@ class BlockInputs:
         return block(self.hidden[side], self.modulation, None, self.cache, 0)
 
 
-def time_trial(block: FlexVARBlock, inputs: BlockInputs, first_side: int, iters: int, persistent_rows: bool) -> float:
-    """Compile `block` afresh, launch it at side 1 then `first_side`, and return ms per call at the last side."""
+def time_trial(
+    block: FlexVARBlock,
+    inputs: BlockInputs,
+    first_inputs: BlockInputs,
+    first_side: int,
+    iters: int,
+    persistent_rows: bool,
+) -> float:
+    """Compile `block` afresh, launch it on `first_inputs` at side 1 then `first_side`, and return ms per call on
+    `inputs` at the last side."""
     torch._dynamo.reset()
     compiled = torch.compile(block, dynamic=True)
     heuristics = wide_row_persistent_reductions() if persistent_rows else contextlib.nullcontext()
     with torch.no_grad(), fresh_inductor_cache():  # a new cache folder, in-memory caches cleared: a new draw
         with heuristics:
-            inputs.run(compiled, inputs.sides[0])
-            inputs.run(compiled, first_side)
+            first_inputs.run(compiled, first_inputs.sides[0])
+            first_inputs.run(compiled, first_side)
         last = inputs.sides[-1]
         for _ in range(3):
             inputs.run(compiled, last)
@@ -126,21 +145,29 @@ def main(argv=None) -> int:
         raise SystemExit("This benchmark needs a CUDA GPU.")
     dtype = DTYPES[args.dtype]
     block = build_transformer(DEPTHS[args.size]).blocks[0].to(device="cuda", dtype=dtype).eval()
+    first_batches = args.first_batches or [args.batch]
     with torch.no_grad():
-        inputs = BlockInputs(block, 2 * args.batch, args.sides, dtype)
+        inputs = {batch: BlockInputs(block, 2 * batch, args.sides, dtype) for batch in {args.batch, *first_batches}}
     if args.after_profiler:
-        profile_eager_calls(block, inputs)
+        profile_eager_calls(block, inputs[args.batch])
     recorded_args = {name: value for name, value in vars(args).items() if name != "json"}
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "args": recorded_args}
-    for first_side in args.first_sides:
-        times = [time_trial(block, inputs, first_side, args.iters, args.persistent_rows) for _ in range(args.trials)]
-        results[f"first_side_{first_side}"] = times
-        print(
-            f"{args.size} batch {args.batch}, first launch at {first_side}x{first_side}: block at "
-            f"{args.sides[-1]}x{args.sides[-1]} {min(times):.3f}-{max(times):.3f} ms (median "
-            f"{statistics.median(times):.3f}) over {len(times)} compilations: " + ", ".join(f"{t:.3f}" for t in times),
-            flush=True,
-        )
+    for first_batch in first_batches:
+        for first_side in args.first_sides:
+            times = [
+                time_trial(
+                    block, inputs[args.batch], inputs[first_batch], first_side, args.iters, args.persistent_rows
+                )
+                for _ in range(args.trials)
+            ]
+            results[f"first_batch_{first_batch}_side_{first_side}"] = times
+            print(
+                f"{args.size} batch {args.batch}, first launch at batch {first_batch}, {first_side}x{first_side}: "
+                f"block at {args.sides[-1]}x{args.sides[-1]} {min(times):.3f}-{max(times):.3f} ms (median "
+                f"{statistics.median(times):.3f}) over {len(times)} compilations: "
+                + ", ".join(f"{t:.3f}" for t in times),
+                flush=True,
+            )
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2))
     return 0
