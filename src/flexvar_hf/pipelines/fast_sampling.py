@@ -12,8 +12,8 @@ import torch
 from ..models.transformer_flexvar import FlexVARKVCache
 from ..schedulers.scheduling_flexvar import exponential_noise
 
-# Size of the compiled blocks' first launch (`prime_compiled_blocks`): 17 guided images at the 16x16 scale. Distinct
-# from every model dimension, so that dynamic-shape compilation does not take two sizes for one.
+# Size of the compiled blocks' first launch (`prime_compiled_blocks`): 17 guided images at the 16x16 scale. Both
+# differ from the released models' widths and head counts: dynamic-shape compilation gives equal sizes one symbol.
 PRIME_SEQUENCES, PRIME_TOKENS = 34, 256
 
 
