@@ -446,10 +446,11 @@ class FlexVARScaleScheduler(SchedulerMixin, ConfigMixin):
         Choose the tokens of the current scale `self.scales[timestep]` from the transformer's logits.
 
         Guidance (if `guidance_scale != 1`) combines `uncond + g * (cond - uncond)` with `g` from `guidance_scale_at`.
-        Then, in float32: the best token when `top_k == 1` or the scale is greedy (`is_greedy_scale`); otherwise
-        the top-k / top-p candidates at `temperature` (`top_k_top_p_candidates`) and one draw from them, made as
-        `argmax(probs / noise)` with Exp(1) noise (an exact sample, with no host synchronisation, so the whole step
-        can run inside a CUDA graph).
+        (`FlexVARPipeline` has the transformer combine the features before its head instead, the same up to
+        rounding with half the head's work, and passes already guided logits here.) Then, in float32: the best
+        token when `top_k == 1` or the scale is greedy (`is_greedy_scale`); otherwise the top-k / top-p candidates
+        at `temperature` (`top_k_top_p_candidates`) and one draw from them, made as `argmax(probs / noise)` with
+        Exp(1) noise (an exact sample, with no host synchronisation, so the whole step can run inside a CUDA graph).
 
         Args:
             model_output (`torch.Tensor`): Logits `(B, h * w, vocab_size)` for the scale's tokens in row-major order,
