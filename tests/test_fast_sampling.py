@@ -261,33 +261,3 @@ def test_compiled_fast_sampling_falls_back_to_inductors_heuristics_on_other_torc
         fast = generate(tiny_pipe, height=64, width=64)
     tiny_pipe.disable_fast_sampling()
     assert torch.equal(fast, generate(tiny_pipe, height=64, width=64))
-
-
-def test_compiled_blocks_are_first_launched_at_a_large_size_once(tiny_pipe, monkeypatch):
-    """Inductor times a kernel's candidate configurations at its first launch; compiled fast sampling makes that
-    launch one at `PRIME_SEQUENCES` x `PRIME_TOKENS`, under the wide-row heuristic, before its first generation, and
-    only once. Without compilation nothing is primed."""
-    from torch._inductor.virtualized import V
-
-    from flexvar_hf.pipelines.fast_sampling import PRIME_SEQUENCES, PRIME_TOKENS
-    from flexvar_hf.utils.inductor import WideRowChoices
-
-    launches = []
-    hook = tiny_pipe.transformer.blocks[0].register_forward_pre_hook(
-        lambda module, args: launches.append((tuple(args[0].shape), type(V.choices)))
-    )
-    try:
-        tiny_pipe.enable_fast_sampling(use_cuda_graph=False)
-        generate(tiny_pipe, height=64, width=64)
-        assert all(shape[0] != PRIME_SEQUENCES for shape, _ in launches)
-        launches.clear()
-        monkeypatch.setattr(tiny_pipe.transformer, "compile_repeated_blocks", lambda **kw: None)
-        monkeypatch.setattr(tiny_pipe.vqvae.decoder, "compile", lambda **kw: None)
-        tiny_pipe.enable_fast_sampling(use_cuda_graph=False, torch_compile=True)
-        generate(tiny_pipe, height=64, width=64)
-        generate(tiny_pipe, height=128, width=64)
-    finally:
-        hook.remove()
-    width = tiny_pipe.transformer.config.hidden_size
-    assert launches[0] == ((PRIME_SEQUENCES, PRIME_TOKENS, width), WideRowChoices)
-    assert [shape for shape, _ in launches].count((PRIME_SEQUENCES, PRIME_TOKENS, width)) == 1

@@ -9,12 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models.transformer_flexvar import FlexVARKVCache
 from ..schedulers.scheduling_flexvar import exponential_noise
-
-# Size of the compiled blocks' first launch (`prime_compiled_blocks`): 17 guided images at the 16x16 scale. Both
-# differ from the released models' widths and head counts: dynamic-shape compilation gives equal sizes one symbol.
-PRIME_SEQUENCES, PRIME_TOKENS = 34, 256
 
 
 def loop_device(pipeline) -> torch.device:
@@ -22,26 +17,6 @@ def loop_device(pipeline) -> torch.device:
     diffusers' `device`, `dtype` and `_execution_device` each walk every module for offload hooks (about 3 ms for the
     700 modules of d24 on a CPU host, paid before every replay)."""
     return pipeline.transformer.proj_out.weight.device
-
-
-def prime_compiled_blocks(transformer) -> None:
-    """
-    Launch the transformer's compiled blocks once at a large size (`PRIME_SEQUENCES` sequences of `PRIME_TOKENS`
-    tokens, random inputs, an empty one-layer cache), so that their dynamic-shape graph compiles there.
-
-    Inductor times a kernel's candidate configurations at its first launch and keeps the fastest for every later
-    size. At the few rows of a small first call (batch 1 at the 2x2 scale: 576 rows of the query/key norm at d24)
-    the candidates take about the same time and noise picks, e.g. one row per program, many times slower at the
-    2.4 million rows of batch 64 at 16x16: the likely cause of the processes that ran 15-20% slower in runs 9 and
-    18b of benchmarks/RESULTS.md (the test of that is queued there).
-    """
-    block = transformer.blocks[0]
-    weight = transformer.proj_out.weight
-    tensor_kw = {"device": weight.device, "dtype": weight.dtype}
-    width = transformer.config.hidden_size
-    cache = FlexVARKVCache(1, PRIME_SEQUENCES, block.attn.num_heads, PRIME_TOKENS, block.attn.head_dim, **tensor_kw)
-    modulation = block.modulation(torch.randn(PRIME_SEQUENCES, width, **tensor_kw))
-    block(torch.randn(PRIME_SEQUENCES, PRIME_TOKENS, width, **tensor_kw), modulation, None, cache, 0)
 
 
 @dataclass(eq=False)
@@ -80,7 +55,6 @@ class FastTokenGenerator:
         self.use_cuda_graph = use_cuda_graph
         self.max_graphs = max_graphs
         self.compiled = compiled
-        self.primed = not compiled  # compiled blocks are launched once at a large size before the first generation
         self.loops: OrderedDict[tuple, _StaticLoop] = OrderedDict()
 
     @property
@@ -101,9 +75,6 @@ class FastTokenGenerator:
 
     def _run(self, loop: _StaticLoop, sampling: tuple) -> None:
         with self._compile_heuristics():
-            if not self.primed:  # the first warm-up, before any capture
-                prime_compiled_blocks(self.pipeline.transformer)
-                self.primed = True
             self._generate(loop, sampling)
 
     def _compile_heuristics(self) -> AbstractContextManager:
