@@ -113,3 +113,16 @@ def test_channels_last_decoding_equals_contiguous_decoding(monkeypatch):
     # Every 4-D norm took the per-channel path; only the attention's norm over (B, C, tokens) fell back.
     assert norm_inputs.count(4) > 0 and group_norm_inputs == [3] * norm_inputs.count(3)
     torch.testing.assert_close(result, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_channel_by_channel_norm_has_no_graph_break(monkeypatch):
+    """The per-channel path is what Inductor compiles in fast sampling; it must trace as one graph."""
+    norm = channels_last_norm()
+    inputs = channels_last_input()
+    monkeypatch.setattr(normalization, "CHANNEL_MOMENTS_MIN_VALUES", 1)
+    expected = F.group_norm(inputs, norm.num_groups, norm.weight, norm.bias, norm.eps)
+    monkeypatch.setattr(nn.GroupNorm, "forward", lambda *args: pytest.fail("fell back to F.group_norm"))
+    torch._dynamo.reset()
+    compiled = torch.compile(norm, fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(inputs), expected, rtol=1e-5, atol=1e-5)

@@ -298,7 +298,8 @@ class FlexVARPipeline(DiffusionPipeline):
                 compilation: `transformer.compile_repeated_blocks(dynamic=True)`, one compiled block for every layer
                 and scale, which fuses the normalisations, modulations, residuals and activations between the
                 matrix products) and the VQ decoder (`vqvae.decoder.compile()`, its weights moved to channels-last
-                memory format so that the compiled convolutions need no layout conversions). The first call of a new
+                memory format so that the compiled convolutions need no layout conversions; its GroupNorms then
+                reduce large inputs channel by channel, `models.normalization`). The first call of a new
                 setting then also compiles (seconds), with one Inductor heuristic changed: LayerNorms over rows of up
                 to 2048 elements compile to one-pass kernels (`utils.inductor`; Inductor's limit is 1024, below d24's
                 width). The modules stay compiled after `disable_fast_sampling()`; calls that take the plain path
