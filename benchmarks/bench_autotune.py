@@ -7,7 +7,9 @@ scale of its first call's batch, the 1x1 scale having a graph of its own), then 
 `--batch` (the guidance-doubled batch, the earlier scales' tokens in its cache) and prints the spread. It was written
 for runs 9-10's question, whether the first launch (where Inductor times a kernel's candidate configurations) or a
 profiler session before compiling (`--after_profiler`) makes some processes' kernels slower; run 11 of RESULTS.md
-found neither at a first launch of batch 64 (4% between compilations).
+found neither at a first launch of batch 64 (4% between compilations). Run 25b found three of six compilations about
+30% slower after a first launch at batch 1 or at batch 64, timing 20 calls right after compiling; the warm-up by time
+(`--warmup_s`) and the longer CUDA-event timing tell slower kernels from clocks still low after the compilation.
 `--persistent_rows` compiles under `flexvar_hf.utils.inductor.wide_row_persistent_reductions()`.
 
     python benchmarks/bench_autotune.py --size d24 --batch 64 --first_sides 2 16 --trials 4 --json autotune.json
@@ -66,7 +68,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="Profile a few eager block calls with torch.profiler before compiling, as bench_generate's --profile "
         "did before its compiled modes in runs 6a and 9 (the profiler leaves CUDA's tracing set up).",
     )
-    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--iters", type=int, default=200, help="Timed calls per compilation (CUDA events).")
+    parser.add_argument(
+        "--warmup_s",
+        type=float,
+        default=1.0,
+        help="Seconds of calls before timing, so that the GPU's clocks recover from the compilation's idle time "
+        "(run 25b timed 20 calls right after 3 warm-up calls).",
+    )
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument(
@@ -107,10 +116,11 @@ def time_trial(
     first_inputs: BlockInputs,
     first_side: int,
     iters: int,
+    warmup_s: float,
     persistent_rows: bool,
 ) -> float:
-    """Compile `block` afresh, launch it on `first_inputs` at side 1 then `first_side`, and return ms per call on
-    `inputs` at the last side."""
+    """Compile `block` afresh, launch it on `first_inputs` at side 1 then `first_side`, call it on `inputs` at the
+    last side for `warmup_s` seconds, and return ms per call there (mean of `iters`, CUDA events)."""
     torch._dynamo.reset()
     compiled = torch.compile(block, dynamic=True)
     heuristics = wide_row_persistent_reductions() if persistent_rows else contextlib.nullcontext()
@@ -119,14 +129,17 @@ def time_trial(
             first_inputs.run(compiled, first_inputs.sides[0])
             first_inputs.run(compiled, first_side)
         last = inputs.sides[-1]
-        for _ in range(3):
+        warmup_end = time.perf_counter() + warmup_s
+        while time.perf_counter() < warmup_end:
             inputs.run(compiled, last)
-        torch.cuda.synchronize()
-        start = time.perf_counter()
+            torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         for _ in range(iters):
             inputs.run(compiled, last)
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / iters * 1e3
+        end.record()
+        end.synchronize()
+    return start.elapsed_time(end) / iters
 
 
 def profile_eager_calls(block: FlexVARBlock, inputs: BlockInputs) -> None:
@@ -156,7 +169,13 @@ def main(argv=None) -> int:
         for first_side in args.first_sides:
             times = [
                 time_trial(
-                    block, inputs[args.batch], inputs[first_batch], first_side, args.iters, args.persistent_rows
+                    block,
+                    inputs[args.batch],
+                    inputs[first_batch],
+                    first_side,
+                    args.iters,
+                    args.warmup_s,
+                    args.persistent_rows,
                 )
                 for _ in range(args.trials)
             ]
