@@ -27,13 +27,12 @@ class ChannelsLastGroupNorm(nn.GroupNorm):
     """
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, C, H, W), same dtype."""
+        """(B, C, *) -> same shape and dtype; the per-channel path for (B, C, H, W) channels-last inputs."""
         batch, channels = hidden_states.shape[:2]
-        values_per_channel = hidden_states.numel() // channels
         if (
             hidden_states.ndim != 4
             or not hidden_states.is_contiguous(memory_format=torch.channels_last)
-            or values_per_channel < CHANNEL_MOMENTS_MIN_VALUES
+            or hidden_states.numel() // channels < CHANNEL_MOMENTS_MIN_VALUES
         ):
             return super().forward(hidden_states)
         groups = self.num_groups
@@ -42,14 +41,17 @@ class ChannelsLastGroupNorm(nn.GroupNorm):
         group_mean = channel_mean.mean(dim=-1, keepdim=True)
         group_var = channel_var.view(batch, groups, -1).mean(dim=-1, keepdim=True)
         group_var = group_var + (channel_mean - group_mean).square().mean(dim=-1, keepdim=True)
-        scale = torch.rsqrt(group_var + self.eps).expand(batch, groups, channels // groups).reshape(batch, channels)
+
+        def per_channel(group_values: torch.Tensor) -> torch.Tensor:  # (B, groups, 1) -> (B, C, 1, 1)
+            return group_values.expand(batch, groups, channels // groups).reshape(batch, channels, 1, 1)
+
+        mean, scale = per_channel(group_mean), per_channel(torch.rsqrt(group_var + self.eps))
         if self.affine:
-            scale = scale * self.weight.float()
-        shift = -group_mean.expand(batch, groups, channels // groups).reshape(batch, channels) * scale
-        if self.affine:
-            shift = shift + self.bias.float()
-        normalized = hidden_states.float() * scale[:, :, None, None] + shift[:, :, None, None]
-        return normalized.to(hidden_states.dtype)
+            scale = scale * self.weight.float().view(channels, 1, 1)
+            shift = self.bias.float().view(channels, 1, 1) - mean * scale
+        else:
+            shift = -mean * scale
+        return (hidden_states.float() * scale + shift).to(hidden_states.dtype)
 
 
 def use_channels_last_group_norms(module: nn.Module) -> None:
