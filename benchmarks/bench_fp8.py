@@ -1,0 +1,169 @@
+"""
+What FP8 matrix products would give a generation: the transformer's linear layers of one generation in bfloat16
+against FP8 (e4m3, one scale per row of activations and per output channel of weights, `torch._scaled_mm`).
+
+For every scale of the schedule and each linear layer of a block (the query/key/value projection, the attention's
+output projection, the feed-forward's two projections) plus the output head, the rows that layer sees (twice the
+images in a block, for guidance; the images in the head, which runs after guidance is combined) are multiplied by
+random weights of the size's shapes. Each variant runs every product of one generation's layer as one captured CUDA
+graph (no launch gaps, as in fast sampling), timed with CUDA events and multiplied by the layers. Variants:
+- `bf16`: `F.linear`, what the model runs now;
+- `fp8`: the FP8 product alone, activations already quantised (the bound for quantisation fused into the kernel
+  before it), cuBLAS's fast accumulation;
+- `fp8_exact_accum`: the same without fast accumulation;
+- `fp8_quantize`: the activations quantised per row by a compiled kernel of their own, then `fp8`: the cost with
+  one extra pass over each input.
+Errors are `|out - ref| / |ref|` against a float64 product of the same inputs at the last scale, on random data: a
+check of the products' precision, not of a trained model's quality (real activations have outliers).
+
+    python benchmarks/bench_fp8.py --size d24 --batch 64 --json fp8.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from bench_generate import DEPTHS, VOCAB_SIZE
+from flexvar_hf import FlexVARScaleScheduler
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max
+VARIANTS = ("bf16", "fp8", "fp8_exact_accum", "fp8_quantize")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="d24", choices=sorted(DEPTHS))
+    parser.add_argument("--batch", type=int, default=64, help="Images; the blocks see twice as many rows (guidance).")
+    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--iters", type=int, default=20, help="Graph replays timed per variant.")
+    parser.add_argument("--json", type=Path, default=None)
+    return parser.parse_args(argv)
+
+
+def quantize_rows(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, K) -> FP8 (M, K) and the float32 (M, 1) scales that multiply it back."""
+    scales = values.abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-12) / FP8_MAX
+    return (values.float() / scales).to(FP8), scales
+
+
+class LinearShapes:
+    """One linear layer's random weight and bias, its bfloat16 and FP8 forms, and its inputs at every scale."""
+
+    def __init__(self, in_features: int, out_features: int, rows: list[int], device: str):
+        weight = torch.randn(out_features, in_features, device=device) * (1 / (3 * in_features)) ** 0.5
+        self.weight, self.bias = weight.bfloat16(), torch.randn(out_features, device=device).bfloat16() * 0.02
+        self.weight_fp8, weight_scales = quantize_rows(self.weight)
+        self.weight_scales = weight_scales.t()  # (1, N): one per output channel
+        self.inputs = [torch.randn(m, in_features, device=device).bfloat16() for m in rows]
+        self.quantized = [quantize_rows(x) for x in self.inputs]
+
+    def fp8(self, quantized: tuple[torch.Tensor, torch.Tensor], fast_accum: bool = True) -> torch.Tensor:
+        values, scales = quantized
+        return torch._scaled_mm(
+            values,
+            self.weight_fp8.t(),
+            scale_a=scales,
+            scale_b=self.weight_scales,
+            bias=self.bias,
+            out_dtype=torch.bfloat16,
+            use_fast_accum=fast_accum,
+        )
+
+    def run(self, variant: str, quantize: Callable) -> None:
+        """Every scale's product once, as `variant` computes it."""
+        for x, quantized in zip(self.inputs, self.quantized):
+            if variant == "bf16":
+                F.linear(x, self.weight, self.bias)
+            elif variant == "fp8_quantize":
+                self.fp8(quantize(x))
+            else:
+                self.fp8(quantized, fast_accum=variant == "fp8")
+
+    def errors(self) -> dict[str, float]:
+        """Relative error of each form of the last scale's product against float64."""
+        x, quantized = self.inputs[-1], self.quantized[-1]
+        reference = F.linear(x.double(), self.weight.double(), self.bias.double())
+        outputs = {
+            "bf16": F.linear(x, self.weight, self.bias),
+            "fp8": self.fp8(quantized),
+            "fp8_exact_accum": self.fp8(quantized, fast_accum=False),
+        }
+        return {name: ((out.double() - reference).norm() / reference.norm()).item() for name, out in outputs.items()}
+
+
+def graph_ms(fn: Callable[[], None], iters: int) -> float:
+    """Milliseconds of one replay of `fn` captured as a CUDA graph (after warm-ups on a side stream)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    for _ in range(3):
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def layer_shapes(depth: int, batch: int, resolution: int, device: str) -> dict[str, LinearShapes]:
+    scheduler = FlexVARScaleScheduler()
+    scheduler.set_timesteps(None, height=resolution, width=resolution)
+    tokens = [h * w for h, w in scheduler.scales]
+    width = 64 * depth
+    block_rows, head_rows = [2 * batch * t for t in tokens], [batch * t for t in tokens]
+    return {
+        "qkv": LinearShapes(width, 3 * width, block_rows, device),
+        "attn_out": LinearShapes(width, width, block_rows, device),
+        "ff_in": LinearShapes(width, 4 * width, block_rows, device),
+        "ff_out": LinearShapes(4 * width, width, block_rows, device),
+        "head": LinearShapes(width, VOCAB_SIZE, head_rows, device),
+    }
+
+
+@torch.inference_mode()
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("This benchmark needs a CUDA GPU.")
+    depth = DEPTHS[args.size]
+    torch.manual_seed(0)
+    layers = layer_shapes(depth, args.batch, args.resolution, "cuda")
+    quantize = torch.compile(quantize_rows, dynamic=True)
+    report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "args": vars(args) | {"json": None}}
+    per_generation = {variant: {} for variant in VARIANTS}
+    for name, layer in layers.items():
+        repeats = 1 if name == "head" else depth
+        for variant in VARIANTS:
+            ms = graph_ms(lambda layer=layer, variant=variant: layer.run(variant, quantize), args.iters)
+            per_generation[variant][name] = ms * repeats
+        report.setdefault("errors", {})[name] = layer.errors()
+    report["ms_per_generation"] = per_generation
+    print(f"{args.size} batch {args.batch}, ms of one generation's linear layers ({depth} blocks + head)")
+    print(f"{'layer':10}" + "".join(f"{v:>17}" for v in VARIANTS) + f"{'err bf16':>10}{'err fp8':>10}")
+    for name in [*layers, "total"]:
+        row = [sum(per_generation[v].values()) if name == "total" else per_generation[v][name] for v in VARIANTS]
+        errors = report["errors"].get(name, {})
+        error_cells = f"{errors['bf16']:10.1e}{errors['fp8']:10.1e}" if errors else ""
+        print(f"{name:10}" + "".join(f"{ms:17.2f}" for ms in row) + error_cells)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
