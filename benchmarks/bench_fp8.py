@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bench_decode import replay_ms
 from bench_generate import DEPTHS, VOCAB_SIZE
 from flexvar_hf import FlexVARScaleScheduler
 
@@ -98,28 +99,6 @@ class LinearShapes:
         return {name: ((out.double() - reference).norm() / reference.norm()).item() for name, out in outputs.items()}
 
 
-def graph_ms(fn: Callable[[], None], iters: int) -> float:
-    """Milliseconds of one replay of `fn` captured as a CUDA graph (after warm-ups on a side stream)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    for _ in range(3):
-        graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
-
-
 def layer_shapes(depth: int, batch: int, resolution: int, device: str) -> dict[str, LinearShapes]:
     scheduler = FlexVARScaleScheduler()
     scheduler.set_timesteps(None, height=resolution, width=resolution)
@@ -149,7 +128,7 @@ def main(argv=None) -> int:
     for name, layer in layers.items():
         repeats = 1 if name == "head" else depth
         for variant in VARIANTS:
-            ms = graph_ms(lambda layer=layer, variant=variant: layer.run(variant, quantize), args.iters)
+            ms = replay_ms(lambda layer=layer, variant=variant: layer.run(variant, quantize), args.iters)
             per_generation[variant][name] = ms * repeats
         report.setdefault("errors", {})[name] = layer.errors()
     report["ms_per_generation"] = per_generation
