@@ -123,7 +123,8 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     layers = layer_shapes(depth, args.batch, args.resolution, "cuda")
     quantize = torch.compile(quantize_rows, dynamic=True)
-    report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "args": vars(args) | {"json": None}}
+    arguments = {**vars(args), "json": str(args.json)}
+    report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "args": arguments}
     per_generation = {variant: {} for variant in VARIANTS}
     for name, layer in layers.items():
         repeats = 1 if name == "head" else depth
