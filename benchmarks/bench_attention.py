@@ -1,11 +1,14 @@
 """
-Time the cached attention of one layer at every scale of a generation: the key/value cache write and the attention,
-each in a few variants, on random tensors of a released size's shapes.
+Time the cached attention of one layer at every scale of a generation: the query/key norm and key/value cache write,
+and the attention, each in a few variants, on random tensors of a released size's shapes.
 
-Writes (this call's keys and values into the layer's `(B, max_tokens, 2, H, D)` cache):
-- `eager`: the model's write, a copy from the strided view of the projection (`FlexVARKVCache.update`);
-- `contiguous`: the same copy from a contiguous `(B, l, 2, H, D)` source, the bound for any layout of the source;
-- `compiled`: `index_copy_` into the cache, compiled with `dynamic=True` (one graph for every scale).
+Norm and write (this call's projection into queries and the layer's `(B, max_tokens, 2, H, D)` cache):
+- `norm+write fused`: the model's path on CUDA, one Triton kernel (`FlexVARKVCache.update`, `kv_cache_kernel`);
+- `norm+write split`: the path before it, `normalize_queries_keys` compiled with `dynamic=True`, then a copy of the
+  keys and values from the strided view of its output;
+Writes alone (keys and values already normalised):
+- `write contiguous`: a copy from a contiguous `(B, l, 2, H, D)` source, the bound for any layout of the source;
+- `write compiled`: `index_copy_` into the cache, compiled with `dynamic=True` (one graph for every scale).
 Attention: `F.scaled_dot_product_attention` restricted to each backend (cuDNN, flash, memory-efficient).
 
 Prints the milliseconds of one generation per variant: the sum over scales of one call, times the layers.
@@ -24,7 +27,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench_generate import DEPTHS, DTYPES
-from flexvar_hf.models.transformer_flexvar import FlexVARKVCache, attention
+from flexvar_hf.models.transformer_flexvar import FlexVARKVCache, attention, normalize_queries_keys
 
 BACKENDS = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -60,22 +63,40 @@ def index_copy_write(cache: torch.Tensor, key_values: torch.Tensor, positions: t
     cache.index_copy_(1, positions, key_values)
 
 
+compiled_norm = torch.compile(normalize_queries_keys, dynamic=True)
+
+
+def split_norm_and_write(qkv: torch.Tensor, temperature: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    """The norm and write before the fused kernel: the compiled norm, then a copy from its strided output."""
+    normalized = compiled_norm(qkv, temperature).unflatten(2, (3, -1))
+    slot.copy_(normalized[:, :, 1:])
+    return normalized[:, :, 0]
+
+
 def time_scale(cache: FlexVARKVCache, length: int, iters: int) -> dict[str, float]:
-    """Milliseconds of each write and attention variant for one call of `length` tokens after those cached."""
+    """Milliseconds of each norm/write and attention variant for one call of `length` tokens after those cached."""
     sequences, _, _, heads, head_dim = cache.key_values[0].shape
-    qkv = torch.randn(sequences, length, 3, heads, head_dim, dtype=cache.key_values[0].dtype, device="cuda")
-    query, key_values = qkv[:, :, 0], qkv[:, :, 1:]
+    dtype = cache.key_values[0].dtype
+    qkv = torch.randn(sequences, length, 3 * heads, head_dim, dtype=dtype, device="cuda")
+    temperature = torch.rand(1, 1, heads, 1, dtype=dtype, device="cuda") + 1
     start, end = cache.length, cache.length + length
     slot = cache.key_values[0][:, start:end]
+    key_values = qkv.unflatten(2, (3, heads))[:, :, 1:]
     contiguous = key_values.contiguous()
     positions = torch.arange(start, end, device="cuda")
     times = {
-        "write eager": time_ms(lambda: cache.update(0, key_values), iters),
+        "norm+write split": time_ms(lambda: split_norm_and_write(qkv, temperature, slot), iters),
         "write contiguous": time_ms(lambda: slot.copy_(contiguous), iters),
         "write compiled": time_ms(lambda: index_copy_write(cache.key_values[0], key_values, positions), iters),
     }
     torch.testing.assert_close(slot, key_values, rtol=0, atol=0)  # the compiled write wrote this call's tokens
-    keys, values = cache.update(0, key_values)
+    expected_query = split_norm_and_write(qkv, temperature, slot)
+    expected_slot = slot.clone()
+    times["norm+write fused"] = time_ms(lambda: cache.update(0, qkv, temperature), iters)
+    query, keys, values = cache.update(0, qkv, temperature)
+    # The fused kernel's numbers are the split path's up to one rounding.
+    torch.testing.assert_close(query, expected_query, rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(slot, expected_slot, rtol=1e-2, atol=1e-3)
     for name, backend in BACKENDS.items():
         with sdpa_kernel(backend):
             try:

@@ -8,9 +8,15 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
 import torch
-from safetensors.torch import load_file
+
+# Without CUDA, Triton kernels run in Triton's interpreter on CPU tensors (tests/test_kv_cache_kernel.py). Triton
+# reads the variable when it is first imported, which importing diffusers does, so it is set before anything else.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PARITY_DIR = Path(os.environ.get("FLEXVAR_PARITY_DIR", REPO_ROOT.parent / "shared" / "parity" / "original_d2"))

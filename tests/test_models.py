@@ -70,7 +70,7 @@ def test_teacher_forcing_logits_match_original(parity_transformer, reference, re
     assert loss.item() == pytest.approx(reference_info["teacher_cross_entropy"], rel=1e-4)
 
 
-def _incremental_logits(model, labels, scales, inputs):
+def incremental_logits(model, labels, scales, inputs):
     cache = model.init_kv_cache(len(labels), sum(h * w for h, w in scales))
     outputs, offset = [], 0
     for i, (h, w) in enumerate(scales):
@@ -85,7 +85,7 @@ def _incremental_logits(model, labels, scales, inputs):
 def test_incremental_path_equals_teacher_forcing_on_fixture(parity_transformer, reference):
     scales = [(s, s) for s in TRAIN_SCALES]
     full = parity_transformer(reference["labels"], scales, reference["teacher_inputs"]).logits
-    incremental = _incremental_logits(parity_transformer, reference["labels"], scales, reference["teacher_inputs"])
+    incremental = incremental_logits(parity_transformer, reference["labels"], scales, reference["teacher_inputs"])
     assert relative_error(incremental, full) < 1e-5
 
 
@@ -100,7 +100,7 @@ def test_incremental_path_non_square_scales_beyond_position_grid():
     inputs = torch.randn(3, sum(h * w for h, w in scales[1:]), 8)
     full = model(labels, scales, inputs).logits
     assert full.shape == (3, 2 + 6 + 15 + 48, 40)
-    incremental = _incremental_logits(model, labels, scales, inputs)
+    incremental = incremental_logits(model, labels, scales, inputs)
     assert relative_error(incremental, full) < 1e-5
     # Two scales in one cached call (block-causal inside the call) give the same logits too.
     cache = model.init_kv_cache(3, 71)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -40,8 +41,8 @@ class FlexVARKVCache:
     """Preallocated key/value cache for generating one scale per call.
 
     Each layer gets one `(batch, max_tokens, 2, heads, head_dim)` buffer of keys and values, the layout of the key
-    and value heads in the attention's projection, so that a call writes its tokens' keys and values as one copy
-    after the tokens already cached, and attends to everything written so far.
+    and value heads in the attention's projection, so that a call writes its tokens' keys and values after the tokens
+    already cached, and attends to everything written so far.
     """
 
     def __init__(self, num_layers: int, batch_size: int, num_heads: int, max_tokens: int, head_dim: int, **tensor_kw):
@@ -53,19 +54,49 @@ class FlexVARKVCache:
         # later ones: it does not depend on the scale.
         self.modulations: list[tuple[torch.Tensor, ...]] | None = None
 
-    def update(self, layer: int, key_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this call's (B, l, 2, H, D) keys and values for `layer`; return all cached (B, L, H, D) keys and
-        values, these included."""
-        end = self.length + key_values.shape[1]
+    def update(
+        self, layer: int, qkv: torch.Tensor, temperature: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Normalise this call's (B, l, 3 * H, D) projection as `normalize_queries_keys` does and write its keys and
+        values for `layer` after the cached tokens. Returns the (B, l, H, D) queries and all cached (B, L, H, D) keys
+        and values, these included.
+
+        CUDA tensors take one Triton kernel for the norm and the write (`kv_cache_kernel`), which reads the projection
+        once; elsewhere, and where the projection needs gradients, the norm and a copy.
+        """
+        end = self.length + qkv.shape[1]
         if end > self.max_tokens:
             raise ValueError(f"The KV cache holds {self.max_tokens} tokens; this call needs {end}.")
         cached = self.key_values[layer]
-        cached[:, self.length : end] = key_values
-        return cached[:, :end, 0], cached[:, :end, 1]
+        fused = fused_cache_writer(qkv)
+        if fused is not None:
+            query = fused(qkv, temperature, cached, self.length, L2_EPS)
+        else:
+            normalized = normalize_queries_keys(qkv, temperature).unflatten(2, (3, -1))
+            query = normalized[:, :, 0]
+            cached[:, self.length : end] = normalized[:, :, 1:]
+        return query, cached[:, :end, 0], cached[:, :end, 1]
 
     def advance(self, num_new_tokens: int) -> None:
         """Mark the tokens of the last call as cached (after every layer wrote them)."""
         self.length += num_new_tokens
+
+
+@functools.cache
+def _triton_cache_writer() -> Callable | None:
+    """`kv_cache_kernel.normalize_and_cache`, or None where Triton is not installed (imported at the first use)."""
+    try:
+        from .kv_cache_kernel import normalize_and_cache
+    except ImportError:
+        return None
+    return normalize_and_cache
+
+
+def fused_cache_writer(qkv: torch.Tensor) -> Callable | None:
+    """The fused norm-and-write kernel for this projection, or None: it runs on CUDA and has no autograd formula."""
+    if not qkv.is_cuda or (qkv.requires_grad and torch.is_grad_enabled()):
+        return None
+    return _triton_cache_writer()
 
 
 def modulated_layer_norm(
@@ -138,20 +169,22 @@ def attention(
 
 @torch.compiler.disable
 def cached_attention(
-    query: torch.Tensor,
-    key_values: torch.Tensor,
+    qkv: torch.Tensor,
+    temperature: torch.Tensor,
     attention_mask: torch.Tensor | None,
     kv_cache: FlexVARKVCache,
     layer_index: int,
 ) -> torch.Tensor:
-    """Append this call's (B, l, 2, H, D) keys and values to `kv_cache` and attend with the (B, l, H, D) queries over
-    everything cached: (B, H, l, D).
+    """Normalise this call's (B, l, 3 * H, D) projection, append its keys and values to `kv_cache` and attend with
+    its queries over everything cached: (B, H, l, D).
 
     Kept out of `torch.compile` graphs: the cache's length and the layer index differ per call, and a compiled block
     would be specialised (recompiled) on them; around this call a compiled block stays one graph for every scale and
-    layer, with no per-scale recompilation.
+    layer, with no per-scale recompilation. The query/key norm is done here, with the write (`FlexVARKVCache.update`),
+    not in the compiled block: Inductor made a fused norm and write into two kernels that read the projection twice
+    (run 20 of benchmarks/RESULTS.md).
     """
-    key, value = kv_cache.update(layer_index, key_values)
+    query, key, value = kv_cache.update(layer_index, qkv, temperature)
     return attention(query, key, value, attention_mask)
 
 
@@ -183,12 +216,11 @@ class FlexVARAttention(nn.Module):
         bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
         qkv = F.linear(hidden_states, self.to_qkv.weight, bias).view(batch, length, 3 * heads, self.head_dim)
         temperature = self.log_scale.clamp_max(MAX_LOG_SCALE).exp().view(1, 1, heads, 1).to(qkv.dtype)
-        qkv = normalize_queries_keys(qkv, temperature)
-        qkv = qkv.view(batch, length, 3, heads, self.head_dim)
         if kv_cache is not None:
-            out = cached_attention(qkv[:, :, 0], qkv[:, :, 1:], attention_mask, kv_cache, layer_index)
+            out = cached_attention(qkv, temperature, attention_mask, kv_cache, layer_index)
         else:
-            out = attention(*qkv.unbind(2), attention_mask)
+            query, key, value = normalize_queries_keys(qkv, temperature).unflatten(2, (3, heads)).unbind(2)
+            out = attention(query, key, value, attention_mask)
         return self.to_out(out.transpose(1, 2).reshape(batch, length, dim))
 
 
