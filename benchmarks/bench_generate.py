@@ -42,6 +42,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--compile_mode", default=None, help="torch.compile mode for --compile, e.g. max-autotune-no-cudagraphs."
     )
+    parser.add_argument(
+        "--float8",
+        choices=["exact", "fast"],
+        default=None,
+        help="Run the transformer's block products in float8 (`enable_float8_inference`), with exact or fast "
+        "accumulation. Every mode of the process is then quantised.",
+    )
     parser.add_argument("--check", action="store_true", help="Check fast == plain tokens in float32 first.")
     parser.add_argument(
         "--profile",
@@ -260,6 +267,10 @@ def main(argv=None) -> int:
         pipe.scheduler.set_timesteps(args.steps, height=args.resolution, width=args.resolution)
         scales = pipe.scheduler.scales
         params = sum(p.numel() for p in pipe.transformer.parameters()) / 1e6
+        suffix = ""
+        if args.float8:  # after counting: the float8 weights are buffers
+            pipe.transformer.enable_float8_inference(fast_accumulation=args.float8 == "fast")
+            suffix = f"_fp8_{args.float8}"
         # (name, fast sampling, compiled). Compilation is permanent, so compiled modes come last; the plain loop
         # over the compiled modules is timed too because only the plain loop gives the per-phase breakdown.
         modes = [("ours", False, False)] + ([("ours_fast", True, False)] if args.fast else [])
@@ -272,7 +283,8 @@ def main(argv=None) -> int:
             else:
                 pipe.disable_fast_sampling()
             for batch in args.batches:
-                run = {"size": size, "params_m": params, "mode": mode, "batch": batch, **bench_ours(pipe, batch, args)}
+                run = {"size": size, "params_m": params, "mode": mode + suffix, "batch": batch}
+                run.update(bench_ours(pipe, batch, args))
                 results["runs"].append(run)
                 print(json.dumps(run), flush=True)
         if args.profile:

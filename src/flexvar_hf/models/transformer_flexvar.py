@@ -18,6 +18,7 @@ from diffusers.utils import BaseOutput
 
 from ..guidance import combine_guidance
 from ..scales import ScaleLike, as_hw_list, flatten_grid, num_tokens
+from .float8 import Float8Linear
 
 # The per-head attention scale is exp(log_scale), clamped at exp(MAX_LOG_SCALE) = 100 as in the original.
 L2_EPS = 1e-12
@@ -131,7 +132,8 @@ def feed_forward(ff: FeedForward, hidden_states: torch.Tensor) -> torch.Tensor:
     generation). Outputs in low precision differ from the module's by rounding. The op has no autograd formula, is
     not cast by autocast, and on the CPU applies the exact GELU, so training, autocast and CPU runs take the module.
     """
-    if torch.is_grad_enabled() or torch.is_autocast_enabled() or not hidden_states.is_cuda:
+    fused = not (torch.is_grad_enabled() or torch.is_autocast_enabled()) and hidden_states.is_cuda
+    if not fused or isinstance(ff.net[0].proj, Float8Linear):  # float8 layers run through the module's own GELU
         return ff(hidden_states)
     return ff.net[2](linear_gelu(ff.net[0].proj, hidden_states))
 
@@ -204,6 +206,16 @@ class FlexVARAttention(nn.Module):
         self.log_scale = nn.Parameter(torch.full((1, num_heads, 1, 1), math.log(4.0)))
         self.to_out = nn.Linear(dim, dim)
 
+    def qkv_bias(self) -> torch.Tensor:
+        """(3 * dim,) bias of the projection: the query bias, zeros for the keys, the value bias."""
+        return torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
+
+    def project_qkv(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(B, L, dim) -> (B, L, 3 * dim) queries, keys and values."""
+        if isinstance(self.to_qkv, Float8Linear):  # its bias is `qkv_bias()`, taken when it was made
+            return self.to_qkv(hidden_states)
+        return F.linear(hidden_states, self.to_qkv.weight, self.qkv_bias())
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -213,8 +225,7 @@ class FlexVARAttention(nn.Module):
     ) -> torch.Tensor:
         batch, length, dim = hidden_states.shape
         heads = self.num_heads
-        bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
-        qkv = F.linear(hidden_states, self.to_qkv.weight, bias).view(batch, length, 3 * heads, self.head_dim)
+        qkv = self.project_qkv(hidden_states).view(batch, length, 3 * heads, self.head_dim)
         temperature = self.log_scale.clamp_max(MAX_LOG_SCALE).exp().view(1, 1, heads, 1).to(qkv.dtype)
         if kv_cache is not None:
             out = cached_attention(qkv, temperature, attention_mask, kv_cache, layer_index)
@@ -360,6 +371,51 @@ class FlexVARTransformer2DModel(ModelMixin, ConfigMixin):
             rows.mul_(0.5)
             for chunk in ADALN_GATE_CHUNKS:
                 rows[chunk].mul_(2e-5)
+
+    @property
+    def float8_inference(self) -> bool:
+        """Whether `enable_float8_inference` replaced the blocks' linear layers."""
+        return isinstance(self.blocks[0].attn.to_out, Float8Linear)
+
+    @torch.no_grad()
+    def enable_float8_inference(self, fast_accumulation: bool = False) -> None:
+        """
+        Run the blocks' four linear layers (attention in and out, feed-forward in and out) as `Float8Linear`:
+        float8 weights (replacing these layers' weights in place, which halves their memory) and activations
+        quantised per row at every call. The class embedding's modulations and the output head keep their dtype.
+
+        For large batches on GPUs with float8 matrix units (compute capability 8.9 and up), in bfloat16, with
+        `pipe.enable_fast_sampling(torch_compile=True)`, which folds most of the activations' quantisation into the
+        LayerNorm and GELU kernels before the products; eager, the quantisation is a pass of its own and slower than
+        bfloat16. On an H200 (benchmarks/RESULTS.md, runs 32-34) it took d24 at batch 64 from 208-214 to 239-254
+        images/s with `fast_accumulation=True` and to 236 without; it gave nothing at d16 and made batch 1 slower.
+        The products' error is about 20 times bfloat16's (the converted parity model's logits move by about 1%), so
+        images differ from the unquantised model's. Call it after moving and casting the model (a later `.to(dtype)`
+        would cast the float8 weights too). Irreversible for this object (load the model again to undo); a quantised
+        model cannot be trained or saved.
+
+        Args:
+            fast_accumulation (`bool`, defaults to False): `torch._scaled_mm`'s faster, lower-precision
+                accumulation, for products of at least `float8.FAST_ACCUMULATION_MIN_ROWS` rows.
+        """
+        if self.float8_inference:
+            raise ValueError("Float8 inference is already enabled on this model.")
+        for block in self.blocks:
+            attn, ff = block.attn, block.ff
+            attn.to_qkv = Float8Linear(attn.to_qkv, bias=attn.qkv_bias(), fast_accumulation=fast_accumulation)
+            attn.to_out = Float8Linear(attn.to_out, fast_accumulation=fast_accumulation)
+            ff.net[0].proj = Float8Linear(ff.net[0].proj, fast_accumulation=fast_accumulation)
+            ff.net[2] = Float8Linear(ff.net[2], fast_accumulation=fast_accumulation)
+
+    def save_pretrained(self, *args, **kwargs):
+        """diffusers' `save_pretrained`, refused after `enable_float8_inference` (float8 layers are no saved
+        format of this model)."""
+        if self.float8_inference:
+            raise ValueError(
+                "This model's linear layers were quantised by `enable_float8_inference`, which cannot be saved or "
+                "loaded; save the model before quantising it."
+            )
+        return super().save_pretrained(*args, **kwargs)
 
     def modulations(self, conditioning: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
         """AdaLN terms of every block, then `(1 + scale, shift)` of the head's norm (as diffusers'
