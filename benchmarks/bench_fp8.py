@@ -32,9 +32,8 @@ import torch.nn.functional as F
 from bench_decode import replay_ms
 from bench_generate import DEPTHS, VOCAB_SIZE
 from flexvar_hf import FlexVARScaleScheduler
+from flexvar_hf.models.float8 import quantize_rows
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = torch.finfo(FP8).max
 VARIANTS = ("bf16", "fp8", "fp8_exact_accum", "fp8_quantize")
 
 
@@ -46,12 +45,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--iters", type=int, default=20, help="Graph replays timed per variant.")
     parser.add_argument("--json", type=Path, default=None)
     return parser.parse_args(argv)
-
-
-def quantize_rows(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(M, K) -> FP8 (M, K) and the float32 (M, 1) scales that multiply it back."""
-    scales = values.abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-12) / FP8_MAX
-    return (values.float() / scales).to(FP8), scales
 
 
 class LinearShapes:
