@@ -294,3 +294,31 @@ def test_quantizer_picks_most_similar_code():
     assert torch.equal(indices, cosine.argmax(-1))
     # scaling a latent does not change its code (cosine nearest)
     assert torch.equal(vq.quantize(latents * 7.5), indices)
+
+
+@torch.no_grad()
+def test_compiled_cached_block_is_two_graphs_split_at_the_cached_attention():
+    """With a cache, a compiled block is one graph up to the cached attention (the first LayerNorm with the
+    projection, so that Inductor can fuse what follows the norm into its kernel) and one after it (the output
+    projection, the residuals and the feed-forward)."""
+    model = tiny_transformer(num_layers=2, hidden_size=64).eval()
+    graphs = []
+
+    def record(graph_module, example_inputs):
+        graphs.append({str(node.target) for node in graph_module.graph.nodes if node.op == "call_function"})
+        return graph_module
+
+    for block in model.blocks:
+        block.compile(backend=record, dynamic=True)
+    labels = torch.tensor([0, 3])
+    cache = model.init_kv_cache(2, 1 + 4 + 9)
+    for i, side in enumerate((1, 2, 3)):
+        model(labels, [(side, side)], None if i == 0 else torch.randn(2, side * side, 4), kv_cache=cache)
+    torch._dynamo.reset()
+    # Pairs of graphs, one pair for the 1-token first scale (Dynamo specialises sizes of 1) and one for the rest:
+    # both layers and the later scales share a compilation.
+    assert len(graphs) == 4
+    for before, after in zip(graphs[0::2], graphs[1::2]):
+        assert sum("layer_norm" in op for op in before) == 1 and any("linear" in op for op in before)
+        assert not any("gelu" in op for op in before)
+        assert sum("layer_norm" in op for op in after) == 1 and any("gelu" in op for op in after)

@@ -210,29 +210,29 @@ class FlexVARAttention(nn.Module):
         """(3 * dim,) bias of the projection: the query bias, zeros for the keys, the value bias."""
         return torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
 
-    def project_qkv(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """(B, L, dim) -> (B, L, 3 * dim) queries, keys and values."""
+    def project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L, dim) -> the (B, L, 3 * H, D) projection (heads of queries, keys, then values) and the (1, 1, H, 1)
+        query temperatures in its dtype."""
+        batch, length, _ = hidden_states.shape
         if isinstance(self.to_qkv, Float8Linear):  # its bias is `qkv_bias()`, taken when it was made
-            return self.to_qkv(hidden_states)
-        return F.linear(hidden_states, self.to_qkv.weight, self.qkv_bias())
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        kv_cache: FlexVARKVCache | None = None,
-        layer_index: int = 0,
-    ) -> torch.Tensor:
-        batch, length, dim = hidden_states.shape
-        heads = self.num_heads
-        qkv = self.project_qkv(hidden_states).view(batch, length, 3 * heads, self.head_dim)
-        temperature = self.log_scale.clamp_max(MAX_LOG_SCALE).exp().view(1, 1, heads, 1).to(qkv.dtype)
-        if kv_cache is not None:
-            out = cached_attention(qkv, temperature, attention_mask, kv_cache, layer_index)
+            qkv = self.to_qkv(hidden_states)
         else:
-            query, key, value = normalize_queries_keys(qkv, temperature).unflatten(2, (3, heads)).unbind(2)
-            out = attention(query, key, value, attention_mask)
-        return self.to_out(out.transpose(1, 2).reshape(batch, length, dim))
+            qkv = F.linear(hidden_states, self.to_qkv.weight, self.qkv_bias())
+        qkv = qkv.view(batch, length, 3 * self.num_heads, self.head_dim)
+        temperature = self.log_scale.clamp_max(MAX_LOG_SCALE).exp().view(1, 1, self.num_heads, 1).to(qkv.dtype)
+        return qkv, temperature
+
+    def project_out(self, attended: torch.Tensor) -> torch.Tensor:
+        """The (B, H, L, D) attention output -> (B, L, dim)."""
+        batch, _, length, _ = attended.shape
+        return self.to_out(attended.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim))
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention over the (B, L, dim) input itself, without a cache; `attention_mask` is (L, L) boolean, True
+        where a token may attend. Generation's cached attention is composed by `FlexVARBlock`."""
+        qkv, temperature = self.project(hidden_states)
+        query, key, value = normalize_queries_keys(qkv, temperature).unflatten(2, (3, self.num_heads)).unbind(2)
+        return self.project_out(attention(query, key, value, attention_mask))
 
 
 class FlexVARBlock(nn.Module):
@@ -264,7 +264,15 @@ class FlexVARBlock(nn.Module):
         """`modulation` is `self.modulation(class_embedding)`; the (B, L, dim) output has the input's shape."""
         shift_attn, scale_attn, gate_attn, shift_ff, scale_ff, gate_ff = modulation
         normed = modulated_layer_norm(self.norm1.norm, hidden_states, shift_attn, scale_attn)
-        attended = self.attn(normed, attention_mask, kv_cache, layer_index)
+        if kv_cache is None:
+            attended = self.attn(normed, attention_mask)
+        else:
+            # Composed here, not inside `self.attn`: `torch.compile` splits a graph at a nested call that breaks
+            # it, which put this LayerNorm, the projection and the output projection into three graphs (kernels
+            # that could not fuse, such as float8's LayerNorm and quantisation, runs 32-33). This way a compiled
+            # block is two graphs, split only by `cached_attention`.
+            qkv, temperature = self.attn.project(normed)
+            attended = self.attn.project_out(cached_attention(qkv, temperature, attention_mask, kv_cache, layer_index))
         hidden_states = torch.addcmul(hidden_states, gate_attn, attended)
         normed = modulated_layer_norm(self.norm2, hidden_states, shift_ff, scale_ff)
         return torch.addcmul(hidden_states, gate_ff, feed_forward(self.ff, normed))
