@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from flexvar_hf.models import transformer_flexvar
-from flexvar_hf.models.transformer_flexvar import L2_EPS, normalize_queries_keys
+from flexvar_hf.models.transformer_flexvar import L2_EPS, normalize_and_copy
 
 from conftest import relative_error
 from test_models import TRAIN_SCALES, incremental_logits, tiny_transformer
@@ -20,13 +20,6 @@ pytest.importorskip("triton")
 from flexvar_hf.models.kv_cache_kernel import normalize_and_cache  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def reference_write(qkv, temperature, cache, start):
-    """What the cache does without the kernel: `normalize_queries_keys`, then a copy of keys and values."""
-    normalized = normalize_queries_keys(qkv, temperature.view(1, 1, -1, 1)).unflatten(2, (3, -1))
-    cache[:, start : start + qkv.shape[1]] = normalized[:, :, 1:]
-    return normalized[:, :, 0]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -47,7 +40,7 @@ def test_kernel_matches_torch_norm_and_copy(dtype, heads, head_dim, length):
     # another order); in bfloat16 it rounds its float32 result once, as Inductor's fused norm does: within one unit
     # in the last place (Triton's interpreter rounds toward zero, a GPU to nearest).
     expected_cache = initial_cache.double()
-    expected_query = reference_write(qkv.double(), temperature.double(), expected_cache, start)
+    expected_query = normalize_and_copy(qkv.double(), temperature.double().view(1, 1, -1, 1), expected_cache, start)
     tolerance = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=2**-7, atol=1e-5)
 
     assert query.shape == (sequences, length, heads, head_dim) and query.is_contiguous() and query.dtype == dtype

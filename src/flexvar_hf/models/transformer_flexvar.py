@@ -73,14 +73,21 @@ class FlexVARKVCache:
         if fused is not None:
             query = fused(qkv, temperature, cached, self.length, L2_EPS)
         else:
-            normalized = normalize_queries_keys(qkv, temperature).unflatten(2, (3, -1))
-            query = normalized[:, :, 0]
-            cached[:, self.length : end] = normalized[:, :, 1:]
+            query = normalize_and_copy(qkv, temperature, cached, self.length)
         return query, cached[:, :end, 0], cached[:, :end, 1]
 
     def advance(self, num_new_tokens: int) -> None:
         """Mark the tokens of the last call as cached (after every layer wrote them)."""
         self.length += num_new_tokens
+
+
+def normalize_and_copy(qkv: torch.Tensor, temperature: torch.Tensor, cache: torch.Tensor, start: int) -> torch.Tensor:
+    """What `kv_cache_kernel.normalize_and_cache` does, in PyTorch operations: `normalize_queries_keys` on the
+    (B, l, 3 * H, D) projection with (1, 1, H, 1) temperatures, its keys and values copied into the
+    (B, max_tokens, 2, H, D) `cache` from token `start` on. Returns the (B, l, H, D) queries (a view)."""
+    normalized = normalize_queries_keys(qkv, temperature).unflatten(2, (3, -1))
+    cache[:, start : start + qkv.shape[1]] = normalized[:, :, 1:]
+    return normalized[:, :, 0]
 
 
 @functools.cache
