@@ -139,8 +139,8 @@ def feed_forward(ff: FeedForward, hidden_states: torch.Tensor) -> torch.Tensor:
     generation). Outputs in low precision differ from the module's by rounding. The op has no autograd formula, is
     not cast by autocast, and on the CPU applies the exact GELU, so training, autocast and CPU runs take the module.
     """
-    fused = not (torch.is_grad_enabled() or torch.is_autocast_enabled()) and hidden_states.is_cuda
-    if not fused or isinstance(ff.net[0].proj, Float8Linear):  # float8 layers run through the module's own GELU
+    needs_module = torch.is_grad_enabled() or torch.is_autocast_enabled() or not hidden_states.is_cuda
+    if needs_module or isinstance(ff.net[0].proj, Float8Linear):  # float8 layers run through the module's own GELU
         return ff(hidden_states)
     return ff.net[2](linear_gelu(ff.net[0].proj, hidden_states))
 
