@@ -9,7 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from flexvar_hf.models import float8
-from flexvar_hf.models.float8 import FAST_ACCUMULATION_MIN_ROWS, FLOAT8_MAX, Float8Linear, quantize_rows
+from flexvar_hf.models.float8 import (
+    FAST_ACCUMULATION_MIN_ROWS,
+    FLOAT8_MAX,
+    Float8FeedForward,
+    Float8Linear,
+    quantize_rows,
+)
 
 from conftest import RELATIVE_TOLERANCE, relative_error
 from test_models import TRAIN_SCALES, tiny_transformer
@@ -70,7 +76,8 @@ def test_float8_transformer_stays_close_to_the_original_logits(parity_transforme
     model.enable_float8_inference()
     assert model.float8_inference and not parity_transformer.float8_inference
     assert isinstance(model.blocks[0].attn.to_qkv, Float8Linear)
-    assert isinstance(model.blocks[-1].ff.net[2], Float8Linear)
+    assert isinstance(model.blocks[-1].ff, Float8FeedForward)
+    assert isinstance(model.blocks[-1].ff.proj_out, Float8Linear)
     assert type(model.proj_out) is torch.nn.Linear and type(model.blocks[0].norm1.linear) is torch.nn.Linear
     logits = model(reference["labels"], TRAIN_SCALES, reference["teacher_inputs"]).logits
     error = relative_error(logits, reference["teacher_logits"])

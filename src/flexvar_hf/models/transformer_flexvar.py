@@ -18,7 +18,13 @@ from diffusers.utils import BaseOutput
 
 from ..guidance import combine_guidance
 from ..scales import ScaleLike, as_hw_list, flatten_grid, num_tokens
-from .float8 import Float8Linear
+from .float8 import (
+    Float8FeedForward,
+    Float8Linear,
+    QuantizedRows,
+    modulated_layer_norm_quantize_rows,
+    residual_modulated_layer_norm_quantize_rows,
+)
 
 # The per-head attention scale is exp(log_scale), clamped at exp(MAX_LOG_SCALE) = 100 as in the original.
 L2_EPS = 1e-12
@@ -130,7 +136,7 @@ def linear_gelu(projection: nn.Linear, hidden_states: torch.Tensor) -> torch.Ten
     return activated.view(*hidden_states.shape[:-1], -1)
 
 
-def feed_forward(ff: FeedForward, hidden_states: torch.Tensor) -> torch.Tensor:
+def feed_forward(ff: FeedForward | Float8FeedForward, hidden_states: torch.Tensor | QuantizedRows) -> torch.Tensor:
     """diffusers' `FeedForward` with a tanh GELU and no dropout, (..., dim) -> (..., dim).
 
     In CUDA inference the first projection, its bias and the GELU run as one matrix product with a GELU epilogue
@@ -139,8 +145,9 @@ def feed_forward(ff: FeedForward, hidden_states: torch.Tensor) -> torch.Tensor:
     generation). Outputs in low precision differ from the module's by rounding. The op has no autograd formula, is
     not cast by autocast, and on the CPU applies the exact GELU, so training, autocast and CPU runs take the module.
     """
-    needs_module = torch.is_grad_enabled() or torch.is_autocast_enabled() or not hidden_states.is_cuda
-    if needs_module or isinstance(ff.net[0].proj, Float8Linear):  # float8 layers run through the module's own GELU
+    if isinstance(ff, Float8FeedForward):  # its GELU is fused with its quantisation
+        return ff(hidden_states)
+    if torch.is_grad_enabled() or torch.is_autocast_enabled() or not hidden_states.is_cuda:
         return ff(hidden_states)
     return ff.net[2](linear_gelu(ff.net[0].proj, hidden_states))
 
@@ -270,7 +277,7 @@ class FlexVARBlock(nn.Module):
     ) -> torch.Tensor:
         """`modulation` is `self.modulation(class_embedding)`; the (B, L, dim) output has the input's shape."""
         shift_attn, scale_attn, gate_attn, shift_ff, scale_ff, gate_ff = modulation
-        normed = modulated_layer_norm(self.norm1.norm, hidden_states, shift_attn, scale_attn)
+        normed = self.modulated_norm(self.norm1.norm, hidden_states, shift_attn, scale_attn)
         if kv_cache is None:
             attended = self.attn(normed, attention_mask)
         else:
@@ -280,9 +287,33 @@ class FlexVARBlock(nn.Module):
             # block is two graphs, split only by `cached_attention`.
             qkv, temperature = self.attn.project(normed)
             attended = self.attn.project_out(cached_attention(qkv, temperature, attention_mask, kv_cache, layer_index))
-        hidden_states = torch.addcmul(hidden_states, gate_attn, attended)
-        normed = modulated_layer_norm(self.norm2, hidden_states, shift_ff, scale_ff)
+        hidden_states, normed = self.residual_and_norm(hidden_states, gate_attn, attended, shift_ff, scale_ff)
         return torch.addcmul(hidden_states, gate_ff, feed_forward(self.ff, normed))
+
+    def modulated_norm(
+        self, norm: nn.LayerNorm, hidden_states: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
+    ) -> torch.Tensor | QuantizedRows:
+        """`modulated_layer_norm` of a product's input; after `enable_float8_inference` the rows come out quantised
+        for that product, in the same pass (`float8.modulated_layer_norm_quantize_rows`)."""
+        if isinstance(self.attn.to_out, Float8Linear):
+            return modulated_layer_norm_quantize_rows(norm, hidden_states, shift, scale)
+        return modulated_layer_norm(norm, hidden_states, shift, scale)
+
+    def residual_and_norm(
+        self,
+        hidden_states: torch.Tensor,
+        gate: torch.Tensor,
+        attended: torch.Tensor,
+        shift: torch.Tensor,
+        scale: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor | QuantizedRows]:
+        """The residual stream after attention, `hidden_states + gate * attended`, and `modulated_norm(self.norm2,
+        ...)` of it. With float8 inference one pass (`float8.residual_modulated_layer_norm_quantize_rows`): Inductor
+        fused this residual into the LayerNorm, which a separate quantising norm would undo (run 37)."""
+        if isinstance(self.attn.to_out, Float8Linear):
+            return residual_modulated_layer_norm_quantize_rows(self.norm2, hidden_states, gate, attended, shift, scale)
+        hidden_states = torch.addcmul(hidden_states, gate, attended)
+        return hidden_states, modulated_layer_norm(self.norm2, hidden_states, shift, scale)
 
 
 def sincos_position_grid(dim: int, size: int) -> torch.Tensor:
@@ -400,10 +431,11 @@ class FlexVARTransformer2DModel(ModelMixin, ConfigMixin):
         quantised per row at every call. The class embedding's modulations and the output head keep their dtype.
 
         For large batches on GPUs with float8 matrix units (compute capability 8.9 and up), in bfloat16, with
-        `pipe.enable_fast_sampling(torch_compile=True)`, which folds most of the activations' quantisation into the
-        LayerNorm and GELU kernels before the products; eager, the quantisation is a pass of its own and slower than
-        bfloat16. On an H200 (benchmarks/RESULTS.md, runs 32-34) it took d24 at batch 64 from 208-214 to 239-254
-        images/s with `fast_accumulation=True` and to 236 without; it gave nothing at d16 and made batch 1 slower.
+        `pipe.enable_fast_sampling(torch_compile=True)`. On CUDA the feed-forward's inputs are quantised by the
+        kernels that make them (its AdaLN and its GELU, `float8_kernel`); `torch.compile` folds the attention's
+        quantisations into the kernels around them; eager, those are passes of their own. On an H200
+        (benchmarks/RESULTS.md, runs 32-38) it took d24 at batch 64 from 208-214 to 252-259 images/s with
+        `fast_accumulation=True`; it gave nothing at d16 and made batch 1 slower.
         The products' error is about 20 times bfloat16's (the converted parity model's logits move by about 1%), so
         images differ from the unquantised model's. Call it after moving and casting the model (a later `.to(dtype)`
         would cast the float8 weights too). Irreversible for this object (load the model again to undo); a quantised
@@ -416,11 +448,10 @@ class FlexVARTransformer2DModel(ModelMixin, ConfigMixin):
         if self.float8_inference:
             raise ValueError("Float8 inference is already enabled on this model.")
         for block in self.blocks:
-            attn, ff = block.attn, block.ff
+            attn = block.attn
             attn.to_qkv = Float8Linear(attn.to_qkv, bias=attn.qkv_bias(), fast_accumulation=fast_accumulation)
             attn.to_out = Float8Linear(attn.to_out, fast_accumulation=fast_accumulation)
-            ff.net[0].proj = Float8Linear(ff.net[0].proj, fast_accumulation=fast_accumulation)
-            ff.net[2] = Float8Linear(ff.net[2], fast_accumulation=fast_accumulation)
+            block.ff = Float8FeedForward(block.ff, fast_accumulation=fast_accumulation)
 
     def save_pretrained(self, *args, **kwargs):
         """diffusers' `save_pretrained`, refused after `enable_float8_inference` (float8 layers are no saved

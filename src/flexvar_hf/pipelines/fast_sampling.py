@@ -79,22 +79,16 @@ class FastTokenGenerator:
 
     def _compile_heuristics(self) -> AbstractContextManager:
         """With `compiled` modules, which compile at their first call of a new shape (in `_run`): one-pass
-        LayerNorms over rows up to 2048 wide (d24 and d30), and with float8 inference one-pass quantisations of the
-        feed-forward's activations up to 8192 wide, see `utils.inductor`."""
+        LayerNorms over rows up to 2048 wide (d24 and d30), see `utils.inductor`."""
         if not self.compiled:
             return nullcontext()
         try:
-            from ..utils.inductor import (  # imports Inductor (about 0.8 s)
-                Float8RowChoices,
-                WideRowChoices,
-                wide_row_persistent_reductions,
-            )
+            from ..utils.inductor import wide_row_persistent_reductions  # imports Inductor (about 0.8 s)
         except ImportError as error:  # private Inductor API, newer than the oldest torch we support
             message = f"Compiling with Inductor's own heuristics (slower LayerNorms at d24 and d30): {error}"
             warnings.warn(message, stacklevel=2)
             return nullcontext()
-        choices = Float8RowChoices if self.pipeline.transformer.float8_inference else WideRowChoices
-        return wide_row_persistent_reductions(choices)
+        return wide_row_persistent_reductions()
 
     def _generate(self, loop: _StaticLoop, sampling: tuple) -> None:
         guidance_scale, guidance_schedule, top_k, top_p, temperature = sampling

@@ -24,52 +24,40 @@ if list(inspect.signature(InductorChoices.should_use_persistent_reduction).param
 # 1536- and 1920-wide rows of d24 and d30 got looped reductions: run 11 of benchmarks/RESULTS.md timed d24's modulated
 # LayerNorm at 85 us a call at batch 64, about four times its memory-bound time.
 PERSISTENT_ROW_LIMIT = 2048
-# With float8 inference the feed-forward's GELU joins the quantisation of the second product's input, a reduction
-# over the 4 x width rows (7680 at d30): looped, that kernel took 39.7 ms of a d24 batch-64 generation (run 32).
-FLOAT8_PERSISTENT_ROW_LIMIT = 8192
 
 
 class WideRowChoices(InductorChoices):
-    """Inductor's heuristics, except that inner reductions over up to `row_limit` elements are persistent (one pass
-    over each row, held in registers)."""
+    """Inductor's heuristics, except that inner reductions over up to `PERSISTENT_ROW_LIMIT` elements are persistent
+    (one pass over each row, held in registers)."""
 
-    row_limit = PERSISTENT_ROW_LIMIT
-
-    @classmethod
-    def should_use_persistent_reduction(cls, features, cooperative_reduction: bool) -> bool:
+    @staticmethod
+    def should_use_persistent_reduction(features, cooperative_reduction: bool) -> bool:
         if (
             config.triton.persistent_reductions
             and not cooperative_reduction
             and features.get_reduction_hint() == ReductionHint.INNER
-            and V.graph.sizevars.statically_known_leq(features.reduction_numel, cls.row_limit)
+            and V.graph.sizevars.statically_known_leq(features.reduction_numel, PERSISTENT_ROW_LIMIT)
         ):
             return True
         return InductorChoices.should_use_persistent_reduction(features, cooperative_reduction)
 
-    @classmethod
-    def uuid(cls) -> str:
-        """Part of Inductor's cache keys, so that kernels compiled with other heuristics are not reused."""
-        return f"flexvar-persistent-rows-{cls.row_limit}"
-
-
-class Float8RowChoices(WideRowChoices):
-    """`WideRowChoices` up to `FLOAT8_PERSISTENT_ROW_LIMIT`, for models with float8 inference. A class of its own
-    (not an argument): Inductor instantiates its config entry's class without arguments and pickles it by name into
-    its cache keys."""
-
-    row_limit = FLOAT8_PERSISTENT_ROW_LIMIT
+    @staticmethod
+    def uuid() -> str:
+        """Part of Inductor's cache keys, so that kernels compiled without these heuristics are not reused."""
+        return f"flexvar-persistent-rows-{PERSISTENT_ROW_LIMIT}"
 
 
 @contextmanager
-def wide_row_persistent_reductions(choices: type[WideRowChoices] = WideRowChoices) -> Iterator[None]:
-    """Within this context, modules that Inductor compiles (on this thread) reduce rows of up to `choices.row_limit`
-    elements in one pass instead of Inductor's limit of 1024 (results may differ by float rounding: another order of
-    summation). Compilation happens at a compiled module's first call, so that call must run inside."""
+def wide_row_persistent_reductions() -> Iterator[None]:
+    """Within this context, modules that Inductor compiles (on this thread) reduce rows of up to
+    `PERSISTENT_ROW_LIMIT` elements in one pass instead of Inductor's limit of 1024 (results may differ by float
+    rounding: another order of summation). Compilation happens at a compiled module's first call, so that call must
+    run inside."""
     # The handler is what code generation consults (Inductor reads its config entry once per thread); the config
     # entry, where this torch has it, puts the heuristics into Inductor's cache keys.
-    with V.set_choices_handler(choices()):
+    with V.set_choices_handler(WideRowChoices()):
         if hasattr(config, "inductor_choices_class"):
-            with config.patch(inductor_choices_class=choices):
+            with config.patch(inductor_choices_class=WideRowChoices):
                 yield
         else:
             yield
