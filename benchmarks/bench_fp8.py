@@ -13,6 +13,9 @@ graph (no launch gaps, as in fast sampling), timed with CUDA events and multipli
 - `fp8_exact_accum`: the same without fast accumulation;
 - `fp8_quantize`: the activations quantised per row by a compiled kernel of their own, then `fp8`: the cost with
   one extra pass over each input.
+Then the GELU and quantisation between the feed-forward's two products (of the second product's inputs at every
+scale, times the blocks), as `torch.compile` makes it of `float8.gelu_quantize_rows`' PyTorch operations and as
+the Triton kernel of `float8_kernel` with 4, 8 (the package's) and 16 warps.
 Errors are `|out - ref| / |ref|` against a float64 product of the same inputs at the last scale, on random data: a
 check of the products' precision, not of a trained model's quality (real activations have outliers).
 
@@ -28,11 +31,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import triton
 
 from bench_decode import replay_ms
 from bench_generate import DEPTHS, VOCAB_SIZE
 from flexvar_hf import FlexVARScaleScheduler
-from flexvar_hf.models.float8 import quantize_rows
+from flexvar_hf.models import float8_kernel
+from flexvar_hf.models.float8 import FLOAT8_MAX, MIN_SCALE, quantize_rows
 
 VARIANTS = ("bf16", "fp8", "fp8_exact_accum", "fp8_quantize")
 
@@ -92,6 +97,32 @@ class LinearShapes:
         return {name: ((out.double() - reference).norm() / reference.norm()).item() for name, out in outputs.items()}
 
 
+def gelu_quantize_ms(inputs: list[torch.Tensor], iters: int) -> dict[str, float]:
+    """Milliseconds of one GELU + quantisation of every input, compiled and as the kernel at several warp counts."""
+
+    def pytorch_ops(values):
+        return quantize_rows(F.gelu(values.float(), approximate="tanh"))
+
+    def fused(values, num_warps):
+        rows, width = values.shape
+        quantized = torch.empty(rows, width, dtype=torch.float8_e4m3fn, device=values.device)
+        scales = torch.empty(rows, 1, device=values.device)
+        float8_kernel._gelu_quantize_rows_kernel[(rows,)](
+            values, quantized, scales, width, values.stride(0), MIN_SCALE, FLOAT8_MAX,
+            BLOCK=triton.next_power_of_2(width), num_warps=num_warps,
+        )  # fmt: skip
+
+    compiled = torch.compile(pytorch_ops, dynamic=True)
+    timings = {"compiled": replay_ms(lambda: [compiled(x) for x in inputs], iters)}
+    for num_warps in (4, 8, 16):
+        run = lambda num_warps=num_warps: [fused(x, num_warps) for x in inputs]  # noqa: E731
+        timings[f"kernel_{num_warps}_warps"] = replay_ms(run, iters)
+    timings["kernel_op"] = replay_ms(
+        lambda: [float8_kernel.fused_gelu_quantize_rows(x, MIN_SCALE, FLOAT8_MAX) for x in inputs], iters
+    )
+    return timings
+
+
 def layer_shapes(depth: int, batch: int, resolution: int, device: str) -> dict[str, LinearShapes]:
     scheduler = FlexVARScaleScheduler()
     scheduler.set_timesteps(None, height=resolution, width=resolution)
@@ -133,6 +164,10 @@ def main(argv=None) -> int:
         errors = report["errors"].get(name, {})
         error_cells = f"{errors['bf16']:10.1e}{errors['fp8']:10.1e}" if errors else ""
         print(f"{name:10}" + "".join(f"{ms:17.2f}" for ms in row) + error_cells)
+    gelu = {name: ms * depth for name, ms in gelu_quantize_ms(layers["ff_out"].inputs, args.iters).items()}
+    report["gelu_quantize_ms_per_generation"] = gelu
+    print("GELU + quantisation of the second feed-forward product's inputs, ms per generation:")
+    print("  " + ", ".join(f"{name} {ms:.2f}" for name, ms in gelu.items()))
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
     return 0
