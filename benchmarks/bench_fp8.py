@@ -15,7 +15,7 @@ graph (no launch gaps, as in fast sampling), timed with CUDA events and multipli
   one extra pass over each input.
 Then the GELU and quantisation between the feed-forward's two products (of the second product's inputs at every
 scale, times the blocks), as `torch.compile` makes it of `float8.gelu_quantize_rows`' PyTorch operations and as
-the Triton kernel of `float8_kernel` with 4, 8 (the package's) and 16 warps.
+the Triton kernel of `float8_kernel` with 4, 8 (the package's) and 16 warps (its GPU rounding).
 Errors are `|out - ref| / |ref|` against a float64 product of the same inputs at the last scale, on random data: a
 check of the products' precision, not of a trained model's quality (real activations have outliers).
 
@@ -108,9 +108,17 @@ def gelu_quantize_ms(inputs: list[torch.Tensor], iters: int) -> dict[str, float]
         quantized = torch.empty(rows, width, dtype=torch.float8_e4m3fn, device=values.device)
         scales = torch.empty(rows, 1, device=values.device)
         float8_kernel._gelu_quantize_rows_kernel[(rows,)](
-            values, quantized, scales, width, values.stride(0), MIN_SCALE, FLOAT8_MAX,
-            BLOCK=triton.next_power_of_2(width), num_warps=num_warps,
-        )  # fmt: skip
+            values,
+            quantized,
+            scales,
+            width,
+            values.stride(0),
+            MIN_SCALE=MIN_SCALE,
+            FLOAT8_MAX=FLOAT8_MAX,
+            BLOCK=triton.next_power_of_2(width),
+            SOFTWARE_ROUNDING=False,
+            num_warps=num_warps,
+        )
 
     compiled = torch.compile(pytorch_ops, dynamic=True)
     timings = {"compiled": replay_ms(lambda: [compiled(x) for x in inputs], iters)}

@@ -181,10 +181,8 @@ def _modulated_layer_norm_quantize_kernel(
     scale = tl.load(scale_ptr + sequence * scale_stride + columns, mask=mask, other=0.0).to(tl.float32)
     modulated = shift + centered * inverse_std * scale
     row_offset = row.to(tl.int64)
-    _store_quantized_row(
-        modulated, mask, quantized_ptr + row_offset * width, scales_ptr + row_offset, MIN_SCALE, FLOAT8_MAX,
-        SOFTWARE_ROUNDING,
-    )  # fmt: skip
+    quantized_row, scale_of_row = quantized_ptr + row_offset * width, scales_ptr + row_offset
+    _store_quantized_row(modulated, mask, quantized_row, scale_of_row, MIN_SCALE, FLOAT8_MAX, SOFTWARE_ROUNDING)
 
 
 def _layer_norm_quantize(

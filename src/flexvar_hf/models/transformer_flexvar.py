@@ -224,9 +224,9 @@ class FlexVARAttention(nn.Module):
         """(3 * dim,) bias of the projection: the query bias, zeros for the keys, the value bias."""
         return torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
 
-    def project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def project(self, hidden_states: torch.Tensor | QuantizedRows) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, L, dim) -> the (B, L, 3 * H, D) projection (heads of queries, keys, then values) and the (1, 1, H, 1)
-        query temperatures in its dtype."""
+        query temperatures in its dtype. `QuantizedRows` (float8 inference) go to the float8 projection."""
         batch, length, _ = hidden_states.shape
         if isinstance(self.to_qkv, Float8Linear):  # its bias is `qkv_bias()`, taken when it was made
             qkv = self.to_qkv(hidden_states)
