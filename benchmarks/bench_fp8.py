@@ -31,7 +31,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import triton
 
 from bench_decode import replay_ms
 from bench_generate import DEPTHS, VOCAB_SIZE
@@ -104,21 +103,9 @@ def gelu_quantize_ms(inputs: list[torch.Tensor], iters: int) -> dict[str, float]
         return quantize_rows(F.gelu(values.float(), approximate="tanh"))
 
     def fused(values, num_warps):
-        rows, width = values.shape
-        quantized = torch.empty(rows, width, dtype=torch.float8_e4m3fn, device=values.device)
-        scales = torch.empty(rows, 1, device=values.device)
-        float8_kernel._gelu_quantize_rows_kernel[(rows,)](
-            values,
-            quantized,
-            scales,
-            width,
-            values.stride(0),
-            MIN_SCALE=MIN_SCALE,
-            FLOAT8_MAX=FLOAT8_MAX,
-            BLOCK=triton.next_power_of_2(width),
-            SOFTWARE_ROUNDING=False,
-            num_warps=num_warps,
-        )
+        quantized = torch.empty(values.shape, dtype=torch.float8_e4m3fn, device=values.device)
+        scales = torch.empty(values.shape[0], 1, device=values.device)
+        float8_kernel.launch_gelu_quantize_rows(values, quantized, scales, MIN_SCALE, FLOAT8_MAX, num_warps=num_warps)
 
     compiled = torch.compile(pytorch_ops, dynamic=True)
     timings = {"compiled": replay_ms(lambda: [compiled(x) for x in inputs], iters)}

@@ -121,19 +121,33 @@ def fused_gelu_quantize_rows(
     quantized = torch.empty(rows, width, dtype=torch.float8_e4m3fn, device=values.device)
     scales = torch.empty(rows, 1, dtype=torch.float32, device=values.device)
     if rows > 0:
-        wrap_triton(_gelu_quantize_rows_kernel)[(rows,)](
-            values,
-            quantized,
-            scales,
-            width,
-            values.stride(0),
-            MIN_SCALE=min_scale,
-            FLOAT8_MAX=float8_max,
-            BLOCK=triton.next_power_of_2(width),
-            SOFTWARE_ROUNDING=_interpreted(),
-            num_warps=NUM_WARPS,
-        )
+        launch_gelu_quantize_rows(values, quantized, scales, min_scale, float8_max)
     return quantized, scales
+
+
+def launch_gelu_quantize_rows(
+    values: torch.Tensor,
+    quantized: torch.Tensor,
+    scales: torch.Tensor,
+    min_scale: float,
+    float8_max: float,
+    num_warps: int = NUM_WARPS,
+) -> None:
+    """The kernel of `fused_gelu_quantize_rows` on its checked (M, K) `values` into the float8 (M, K) `quantized`
+    and float32 (M, 1) `scales` (also what benchmarks/bench_fp8.py times at other warp counts)."""
+    rows, width = values.shape
+    wrap_triton(_gelu_quantize_rows_kernel)[(rows,)](
+        values,
+        quantized,
+        scales,
+        width,
+        values.stride(0),
+        MIN_SCALE=min_scale,
+        FLOAT8_MAX=float8_max,
+        BLOCK=triton.next_power_of_2(width),
+        SOFTWARE_ROUNDING=_interpreted(),
+        num_warps=num_warps,
+    )
 
 
 @triton.jit
