@@ -145,9 +145,10 @@ def feed_forward(ff: FeedForward | Float8FeedForward, hidden_states: torch.Tenso
     generation). Outputs in low precision differ from the module's by rounding. The op has no autograd formula, is
     not cast by autocast, and on the CPU applies the exact GELU, so training, autocast and CPU runs take the module.
     """
-    if isinstance(ff, Float8FeedForward):  # its GELU is fused with its quantisation
-        return ff(hidden_states)
-    if torch.is_grad_enabled() or torch.is_autocast_enabled() or not hidden_states.is_cuda:
+    # A float8 feed-forward fuses its GELU with its quantisation itself (checked first: `QuantizedRows` have no
+    # `is_cuda`).
+    float8 = isinstance(ff, Float8FeedForward)
+    if float8 or torch.is_grad_enabled() or torch.is_autocast_enabled() or not hidden_states.is_cuda:
         return ff(hidden_states)
     return ff.net[2](linear_gelu(ff.net[0].proj, hidden_states))
 
@@ -290,12 +291,17 @@ class FlexVARBlock(nn.Module):
         hidden_states, normed = self.residual_and_norm(hidden_states, gate_attn, attended, shift_ff, scale_ff)
         return torch.addcmul(hidden_states, gate_ff, feed_forward(self.ff, normed))
 
+    @property
+    def float8_inference(self) -> bool:
+        """Whether `FlexVARTransformer2DModel.enable_float8_inference` replaced this block's linear layers."""
+        return isinstance(self.attn.to_out, Float8Linear)
+
     def modulated_norm(
         self, norm: nn.LayerNorm, hidden_states: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
     ) -> torch.Tensor | QuantizedRows:
         """`modulated_layer_norm` of a product's input; after `enable_float8_inference` the rows come out quantised
         for that product, in the same pass (`float8.modulated_layer_norm_quantize_rows`)."""
-        if isinstance(self.attn.to_out, Float8Linear):
+        if self.float8_inference:
             return modulated_layer_norm_quantize_rows(norm, hidden_states, shift, scale)
         return modulated_layer_norm(norm, hidden_states, shift, scale)
 
@@ -310,7 +316,7 @@ class FlexVARBlock(nn.Module):
         """The residual stream after attention, `hidden_states + gate * attended`, and `modulated_norm(self.norm2,
         ...)` of it. With float8 inference one pass (`float8.residual_modulated_layer_norm_quantize_rows`): Inductor
         fused this residual into the LayerNorm, which a separate quantising norm would undo (run 37)."""
-        if isinstance(self.attn.to_out, Float8Linear):
+        if self.float8_inference:
             return residual_modulated_layer_norm_quantize_rows(self.norm2, hidden_states, gate, attended, shift, scale)
         hidden_states = torch.addcmul(hidden_states, gate, attended)
         return hidden_states, modulated_layer_norm(self.norm2, hidden_states, shift, scale)
@@ -421,7 +427,7 @@ class FlexVARTransformer2DModel(ModelMixin, ConfigMixin):
     @property
     def float8_inference(self) -> bool:
         """Whether `enable_float8_inference` replaced the blocks' linear layers."""
-        return isinstance(self.blocks[0].attn.to_out, Float8Linear)
+        return self.blocks[0].float8_inference
 
     @torch.no_grad()
     def enable_float8_inference(self, fast_accumulation: bool = False) -> None:
