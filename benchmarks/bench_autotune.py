@@ -30,7 +30,7 @@ import torch
 from torch._inductor.utils import fresh_inductor_cache
 
 from bench_generate import DEPTHS, DTYPES, build_transformer
-from flexvar_hf.models.transformer_flexvar import FlexVARBlock, FlexVARKVCache
+from flexvar_hf.models.transformer_flexvar import FlexVARBlock, FlexVARKVCache, ResidualUpdate
 from flexvar_hf.utils.inductor import PERSISTENT_ROW_LIMIT, wide_row_persistent_reductions
 
 
@@ -99,6 +99,9 @@ class BlockInputs:
         self.sides = sides
         self.modulation = block.modulation(torch.randn(sequences, dim, **tensor_kw))
         self.hidden = {side: torch.randn(sequences, side * side, dim, **tensor_kw) for side in sides}
+        # The previous block's feed-forward update, which every block after the first adds in its first norm.
+        gate_ff = self.modulation[5]
+        self.updates = {side: ResidualUpdate(gate_ff, torch.randn_like(rows)) for side, rows in self.hidden.items()}
         max_tokens = sum(side * side for side in sides)
         self.cache = FlexVARKVCache(1, sequences, block.attn.num_heads, max_tokens, block.attn.head_dim, **tensor_kw)
         for buffer in self.cache.key_values:
@@ -107,7 +110,7 @@ class BlockInputs:
     def run(self, block, side: int) -> torch.Tensor:
         """One call at `side`, with the tokens of the sides before it cached (their values do not matter here)."""
         self.cache.length = sum(earlier * earlier for earlier in self.sides[: self.sides.index(side)])
-        return block(self.hidden[side], self.modulation, None, self.cache, 0)
+        return block(self.hidden[side], self.modulation, None, self.cache, 0, self.updates[side])
 
 
 def time_trial(

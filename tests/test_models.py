@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from flexvar_hf import FlexVARTransformer2DModel, FlexVQModel
-from flexvar_hf.models.transformer_flexvar import feed_forward, linear_gelu
+from flexvar_hf.models.transformer_flexvar import ResidualUpdate, feed_forward, linear_gelu, modulated_layer_norm
 from flexvar_hf.scales import as_hw_list, flatten_grid, resize_codes
 
 from conftest import PIXEL_TOLERANCE, RELATIVE_TOLERANCE, relative_error
@@ -298,14 +298,14 @@ def test_quantizer_picks_most_similar_code():
 
 @torch.no_grad()
 def test_compiled_cached_block_is_two_graphs_split_at_the_cached_attention():
-    """With a cache, a compiled block is one graph up to the cached attention (the first LayerNorm with the
-    projection, so that Inductor can fuse what follows the norm into its kernel) and one after it (the output
-    projection, the residuals and the feed-forward)."""
+    """With a cache, a compiled block is one graph up to the cached attention (the previous block's feed-forward
+    update and the first LayerNorm with the projection, so that Inductor can fuse the update and what follows the
+    norm into its kernel) and one after it (the output projection, the residual and the feed-forward)."""
     model = tiny_transformer(num_layers=2, hidden_size=64).eval()
     graphs = []
 
     def record(graph_module, example_inputs):
-        graphs.append({str(node.target) for node in graph_module.graph.nodes if node.op == "call_function"})
+        graphs.append([str(node.target) for node in graph_module.graph.nodes if node.op == "call_function"])
         return graph_module
 
     for block in model.blocks:
@@ -315,10 +315,34 @@ def test_compiled_cached_block_is_two_graphs_split_at_the_cached_attention():
     for i, side in enumerate((1, 2, 3)):
         model(labels, [(side, side)], None if i == 0 else torch.randn(2, side * side, 4), kv_cache=cache)
     torch._dynamo.reset()
-    # Pairs of graphs, one pair for the 1-token first scale (Dynamo specialises sizes of 1) and one for the rest:
-    # both layers and the later scales share a compilation.
-    assert len(graphs) == 4
-    for before, after in zip(graphs[0::2], graphs[1::2]):
-        assert sum("layer_norm" in op for op in before) == 1 and any("linear" in op for op in before)
-        assert not any("gelu" in op for op in before)
-        assert sum("layer_norm" in op for op in after) == 1 and any("gelu" in op for op in after)
+    # Per shape (the 1-token first scale, which Dynamo specialises, then the rest): the first layer's graph before
+    # the attention, the graph after it, which both layers share, and the second layer's graph before it, which
+    # adds the first layer's update. The later scales share a compilation.
+    assert len(graphs) == 6
+
+    def count(graph, name):
+        return sum(name in op for op in graph)
+
+    for first_before, after, second_before in zip(graphs[0::3], graphs[1::3], graphs[2::3]):
+        for before in (first_before, second_before):
+            assert count(before, "layer_norm") == 1 and count(before, "linear") == 1 and count(before, "gelu") == 0
+        assert count(second_before, "addcmul") == count(first_before, "addcmul") + 1
+        assert count(after, "layer_norm") == 1 and count(after, "gelu") == 1
+
+
+def test_block_adds_the_previous_update_before_its_first_norm():
+    """A block given the previous block's feed-forward update computes what it computes on the updated stream, and
+    returns the stream after its attention with its own feed-forward update deferred."""
+    block = tiny_transformer(num_layers=1).blocks[0]
+    torch.nn.init.normal_(block.norm1.linear.weight, std=0.5)  # gates away from zero, so every update counts
+    modulation = block.modulation(torch.randn(2, 32))
+    hidden_states, previous = torch.randn(2, 5, 32), ResidualUpdate(torch.randn(2, 1, 32), torch.randn(2, 5, 32))
+    with torch.no_grad():
+        stream, update = block(hidden_states, modulation, update=previous)
+        expected_stream, expected_update = block(previous.apply(hidden_states), modulation)
+        normed = modulated_layer_norm(block.norm1.norm, previous.apply(hidden_states), *modulation[:2])
+        attended = previous.apply(hidden_states) + modulation[2] * block.attn(normed)
+    torch.testing.assert_close(stream, expected_stream, rtol=0, atol=0)
+    torch.testing.assert_close(update.values, expected_update.values, rtol=0, atol=0)
+    torch.testing.assert_close(stream, attended)
+    assert update.gate is modulation[5]

@@ -6,10 +6,10 @@ of their own over activations already written in bfloat16.
   generation's profile on an H200 (run 33 of benchmarks/RESULTS.md); this kernel took 22.6-26.1 ms there (runs
   36-38) and 13.4 ms alone on random rows of those shapes (run 36, against Inductor's 47.2 ms).
 - `fused_modulated_layer_norm_quantize_rows`: a block's AdaLN (LayerNorm, then shift and scale per sequence) and the
-  quantisation of the product after it; `fused_residual_modulated_layer_norm_quantize_rows` adds the attention's
-  residual first, as Inductor's LayerNorm kernel did. Run 36's profile found Inductor's LayerNorms apart from their
-  quantisations, each pass reading and writing the rows again; with the kernels those items took 33.9 ms of a d24
-  batch-64 generation instead of 40.5 (run 38).
+  quantisation of the product after it; `fused_residual_modulated_layer_norm_quantize_rows` adds an update of the
+  residual stream first, as Inductor's LayerNorm kernel did. Run 36's profile found Inductor's LayerNorms apart
+  from their quantisations, each pass reading and writing the rows again; with the kernels those items took 33.9
+  ms of a d24 batch-64 generation instead of 40.5 (run 38).
 
 Each program holds one row in registers. The kernels are `torch.library.triton_op`s, so that `torch.compile` keeps
 them inside a compiled block's graph (a plain Python call of a Triton kernel would split the graph there). Only the
@@ -281,9 +281,9 @@ def fused_residual_modulated_layer_norm_quantize_rows(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """
     `fused_modulated_layer_norm_quantize_rows` of the residual stream `values + gate * update` ((B, 1, K) `gate`,
-    (B, L, K) `update` laid out as `values`), which it also writes: a block's attention residual and the AdaLN of its
-    feed-forward in one pass, as Inductor fused them before the quantisation joined the norm (run 37 of
-    benchmarks/RESULTS.md).
+    (B, L, K) `update` laid out as `values`), which it also writes: an update of a block's residual stream (its
+    attention's, or the previous block's feed-forward's) and the AdaLN after it in one pass, as Inductor fused them
+    before the quantisation joined the norm (run 37 of benchmarks/RESULTS.md).
 
     Returns:
         The new (B, L, K) residual stream in `values`' dtype, the float8 e4m3 (B * L, K) values and their float32
