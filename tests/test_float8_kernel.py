@@ -32,6 +32,9 @@ from flexvar_hf.models.float8_kernel import (  # noqa: E402
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# On NVIDIA GPUs the GELU kernel takes the hardware tanh (relative error about 2^-11), elsewhere exp in float32.
+HARDWARE_TANH = DEVICE == "cuda" and torch.version.hip is None
+GELU_RTOL = 1e-3 if HARDWARE_TANH else 1e-6
 # The interpreter evaluates exp in NumPy, which warns where it overflows to inf (GELU of inputs below about -9: 0).
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 
@@ -51,13 +54,13 @@ def rows_of_every_magnitude(num_rows: int, width: int, dtype: torch.dtype) -> to
     return values.to(DEVICE, dtype)
 
 
-def assert_quantized_alike(quantized, scales, expected, expected_scales):
+def assert_quantized_alike(quantized, scales, expected, expected_scales, scale_rtol=1e-5):
     """The kernels compute in float32 (the references take float64; a LayerNorm's sums over a row lose a few float32
     units), so a value may round to the next float8 value where float64 lies within float32's error of a midpoint
     between two."""
     assert quantized.dtype == torch.float8_e4m3fn and quantized.shape == expected.shape
     assert scales.dtype == torch.float32 and scales.shape == expected_scales.shape
-    torch.testing.assert_close(scales, expected_scales, rtol=1e-5, atol=0)
+    torch.testing.assert_close(scales, expected_scales, rtol=scale_rtol, atol=0)
     differs = quantized.float() != expected.float()
     assert differs.float().mean() < 1e-3  # none when written
     steps = (expected.float().abs() * 2**-3).clamp_min(2**-9)  # one float8 step: 3 mantissa bits, subnormals 2^-9
@@ -72,7 +75,7 @@ def test_gelu_kernel_matches_the_pytorch_gelu_and_quantisation(dtype, width):
     values = rows_of_every_magnitude(24, width, dtype)
     quantized, scales = kernel(values)
     expected, expected_scales = quantize_rows(F.gelu(values.double(), approximate="tanh"))
-    assert_quantized_alike(quantized, scales, expected, expected_scales)
+    assert_quantized_alike(quantized, scales, expected, expected_scales, scale_rtol=max(GELU_RTOL, 1e-5))
     assert torch.equal(quantized[1:3].float(), torch.zeros(2, width, device=DEVICE))  # zero rows stay zero, not NaN
     if width > 1:  # most of a row lies far below its largest values: float8's subnormals
         assert ((expected.float().abs() < 2**-6) & (expected.float() != 0)).sum() > 10
@@ -164,7 +167,7 @@ def test_pytorch_path_matches_the_kernel():
     values = rows_of_every_magnitude(16, 200, torch.bfloat16).cpu()
     quantized, scales = gelu_quantize_rows(values)
     expected, expected_scales = kernel(values.to(DEVICE))
-    torch.testing.assert_close(scales, expected_scales.cpu(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(scales, expected_scales.cpu(), rtol=GELU_RTOL, atol=0)
     assert (quantized.float() != expected.float().cpu()).float().mean() < 1e-3
 
 
@@ -197,4 +200,4 @@ def test_float8_transformer_with_the_kernels_gives_the_pytorch_paths_logits(kern
     monkeypatch.setattr(float8, "fuses", lambda values: False)
     without = model(labels, scales, inputs).logits
     assert torch.equal(with_kernel.argmax(-1), without.argmax(-1))
-    assert relative_error(with_kernel, without) < 1e-4
+    assert relative_error(with_kernel, without) < (1e-3 if HARDWARE_TANH else 1e-4)

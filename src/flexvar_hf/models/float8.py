@@ -56,7 +56,8 @@ def fuses(values: torch.Tensor) -> bool:
 
 def gelu_quantize_rows(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`quantize_rows` of the tanh GELU of (M, K) rows, the GELU in float32 (not rounded to `values`' dtype before
-    the quantisation). Where `fuses(values)`, one Triton kernel, equal up to float32 rounding."""
+    the quantisation). Where `fuses(values)`, one Triton kernel, equal up to float32 rounding (on NVIDIA GPUs, up to
+    the hardware tanh's error of about 2^-11, see `float8_kernel.fused_gelu_quantize_rows`)."""
     if fuses(values):
         return fused_gelu_quantize_rows(values, MIN_SCALE, FLOAT8_MAX)
     return quantize_rows(F.gelu(values.float(), approximate="tanh"))
