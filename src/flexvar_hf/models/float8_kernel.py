@@ -12,7 +12,7 @@ of their own over activations already written in bfloat16.
   from their quantisations, each pass reading and writing the rows again; with the kernels those items took 33.9
   ms of a d24 batch-64 generation instead of 40.5 (run 38).
 
-Each program holds its rows in registers. The kernels are `torch.library.triton_op`s, so that `torch.compile` keeps
+Each program holds one row in registers. The kernels are `torch.library.triton_op`s, so that `torch.compile` keeps
 them inside a compiled block's graph (a plain Python call of a Triton kernel would split the graph there). Only the
 kernel modules import Triton; `float8` imports this one where Triton is installed. With `TRITON_INTERPRET=1` set
 before the import the kernels run on CPU tensors (how the tests check them).
@@ -33,11 +33,8 @@ MAX_WIDTH = 8192
 # 4 warps (128 threads) a row: the fastest of 4, 8 and 16 for d24's 6144-wide GELU rows with the hardware tanh in
 # run 39 of benchmarks/RESULTS.md.
 NUM_WARPS = 4
-# One row a program for the GELU's 4x-wide rows.
-GELU_ROWS = 1
 # 2 warps for the LayerNorms' 1024- to 1920-wide rows: the fastest of 1 to 16 for d24's in run 37.
 LAYER_NORM_NUM_WARPS = 2
-LAYER_NORM_ROWS = 1
 SQRT_2_OVER_PI = tl.constexpr(math.sqrt(2 / math.pi))
 # float8 e4m3: 3 mantissa bits, and below 2^-6 subnormals that are multiples of 2^-9.
 MIN_NORMAL = tl.constexpr(2.0**-6)
@@ -59,26 +56,24 @@ def _round_to_float8_grid(values):
 
 
 @triton.jit
-def _store_quantized_rows(
+def _store_quantized_row(
     values,
     mask,
-    row_mask,
-    quantized_rows_ptr,
-    scales_ptr,
+    quantized_ptr,
+    scale_ptr,
     MIN_SCALE: tl.constexpr,
     FLOAT8_MAX: tl.constexpr,
     SOFTWARE_ROUNDING: tl.constexpr,
 ):
-    """`float8.quantize_rows` of float32 rows (`values`, (R, BLOCK), 0 where `mask` is False; `row_mask`, (R,), the
-    rows that exist): their scales to the (R,) `scales_ptr`, their float8 values to the rows that start at the (R, 1)
-    `quantized_rows_ptr` (the scale applied as a product with its reciprocal)."""
-    scales = tl.maximum(tl.max(tl.abs(values), axis=1), MIN_SCALE) / FLOAT8_MAX
-    tl.store(scales_ptr, scales, mask=row_mask)
-    scaled = values * (1.0 / scales)[:, None]
+    """`float8.quantize_rows` of one float32 row (`values`, 0 where `mask` is False): its scale to `scale_ptr`, its
+    float8 values to `quantized_ptr` (the scale applied as a product with its reciprocal)."""
+    scale = tl.maximum(tl.max(tl.abs(values), axis=0), MIN_SCALE) / FLOAT8_MAX
+    tl.store(scale_ptr, scale)
+    scaled = values * (1.0 / scale)
     if SOFTWARE_ROUNDING:  # on GPUs the conversion itself rounds to nearest even
         scaled = _round_to_float8_grid(scaled)
-    columns = tl.arange(0, values.shape[1])[None, :]
-    tl.store(quantized_rows_ptr + columns, scaled.to(quantized_rows_ptr.dtype.element_ty), mask=mask)
+    columns = tl.arange(0, values.shape[0])
+    tl.store(quantized_ptr + columns, scaled.to(quantized_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -94,22 +89,19 @@ def _gelu_quantize_rows_kernel(
     values_ptr,
     quantized_ptr,
     scales_ptr,
-    num_rows,
     width,
     row_stride,
     MIN_SCALE: tl.constexpr,
     FLOAT8_MAX: tl.constexpr,
-    ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
     SOFTWARE_ROUNDING: tl.constexpr,
     HARDWARE_TANH: tl.constexpr,
 ):
-    # ROWS rows a program, each whole in registers.
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    row_mask = rows < num_rows
-    columns = tl.arange(0, BLOCK)[None, :]
-    mask = row_mask[:, None] & (columns < width)
-    x = tl.load(values_ptr + rows[:, None] * row_stride + columns, mask=mask, other=0.0).to(tl.float32)
+    # One program per row, the whole row in registers.
+    row = tl.program_id(0).to(tl.int64)
+    columns = tl.arange(0, BLOCK)
+    mask = columns < width
+    x = tl.load(values_ptr + row * row_stride + columns, mask=mask, other=0.0).to(tl.float32)
     # The tanh GELU, 0.5 * x * (1 + tanh(u)) with u = sqrt(2 / pi) * (x + 0.044715 x^3).
     inner = SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)
     if HARDWARE_TANH:
@@ -118,9 +110,9 @@ def _gelu_quantize_rows_kernel(
         activated = 0.5 * x + 0.5 * x * _hardware_tanh(inner)
     else:  # x * sigmoid(2u), the same function through exp, which Triton's interpreter and AMD GPUs have too
         activated = x / (1.0 + tl.exp(-2.0 * inner))
-    quantized_rows = quantized_ptr + rows[:, None] * width
-    scales = scales_ptr + rows
-    _store_quantized_rows(activated, mask, row_mask, quantized_rows, scales, MIN_SCALE, FLOAT8_MAX, SOFTWARE_ROUNDING)
+    _store_quantized_row(
+        activated, mask, quantized_ptr + row * width, scales_ptr + row, MIN_SCALE, FLOAT8_MAX, SOFTWARE_ROUNDING
+    )
 
 
 @triton_op("flexvar_hf::fused_gelu_quantize_rows", mutates_args=())
@@ -159,16 +151,14 @@ def launch_gelu_quantize_rows(
     """The kernel of `fused_gelu_quantize_rows` on its checked (M, K) `values` into the float8 (M, K) `quantized`
     and float32 (M, 1) `scales` (also what benchmarks/bench_fp8.py times at other warp counts)."""
     rows, width = values.shape
-    wrap_triton(_gelu_quantize_rows_kernel)[(triton.cdiv(rows, GELU_ROWS),)](
+    wrap_triton(_gelu_quantize_rows_kernel)[(rows,)](
         values,
         quantized,
         scales,
-        rows,
         width,
         values.stride(0),
         MIN_SCALE=min_scale,
         FLOAT8_MAX=float8_max,
-        ROWS=GELU_ROWS,
         BLOCK=triton.next_power_of_2(width),
         SOFTWARE_ROUNDING=_interpreted(),
         HARDWARE_TANH=not _interpreted() and torch.version.hip is None,
@@ -186,7 +176,6 @@ def _modulated_layer_norm_quantize_kernel(
     scale_ptr,
     quantized_ptr,
     scales_ptr,
-    num_rows,
     width,
     tokens_per_sequence,
     stride_sequence,
@@ -197,18 +186,16 @@ def _modulated_layer_norm_quantize_kernel(
     EPS: tl.constexpr,
     MIN_SCALE: tl.constexpr,
     FLOAT8_MAX: tl.constexpr,
-    ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
     ADD_RESIDUAL: tl.constexpr,
     SOFTWARE_ROUNDING: tl.constexpr,
 ):
-    # ROWS tokens a program, each row whole in registers, with the gate, shift and scale of its sequence.
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    row_mask = rows < num_rows
-    sequence = (rows // tokens_per_sequence).to(tl.int64)[:, None]
-    token = (rows % tokens_per_sequence)[:, None]
-    columns = tl.arange(0, BLOCK)[None, :]
-    mask = row_mask[:, None] & (columns < width)
+    # One program per token, the whole row in registers; the gate, shift and scale of its sequence.
+    row = tl.program_id(0)
+    sequence = (row // tokens_per_sequence).to(tl.int64)
+    token = row % tokens_per_sequence
+    columns = tl.arange(0, BLOCK)
+    mask = columns < width
     offset = sequence * stride_sequence + token * stride_token + columns
     x = tl.load(values_ptr + offset, mask=mask, other=0.0).to(tl.float32)
     if ADD_RESIDUAL:  # the residual stream's update first, rounded to its dtype as `torch.addcmul` would
@@ -217,16 +204,15 @@ def _modulated_layer_norm_quantize_kernel(
         residual = (x + gate * update).to(residual_ptr.dtype.element_ty)
         tl.store(residual_ptr + offset, residual, mask=mask)
         x = residual.to(tl.float32)
-    mean = tl.sum(x, axis=1)[:, None] / width
+    mean = tl.sum(x, axis=0) / width
     centered = tl.where(mask, x - mean, 0.0)
-    inverse_std = 1.0 / tl.sqrt_rn(tl.sum(centered * centered, axis=1)[:, None] / width + EPS)
+    inverse_std = 1.0 / tl.sqrt_rn(tl.sum(centered * centered, axis=0) / width + EPS)
     shift = tl.load(shift_ptr + sequence * shift_stride + columns, mask=mask, other=0.0).to(tl.float32)
     scale = tl.load(scale_ptr + sequence * scale_stride + columns, mask=mask, other=0.0).to(tl.float32)
     modulated = shift + centered * inverse_std * scale
-    row_offsets = rows.to(tl.int64)
-    quantized_rows = quantized_ptr + row_offsets[:, None] * width
-    scales = scales_ptr + row_offsets
-    _store_quantized_rows(modulated, mask, row_mask, quantized_rows, scales, MIN_SCALE, FLOAT8_MAX, SOFTWARE_ROUNDING)
+    row_offset = row.to(tl.int64)
+    quantized_row, scale_of_row = quantized_ptr + row_offset * width, scales_ptr + row_offset
+    _store_quantized_row(modulated, mask, quantized_row, scale_of_row, MIN_SCALE, FLOAT8_MAX, SOFTWARE_ROUNDING)
 
 
 def _layer_norm_quantize(
@@ -254,9 +240,8 @@ def _layer_norm_quantize(
     residual = None
     if gate is not None:  # in the layout of `values` (and `update`), which the kernel indexes all three by
         residual = torch.empty_strided(values.shape, values.stride(), dtype=values.dtype, device=values.device)
-    num_rows = sequences * length
-    if num_rows > 0:
-        wrap_triton(_modulated_layer_norm_quantize_kernel)[(triton.cdiv(num_rows, LAYER_NORM_ROWS),)](
+    if sequences * length > 0:
+        wrap_triton(_modulated_layer_norm_quantize_kernel)[(sequences * length,)](
             values,
             values if gate is None else gate,  # the three are not read without ADD_RESIDUAL
             values if update is None else update,
@@ -265,7 +250,6 @@ def _layer_norm_quantize(
             scale,
             quantized,
             scales,
-            num_rows,
             width,
             length,
             values.stride(0),
@@ -276,7 +260,6 @@ def _layer_norm_quantize(
             EPS=eps,
             MIN_SCALE=min_scale,
             FLOAT8_MAX=float8_max,
-            ROWS=LAYER_NORM_ROWS,
             BLOCK=triton.next_power_of_2(width),
             ADD_RESIDUAL=gate is not None,
             SOFTWARE_ROUNDING=_interpreted(),
