@@ -150,8 +150,9 @@ def test_compiled_blocks_and_decoder_give_the_plain_path_images_without_recompil
     graphs_after_first_setting = counters["stats"]["unique_graphs"]
     compiled.append(images(**settings[1]))
     # Blocks: a graph before and after the cached attention, for the one-token first scale and for every other
-    # scale (4, whatever the depth or number of scales); then the decoder.
-    assert 4 < graphs_after_first_setting <= 8
+    # scale, and another graph before it for the first layer, which has no previous update to add (6, whatever the
+    # depth or number of scales); then the decoder.
+    assert 6 < graphs_after_first_setting <= 8, graphs_after_first_setting
     # A new size and number of steps reuses the blocks' graphs; only the decoder may recompile for the new shape.
     assert counters["stats"]["unique_graphs"] - graphs_after_first_setting <= 1
     for got, expected in zip(compiled, plain):

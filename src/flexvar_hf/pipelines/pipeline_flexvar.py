@@ -302,9 +302,8 @@ class FlexVARPipeline(DiffusionPipeline):
                 reduce large inputs channel by channel, `models.normalization`). The first call of a new
                 setting then also compiles (seconds), with one Inductor heuristic changed: LayerNorms over rows of up
                 to 2048 elements compile to one-pass kernels (`utils.inductor`; Inductor's limit is 1024, below d24's
-                width), and after `transformer.enable_float8_inference()` reductions over rows of up to 8192 (the
-                feed-forward's quantisation). The modules stay compiled after `disable_fast_sampling()`; calls that
-                take the plain path (`callback_on_step_end`) compile new shapes with Inductor's defaults.
+                width). The modules stay compiled after `disable_fast_sampling()`; calls that take the plain path
+                (`callback_on_step_end`) compile new shapes with Inductor's defaults.
             compile_mode (`str`, *optional*): `torch.compile`'s `mode` for both, with `torch_compile=True`: None
                 (its default) or "max-autotune-no-cudagraphs" (Triton matrix-product kernels chosen by timing, with
                 the following elementwise work fused into them; minutes of start-up, and slower at d24 batch 1 on
