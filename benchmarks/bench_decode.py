@@ -7,6 +7,7 @@ and times each setting as the fast path runs it: captured once as a CUDA graph, 
 algorithm search, `torch.backends.cudnn.benchmark`, was measured in run 5 of RESULTS.md: no gain.)
 
     python benchmarks/bench_decode.py --batches 1 64 --json decode.json
+    python benchmarks/bench_decode.py --batches 64 --profile   # and the kernels of the compiled channels-last decoding
 """
 
 from __future__ import annotations
@@ -27,6 +28,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, default=16, help="Token grid side (16: 256x256 images).")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--json", type=Path, default=None, help="Write the results here.")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="Also print the CUDA kernels of one compiled channels-last decoding of the last batch (as fast sampling "
+        "runs it), by total GPU time.",
+    )
     return parser.parse_args(argv)
 
 
@@ -52,6 +59,17 @@ def replay_ms(fn: Callable[[], object], iters: int) -> float:
     return start.elapsed_time(end) / iters
 
 
+def profile_kernels(decode: Callable[[], object]) -> str:
+    """Table of the CUDA kernels of one `decode()` call (after a warm-up), by total GPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    decode()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        decode()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=160)
+
+
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     results = []
@@ -75,6 +93,8 @@ def main(argv=None) -> list[dict]:
                     row = {"compiled": compiled, "channels_last": channels_last, "batch": batch, "ms": ms}
                     results.append(row)
                     print(json.dumps(row), flush=True)
+                if args.profile and compiled and channels_last:  # last: the profiler stays set up in the process
+                    print(profile_kernels(lambda indices=indices: decode(indices)), flush=True)
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2))
     return results
