@@ -463,7 +463,7 @@ class FlexVARTransformer2DModel(ModelMixin, ConfigMixin):
         `pipe.enable_fast_sampling(torch_compile=True)`. On CUDA the feed-forward's inputs are quantised by the
         kernels that make them (its AdaLN and its GELU, `float8_kernel`); `torch.compile` folds the attention's
         quantisations into the kernels around them; eager, those are passes of their own. On an H200
-        (benchmarks/RESULTS.md, runs 32-41) it took d24 at batch 64 from 212-214 to 270-277 images/s with
+        (benchmarks/RESULTS.md, runs 32-45) it took d24 at batch 64 from 212-217 to 269.5-277 images/s with
         `fast_accumulation=True`; it gave nothing at d16 and made batch 1 slower.
         The products' error is about 20 times bfloat16's (the converted parity model's logits move by about 1%), so
         images differ from the unquantised model's. Call it after moving and casting the model (a later `.to(dtype)`

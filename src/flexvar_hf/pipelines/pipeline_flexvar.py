@@ -300,10 +300,13 @@ class FlexVARPipeline(DiffusionPipeline):
                 matrix products) and the VQ decoder (`vqvae.decoder.compile()`, its weights moved to channels-last
                 memory format so that the compiled convolutions need no layout conversions; its GroupNorms then
                 reduce large inputs channel by channel, `models.normalization`). The first call of a new
-                setting then also compiles (seconds), with one Inductor heuristic changed: LayerNorms over rows of up
-                to 2048 elements compile to one-pass kernels (`utils.inductor`; Inductor's limit is 1024, below d24's
-                width). The modules stay compiled after `disable_fast_sampling()`; calls that take the plain path
-                (`callback_on_step_end`) compile new shapes with Inductor's defaults.
+                setting then also compiles (26-43 s at d16 and d24 on an H200, run 45 of benchmarks/RESULTS.md), with
+                one Inductor heuristic changed: LayerNorms over rows of up to 2048 elements compile to one-pass
+                kernels (`utils.inductor`; Inductor's limit is 1024, below d24's width). The modules stay compiled
+                after `disable_fast_sampling()`; calls that take the plain path (`callback_on_step_end`) compile new
+                shapes with Inductor's defaults, and at small batches run slower than with eager blocks, since each
+                compiled block call costs host time that only the replayed graph hides (d24 batch 1: 253 against
+                218 ms, run 45).
             compile_mode (`str`, *optional*): `torch.compile`'s `mode` for both, with `torch_compile=True`: None
                 (its default) or "max-autotune-no-cudagraphs" (Triton matrix-product kernels chosen by timing, with
                 the following elementwise work fused into them; minutes of start-up, and slower at d24 batch 1 on
