@@ -339,9 +339,10 @@ def test_block_adds_the_previous_update_before_its_first_norm():
     hidden_states, previous = torch.randn(2, 5, 32), ResidualUpdate(torch.randn(2, 1, 32), torch.randn(2, 5, 32))
     with torch.no_grad():
         stream, update = block(hidden_states, modulation, update=previous)
-        expected_stream, expected_update = block(previous.apply(hidden_states), modulation)
-        normed = modulated_layer_norm(block.norm1.norm, previous.apply(hidden_states), *modulation[:2])
-        attended = previous.apply(hidden_states) + modulation[2] * block.attn(normed)
+        updated = previous.apply(hidden_states)
+        expected_stream, expected_update = block(updated, modulation)
+        normed = modulated_layer_norm(block.norm1.norm, updated, *modulation[:2])
+        attended = updated + modulation[2] * block.attn(normed)
     torch.testing.assert_close(stream, expected_stream, rtol=0, atol=0)
     torch.testing.assert_close(update.values, expected_update.values, rtol=0, atol=0)
     torch.testing.assert_close(stream, attended)
