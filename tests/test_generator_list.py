@@ -120,3 +120,22 @@ def test_editing_pipelines_draw_each_image_from_its_own_generator(tiny):
         alone = torch.cat([edit(slice(i, i + 1), SEEDS[i : i + 1]) for i in range(2)])
         assert torch.equal(batch, alone), cls.__name__
         assert not torch.equal(edit(slice(0, 2), SEEDS[2:]), batch), cls.__name__
+
+
+def test_near_equal_logits_that_swap_rank_get_the_same_draw():
+    """The noise follows token ids, not logit ranks: rounding that swaps two near-equal logits (as a batch of
+    another size does) changes no draw."""
+    scheduler = FlexVARScaleScheduler()
+    scheduler.set_timesteps(scales=[2])
+    logits = torch.randn(1, 4, 50, generator=torch.Generator().manual_seed(0))
+    logits[..., 3] = logits[..., 7] = 4.0  # the two most likely tokens, tied
+    first, second = logits.clone(), logits.clone()
+    first[..., 3] += 1e-5
+    second[..., 7] += 1e-5
+    draws = []
+    for seed in range(8):
+        draw = [scheduler.step(x, 0, top_k=10, generator=torch.Generator().manual_seed(seed)).indices
+                for x in (first, second)]
+        assert torch.equal(draw[0], draw[1])
+        draws.append(draw[0])
+    assert {3, 7} <= set(torch.cat(draws).flatten().tolist())  # both tied tokens are drawn

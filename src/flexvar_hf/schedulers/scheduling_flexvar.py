@@ -487,7 +487,9 @@ class FlexVARScaleScheduler(SchedulerMixin, ConfigMixin):
         rounding with half the head's work, and passes already guided logits here.) Then, in float32: the best
         token when `top_k == 1` or the scale is greedy (`is_greedy_scale`); otherwise the top-k / top-p candidates
         at `temperature` (`top_k_top_p_candidates`) and one draw from them, made as `argmax(probs / noise)` with
-        Exp(1) noise (an exact sample, with no host synchronisation, so the whole step can run inside a CUDA graph).
+        Exp(1) noise (an exact sample, with no host synchronisation, so the whole step can run inside a CUDA graph);
+        the noise is laid over the candidates in token-id order, so that rounding which swaps the rank of two
+        near-equal logits does not change the draw.
 
         Args:
             model_output (`torch.Tensor`): Logits `(B, h * w, vocab_size)` for the scale's tokens in row-major order,
@@ -519,6 +521,11 @@ class FlexVARScaleScheduler(SchedulerMixin, ConfigMixin):
             indices = logits.argmax(dim=-1)
         else:
             probs, token_ids = top_k_top_p_candidates(logits, top_k, top_p, temperature)
+            # The noise goes to the candidates in token-id order, not in the order of their logits: tokens with
+            # near-equal logits, whose order rounding decides (it differs between batch sizes and kernels), then
+            # still get the same noise, so an image drawn with its own generator does not depend on its batch.
+            token_ids, order = token_ids.sort(dim=-1)
+            probs = probs.gather(-1, order)
             if noise is None:
                 noise = exponential_noise(probs.shape, generator, probs.device)
             elif noise.shape != probs.shape:
