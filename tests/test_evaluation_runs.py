@@ -76,6 +76,7 @@ def test_outputs_are_the_adm_format_with_a_report_and_a_grid(uninterrupted):
     assert report["num_samples"] == report["sampled_this_run"] == NUM_SAMPLES and report["num_processes"] == 1
     assert report["settings"]["sampling"]["scales"] == [[1, 1], [2, 2], [4, 4]]
     assert report["seconds"]["sampling"] > 0 and report["images_per_second"] > 0
+    assert set(report["seconds"]) == {"sampling", "writing", "features", "metrics"}
     table = (uninterrupted / "report.md").read_text()
     assert f"| {report['metrics']['fid']:.2f} | {report['metrics']['inception_score']:.1f} |" in table
     with Image.open(uninterrupted / "samples_grid.png") as grid:
@@ -93,7 +94,7 @@ def test_metrics_match_an_independent_computation(uninterrupted, assets):
     reference_pool = network(torch.from_numpy(assets["images"]))[0].double().numpy()
     sample_mean, sample_covariance = sample_pool.mean(0), np.cov(sample_pool, rowvar=False)
     fid = numpy_frechet_distance(sample_mean, sample_covariance, assets["mu"], assets["sigma"])
-    assert metrics["fid_statistics"].startswith("reference file") and metrics["fid"] == pytest.approx(fid, rel=1e-5)
+    assert metrics["fid_statistics"] == "reference file" and metrics["fid"] == pytest.approx(fid, rel=1e-5)
     fid_images = numpy_frechet_distance(sample_mean, sample_covariance, reference_pool.mean(0),
                                         np.cov(reference_pool, rowvar=False))
     assert metrics["fid_reference_images"] == pytest.approx(fid_images, rel=1e-4)
@@ -206,6 +207,7 @@ def test_bad_inputs_are_refused_before_sampling(script, assets, uninterrupted, d
         ([*good[:2], "--inception_weights", str(tmp_path / "weights.pth")], "Cannot read Inception weights"),
         ([*good, "--classes", "3", "12"], r"Classes \[12\] are outside the model's classes \[0, 10\)"),
         ([*good, "--classes", "3", "3"], "distinct; repeated: \\[3\\]"),
+        ([*good, "--num_samples", "3"], "Metrics need more than 3 samples, got 3"),
         ([*good, "--batch_size", "0"], "`batch_size` must be a positive int, got 0"),
         ([*good, "--shard_size", "-2"], "`shard_size` must be a positive int, got -2"),
         ([*good, "--guidance_scale", "-1"], "guidance_scale"),

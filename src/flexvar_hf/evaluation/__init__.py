@@ -16,10 +16,10 @@ from .metrics import (
 from .npz import iter_npz_batches, npz_array_header, write_npz
 from .pipeline_evaluation import (
     check_reference,
-    compute_metrics,
     evaluate_pipeline,
     process_state,
     resolve_sampling,
+    score_features,
 )
 from .sampling import SamplePlan, SampleShards, generate_samples, sample_seed, to_uint8_images
 
@@ -29,7 +29,6 @@ __all__ = [
     "SamplePlan",
     "SampleShards",
     "check_reference",
-    "compute_metrics",
     "evaluate_pipeline",
     "find_inception_weights",
     "frechet_distance",
@@ -44,6 +43,7 @@ __all__ = [
     "resolve_sampling",
     "sample_seed",
     "save_random_inception_weights",
+    "score_features",
     "to_uint8_images",
     "write_npz",
 ]

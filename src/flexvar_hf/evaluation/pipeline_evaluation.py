@@ -251,38 +251,32 @@ def check_reference(path: str | Path, image_size: tuple[int, int]) -> ReferenceB
     return ReferenceBatch(path, shape[0], has_statistics)
 
 
-def compute_metrics(
-    network: InceptionFeatures, samples_path: str | Path, reference: ReferenceBatch, batch_size: int
+def score_features(
+    sample_pool: torch.Tensor,
+    sample_logits: torch.Tensor,
+    reference_pool: torch.Tensor,
+    reference_statistics: FeatureStatistics | None = None,
 ) -> dict:
     """
-    The ADM suite's metrics of the samples in `samples_path` (`arr_0`) against `reference`, on `network`'s device.
+    The ADM suite's metrics from Inception features: samples' pool features `(N, 2048)` and logits `(N, 1008)`, the
+    reference images' pool features `(M, 2048)`, and the reference file's FID statistics if it has them.
 
-    `fid` uses the reference file's `mu` / `sigma` when it has them (the ADM's choice: for ImageNet they are the
-    statistics of the whole training set, from the TensorFlow graph that torch-fidelity ports), else the statistics
-    of its images; `fid_reference_images` always uses the statistics of its images on `network` (both sides on the
-    same network, but only `num_images` of them, which raises FID). `inception_score` over splits of 5,000,
-    `precision` / `recall` with k = 3 against the reference images.
+    `fid` uses `reference_statistics` when given (the ADM's choice: for ImageNet they are the statistics of the
+    whole training set, from the TensorFlow graph that torch-fidelity ports), else the statistics of the reference
+    images; `fid_reference_images` always uses the latter (both sides on this network, but only M images, which
+    raises FID). `inception_score` over splits of 5,000, `precision` / `recall` with k = 3 against the reference
+    images. Computed in float32 without TF32 and float64 where the ADM uses it.
     """
-    num_samples = npz_array_header(samples_path, "arr_0")[0][0]
-    if num_samples <= PR_NEIGHBOURHOOD:
-        raise ValueError(f"Metrics need more than {PR_NEIGHBOURHOOD} samples, got {num_samples}.")
-    sample_pool, sample_logits = network.extract(
-        iter_npz_batches(samples_path, "arr_0", batch_size), num_samples, "Inception features, samples"
-    )
-    reference_pool, _ = network.extract(
-        iter_npz_batches(reference.path, "arr_0", batch_size), reference.num_images, "Inception features, reference"
-    )
     with full_float32():
         sample_statistics = FeatureStatistics.from_features(sample_pool)
         image_statistics = FeatureStatistics.from_features(reference_pool)
-        file_statistics = reference.statistics(sample_pool.device)
         precision, recall = precision_recall(reference_pool, sample_pool)
         return {
-            "fid": frechet_distance(sample_statistics, file_statistics or image_statistics),
-            "fid_statistics": "reference file's mu and sigma" if file_statistics is not None else "reference images'",
+            "fid": frechet_distance(sample_statistics, reference_statistics or image_statistics),
+            "fid_statistics": "reference file" if reference_statistics is not None else "reference images",
             "fid_reference_images": frechet_distance(sample_statistics, image_statistics),
             "inception_score": inception_score(sample_logits),
-            "inception_score_splits": math.ceil(num_samples / IS_SPLIT_SIZE),
+            "inception_score_splits": math.ceil(len(sample_logits) / IS_SPLIT_SIZE),
             "precision": precision,
             "recall": recall,
         }
@@ -307,18 +301,21 @@ def markdown_report(report: dict) -> str:
     def number(key: str, digits: int) -> str:
         return f"{metrics[key]:.{digits}f}" if key in metrics else "-"
 
+    metric_seconds = seconds.get("features", 0.0) + seconds.get("metrics", 0.0)
     lines = [
-        "| FID | IS | precision | recall | samples | sampling s | images/s | metrics s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| FID | IS | precision | recall | samples | sampling s | images/s | writing s | metrics s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         f"| {number('fid', 2)} | {number('inception_score', 1)} | {number('precision', 3)} | {number('recall', 3)} | "
         f"{report['num_samples']} | {seconds['sampling']:.1f} | {report['images_per_second']:.1f} | "
-        f"{seconds['metrics']:.1f} |",
+        f"{seconds['writing']:.1f} | {metric_seconds:.1f} |",
         "",
     ]
     if metrics:
         lines += [
-            f"FID against the {metrics['fid_statistics']} statistics; against the Inception statistics of the "
-            f"{report['num_reference_images']} reference images: {metrics['fid_reference_images']:.2f}. "
+            f"FID against the statistics of the {metrics['fid_statistics']}; against those of the "
+            f"{report['num_reference_images']} reference images on this network: "
+            f"{metrics['fid_reference_images']:.2f}. Metrics s: Inception features of samples and reference "
+            f"({seconds.get('features', 0.0):.1f} s), then the metrics. "
             f"Inception Score over {metrics['inception_score_splits']} split(s) of up to {IS_SPLIT_SIZE} samples; "
             f"precision and recall with k = {PR_NEIGHBOURHOOD} against the reference images.",
             "",
@@ -404,16 +401,10 @@ def evaluate_pipeline(
         The report (also in `report.json`) on the main process, None on the others.
     """
     state = process_state() if state is None else state
-    plan.check_classes(pipe.transformer.config.num_classes)
     sampling = resolve_sampling(pipe, **(sampling or {}))
     image_shape = (sampling["height"], sampling["width"], 3)
-    reference_batch = check_reference(reference, image_shape[:2]) if reference is not None else None
-    weights = find_inception_weights(inception_weights) if reference is not None else None
-    if weights is not None:
-        load_inception_state_dict(weights)
-    for name, value in (("batch_size", batch_size), ("inception_batch_size", inception_batch_size)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+    reference_batch, weights = _check_inputs(pipe, plan, image_shape, reference, inception_weights, batch_size,
+                                             inception_batch_size)
     folder = EvaluationFolder(Path(output_dir))
     shards = SampleShards(folder.shards, plan, shard_size)
     settings = _as_json({
@@ -434,27 +425,20 @@ def evaluate_pipeline(
     sampled_complete = folder.samples.is_file()
     missing = [] if sampled_complete else shards.missing()
     state.wait_for_everyone()  # every process has listed the missing shards before any is written
-
-    mine = missing[state.process_index :: state.num_processes]
-    start = time.perf_counter()
-    with tqdm(total=sum(len(shards.indices(shard)) for shard in mine), unit="img",
-              desc=f"Sampling (process {state.process_index} of {state.num_processes})",
-              disable=not state.is_local_main_process) as progress:
-        shards.sample(mine, pipe, batch_size, progress, **sampling)
-    state.wait_for_everyone()
-    sampling_seconds = time.perf_counter() - start
+    seconds = {"sampling": _sample_shards(state, shards, missing, pipe, batch_size, sampling)}
     if not state.is_main_process:
         return None
 
+    start = time.perf_counter()
     if not sampled_complete:
         write_samples_npz(folder.samples, shards, image_shape)
     shutil.rmtree(folder.shards, ignore_errors=True)
     save_grid(folder.samples, folder.grid)
-    start = time.perf_counter()
+    seconds["writing"] = time.perf_counter() - start
     metrics = None
     if reference_batch is not None:
         network = InceptionFeatures(weights).to(state.device)
-        metrics = compute_metrics(network, folder.samples, reference_batch, inception_batch_size)
+        metrics = _measure(network, folder.samples, reference_batch, inception_batch_size, seconds)
     sampled = sum(len(shards.indices(shard)) for shard in missing)
     report = {
         "model": model_name,
@@ -462,8 +446,8 @@ def evaluate_pipeline(
         "num_samples": plan.num_samples,
         "num_reference_images": None if reference_batch is None else reference_batch.num_images,
         "sampled_this_run": sampled,
-        "seconds": {"sampling": sampling_seconds, "metrics": time.perf_counter() - start},
-        "images_per_second": sampled / sampling_seconds if sampled else 0.0,
+        "seconds": seconds,
+        "images_per_second": sampled / seconds["sampling"] if sampled else 0.0,
         "num_processes": state.num_processes,
         "device": _device_name(state.device),
         "reference": None if reference is None else str(reference),
@@ -474,3 +458,55 @@ def evaluate_pipeline(
     atomic_save(lambda staging: staging.write_text(json.dumps(report, indent=2) + "\n"), folder.report_json)
     atomic_save(lambda staging: staging.write_text(markdown_report(report)), folder.report_markdown)
     return report
+
+
+def _check_inputs(
+    pipe, plan: SamplePlan, image_shape: tuple, reference, inception_weights, batch_size: int,
+    inception_batch_size: int,
+) -> tuple[ReferenceBatch | None, Path | None]:
+    """`evaluate_pipeline`'s checks before anything is written; returns the checked reference and weights."""
+    plan.check_classes(pipe.transformer.config.num_classes)
+    for name, value in (("batch_size", batch_size), ("inception_batch_size", inception_batch_size)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+    if reference is None:
+        return None, None
+    reference_batch = check_reference(reference, image_shape[:2])
+    if plan.num_samples <= PR_NEIGHBOURHOOD:
+        raise ValueError(f"Metrics need more than {PR_NEIGHBOURHOOD} samples, got {plan.num_samples}.")
+    weights = find_inception_weights(inception_weights)
+    load_inception_state_dict(weights)
+    return reference_batch, weights
+
+
+def _sample_shards(state: PartialState, shards: SampleShards, missing: list[int], pipe, batch_size: int,
+                   sampling: dict) -> float:
+    """Sample this process's share of the `missing` shards (every `num_processes`-th); the seconds until every
+    process is done."""
+    mine = missing[state.process_index :: state.num_processes]
+    start = time.perf_counter()
+    with tqdm(total=sum(len(shards.indices(shard)) for shard in mine), unit="img",
+              desc=f"Sampling (process {state.process_index} of {state.num_processes})",
+              disable=not state.is_local_main_process) as progress:
+        shards.sample(mine, pipe, batch_size, progress, **sampling)
+    state.wait_for_everyone()
+    return time.perf_counter() - start
+
+
+def _measure(network: InceptionFeatures, samples_path: Path, reference: ReferenceBatch, batch_size: int,
+             seconds: dict) -> dict:
+    """`score_features` of the samples against `reference`; adds the seconds of the feature extraction
+    (`features`) and of the metrics (`metrics`) to `seconds`."""
+    start = time.perf_counter()
+    num_samples = npz_array_header(samples_path, "arr_0")[0][0]
+    sample_pool, sample_logits = network.extract(
+        iter_npz_batches(samples_path, "arr_0", batch_size), num_samples, "Inception features, samples"
+    )
+    reference_pool, _ = network.extract(
+        iter_npz_batches(reference.path, "arr_0", batch_size), reference.num_images, "Inception features, reference"
+    )
+    seconds["features"] = time.perf_counter() - start
+    start = time.perf_counter()
+    metrics = score_features(sample_pool, sample_logits, reference_pool, reference.statistics(sample_pool.device))
+    seconds["metrics"] = time.perf_counter() - start
+    return metrics
