@@ -14,6 +14,7 @@ from its finished shards; `write_samples_npz` joins them into the ADM suite's `s
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,14 +166,22 @@ class SampleShards:
         return images, labels
 
     def sample(self, shards: Sequence[int], pipe, batch_size: int, progress=None, **pipeline_kwargs) -> None:
-        """Generate and write `shards` one after another (`generate_samples`); `progress.update(n)` per batch."""
-        for shard in shards:
-            batches = []
-            for _, images in generate_samples(pipe, self.plan, self.indices(shard), batch_size, **pipeline_kwargs):
-                batches.append(images)
-                if progress is not None:
-                    progress.update(len(images))
-            self.write(shard, np.concatenate(batches))
+        """Generate and write `shards` one after another (`generate_samples`); `progress.update(n)` per batch.
+        Each shard is written by a background thread while the next one is sampled (at most one waits)."""
+        with ThreadPoolExecutor(max_workers=1) as writer:
+            pending = None
+            for shard in shards:
+                batches = []
+                for _, images in generate_samples(pipe, self.plan, self.indices(shard), batch_size,
+                                                  **pipeline_kwargs):
+                    batches.append(images)
+                    if progress is not None:
+                        progress.update(len(images))
+                if pending is not None:
+                    pending.result()  # re-raises a failed write
+                pending = writer.submit(self.write, shard, np.concatenate(batches))
+            if pending is not None:
+                pending.result()
 
 
 def write_samples_npz(path: str | Path, shards: SampleShards, image_shape: tuple[int, int, int]) -> Path:
