@@ -311,13 +311,16 @@ def markdown_report(report: dict) -> str:
         "",
     ]
     if metrics:
+        num_reference = report["num_reference_images"]
+        if metrics["fid_statistics"] == "reference file":
+            fid = (f"FID against the reference file's statistics (mu, sigma); against the Inception statistics of "
+                   f"its {num_reference} images on this network: {metrics['fid_reference_images']:.2f}.")
+        else:
+            fid = f"FID against the Inception statistics of the {num_reference} reference images (no mu, sigma)."
         lines += [
-            f"FID against the statistics of the {metrics['fid_statistics']}; against those of the "
-            f"{report['num_reference_images']} reference images on this network: "
-            f"{metrics['fid_reference_images']:.2f}. Metrics s: Inception features of samples and reference "
-            f"({seconds.get('features', 0.0):.1f} s), then the metrics. "
-            f"Inception Score over {metrics['inception_score_splits']} split(s) of up to {IS_SPLIT_SIZE} samples; "
-            f"precision and recall with k = {PR_NEIGHBOURHOOD} against the reference images.",
+            f"{fid} Inception Score over {metrics['inception_score_splits']} split(s) of up to {IS_SPLIT_SIZE} "
+            f"samples; precision and recall with k = {PR_NEIGHBOURHOOD} against the reference images. Metrics s: "
+            f"the Inception features of samples and reference ({seconds['features']:.1f} s), then the metrics.",
             "",
         ]
     lines += [
