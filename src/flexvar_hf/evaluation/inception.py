@@ -20,13 +20,14 @@ import importlib
 import importlib.util
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from ..utils.precision import without_tf32
 
 INCEPTION_MODULE = "torch_fidelity.feature_extractor_inceptionv3"
 WEIGHTS_URL = (
@@ -113,20 +114,6 @@ def load_inception_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state_dict
 
 
-@contextmanager
-def full_float32() -> Iterator[None]:
-    """Float32 convolutions and matrix products without TF32 inside (the TensorFlow graph computes in float32)."""
-    backends = (torch.backends.cuda.matmul, torch.backends.cudnn)
-    saved = [backend.allow_tf32 for backend in backends]
-    for backend in backends:
-        backend.allow_tf32 = False
-    try:
-        yield
-    finally:
-        for backend, allow in zip(backends, saved):
-            backend.allow_tf32 = allow
-
-
 class InceptionFeatures(torch.nn.Module):
     """
     uint8 images -> the ADM's Inception features: pool features `(B, 2048)` and IS logits `(B, 1008)`, float32.
@@ -152,7 +139,7 @@ class InceptionFeatures(torch.nn.Module):
         """`images`: uint8 `(B, 3, H, W)` (channels first) or `(B, H, W, 3)` (as in npz files)."""
         if images.ndim == 4 and images.shape[-1] == 3 and images.shape[1] != 3:
             images = images.permute(0, 3, 1, 2)
-        with full_float32():
+        with without_tf32():
             pool, logits = self.network(images.contiguous())
         return pool, logits
 

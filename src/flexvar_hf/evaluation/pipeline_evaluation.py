@@ -32,11 +32,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..utils.io import atomic_save
+from ..utils.precision import without_tf32
 from .inception import (
     NUM_POOL_FEATURES,
     InceptionFeatures,
     find_inception_weights,
-    full_float32,
     load_inception_state_dict,
 )
 from .metrics import (
@@ -267,7 +267,7 @@ def score_features(
     raises FID). `inception_score` over splits of 5,000, `precision` / `recall` with k = 3 against the reference
     images. Computed in float32 without TF32 and float64 where the ADM uses it.
     """
-    with full_float32():
+    with without_tf32():
         sample_statistics = FeatureStatistics.from_features(sample_pool)
         image_statistics = FeatureStatistics.from_features(reference_pool)
         precision, recall = precision_recall(reference_pool, sample_pool)
