@@ -43,13 +43,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     count.add_argument("--num_samples", type=int, default=None,
                        help="Total samples instead, the classes taken in turn.")
     parser.add_argument("--classes", type=int, nargs="+", default=None, help="Class ids (default: all the model has).")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="Sample i draws from a generator seeded from (seed, i).")
     sampling = parser.add_argument_group("sampling (default: the pipeline's)")
     sampling.add_argument("--height", type=int, default=None)
     sampling.add_argument("--width", type=int, default=None)
     sampling.add_argument("--num_inference_steps", type=int, default=None)
-    sampling.add_argument("--scales", type=int, nargs="+", default=None, help="Explicit long sides, e.g. 1 2 3 4 5 6 "
-                          "8 10 13 16; overrides --num_inference_steps (and sets the size).")
+    sampling.add_argument("--scales", type=int, nargs="+", default=None, help="Explicit square scales as token sides, "
+                          "e.g. 1 2 3 4 5 6 8 10 13 16; override --num_inference_steps, and the last sets the size.")
     sampling.add_argument("--guidance_scale", type=float, default=None)
     sampling.add_argument("--guidance_schedule", default=None, choices=["linear", "constant"])
     sampling.add_argument("--top_k", type=int, default=None)
