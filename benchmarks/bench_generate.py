@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from flexvar_hf import FlexVARPipeline, FlexVARScaleScheduler, FlexVARTransformer2DModel, FlexVQModel
+from flexvar_hf.utils.precision import without_tf32  # full float32 inside (`main` turns TF32 on for the timings)
 
 DEPTHS = {"d16": 16, "d20": 20, "d24": 24, "d30": 30}
 VOCAB_SIZE, CODE_DIM, NUM_CLASSES = 8912, 32, 1000
@@ -217,20 +218,6 @@ def profile_kernels(pipe: FlexVARPipeline, batch: int, args: argparse.Namespace)
         pipe(labels, height=args.resolution, width=args.resolution, num_inference_steps=args.steps, output_type="pt")
         torch.cuda.synchronize()
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=90)
-
-
-@contextmanager
-def without_tf32():
-    """Float32 products and convolutions in full float32 inside (`main` turns TF32 on for the timings)."""
-    backends = (torch.backends.cuda.matmul, torch.backends.cudnn)
-    saved = [backend.allow_tf32 for backend in backends]
-    for backend in backends:
-        backend.allow_tf32 = False
-    try:
-        yield
-    finally:
-        for backend, allow in zip(backends, saved):
-            backend.allow_tf32 = allow
 
 
 @without_tf32()

@@ -12,6 +12,10 @@ classifies them with the classifier of `examples/train_classifier.py` and report
   real images (`DATA_DIR/test`), i.e. FID with the digits classifier in place of Inception. Every image is resized
   to the classifier's 64x64 input first, so for other aspect ratios the distance also measures the change of shape.
 
+Sampling and the Frechet distance are `flexvar_hf.evaluation`'s, as in `evaluate_imagenet.py`: sample `i` of a
+setting has class `i % 10` and its own generator seeded from (seed + setting index, i), so a row's images do not
+depend on `--batch_size`; images are rounded to uint8 before they are classified, as saved images would be.
+
 Reference rows: the held-out real images themselves (accuracy of the classifier; FD between two halves of the real
 set, the noise floor of the FD at that sample size) and their VQ reconstructions (the tokenizer's ceiling).
 In-painting rows regenerate the right half of held-out real images with `FlexVARInpaintPipeline` and their own
@@ -34,6 +38,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from flexvar_hf import FlexVARPipeline  # noqa: E402
+from flexvar_hf.evaluation import SamplePlan, generate_samples  # noqa: E402
+from flexvar_hf.evaluation import frechet_distance_of_features as frechet_distance  # noqa: E402
 from generate import parse_size  # noqa: E402
 from train_classifier import classify, classify_pixels, list_imagefolder, load_classifier, load_split  # noqa: E402
 
@@ -78,22 +84,6 @@ def weakest_classes(result: Result, count: int = 2) -> str:
     """The `count` classes with the lowest accuracy, e.g. "7: 80.0%, 1: 90.5%"."""
     order = sorted(range(len(result.per_class_accuracy)), key=lambda c: result.per_class_accuracy[c])[:count]
     return ", ".join(f"{c}: {100 * result.per_class_accuracy[c]:.1f}%" for c in order)
-
-
-def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
-    """`|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2)` of two (N, D) feature sets, in float64."""
-    a, b = features_a.double(), features_b.double()
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
-
-    def sqrtm_psd(matrix: torch.Tensor) -> torch.Tensor:
-        values, vectors = torch.linalg.eigh((matrix + matrix.T) / 2)
-        return (vectors * values.clamp_min(0).sqrt()) @ vectors.T
-
-    root_a = sqrtm_psd(cov_a)
-    cross = sqrtm_psd(root_a @ cov_b @ root_a)
-    value = (mu_a - mu_b).pow(2).sum() + torch.trace(cov_a) + torch.trace(cov_b) - 2 * torch.trace(cross)
-    return max(float(value), 0.0)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -141,10 +131,10 @@ def pil_from_uint8(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(array) for array in images.permute(0, 2, 3, 1).numpy()]
 
 
-def run_setting(pipe, classifier, setting: Setting, args, real_images, real_labels, real_features, generator):
-    """(Result, up to 10 sample images) of one setting."""
+def run_setting(pipe, classifier, setting: Setting, args, real_images, real_labels, real_features, seed: int):
+    """(Result, up to 10 sample images) of one setting; `seed` seeds its samples' generators."""
     num_classes = pipe.transformer.config.num_classes
-    labels = torch.arange(num_classes).repeat_interleave(args.num_per_class)
+    plan = SamplePlan.per_class(range(num_classes), args.num_per_class, seed)
     extra = {name: value for name, value in [("guidance_scale", setting.guidance_scale),
                                              ("guidance_schedule", args.guidance_schedule), ("top_k", args.top_k)]
              if value is not None}
@@ -183,16 +173,16 @@ def run_setting(pipe, classifier, setting: Setting, args, real_images, real_labe
                     image=(batch.float() / 255), mask_image=mask, class_labels=used_labels[begin : begin +
                                                                                            len(batch)].tolist(),
                     height=setting.height, width=setting.width, num_inference_steps=setting.steps,
-                    generator=generator, output_type="pt", **extra,
+                    generator=plan.generators(range(begin, begin + len(batch)), pipe.device), output_type="pt",
+                    **extra,
                 ).images
                 outputs.append(result.float().cpu())
     else:
-        for begin in range(0, len(labels), args.batch_size):
-            batch_labels = labels[begin : begin + args.batch_size].tolist()
-            images = pipe(batch_labels, height=setting.height, width=setting.width,
-                          num_inference_steps=setting.steps, generator=generator, output_type="pt", **extra).images
-            outputs.append(images.float().cpu())
-        used_labels = labels
+        batches = generate_samples(pipe, plan, range(plan.num_samples), args.batch_size, height=setting.height,
+                                   width=setting.width, num_inference_steps=setting.steps, **extra)
+        samples = np.concatenate([images for _, images in batches])
+        outputs.append(torch.from_numpy(samples).permute(0, 3, 1, 2).float() / 255)
+        used_labels = torch.tensor(plan.labels(range(plan.num_samples)))
     elapsed = time.perf_counter() - start
     images = torch.cat(outputs)
     predictions, features = classify(classifier, images)
@@ -203,7 +193,7 @@ def run_setting(pipe, classifier, setting: Setting, args, real_images, real_labe
     guidance = "-" if setting.kind == "reconstruction" else f"{guidance_scale:g}"
     if setting.kind != "reconstruction" and guidance_scale != 1.0:
         guidance += f" ({args.guidance_schedule or pipe.scheduler.config.guidance_schedule})"
-    per_class = images[:: args.num_per_class][:10]
+    per_class = [images[int((used_labels == label).nonzero()[0])] for label in range(min(10, num_classes))]
     samples = [Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)) for image in per_class]
     return Result(setting.name, f"{setting.height}x{setting.width}", step_text, guidance, accuracy, fd, len(images),
                   elapsed / len(images), per_class_accuracy(predictions, used_labels, num_classes)), samples
@@ -253,13 +243,12 @@ def main(argv=None) -> int:
 
     results, sample_rows = [], []
     for index, setting in enumerate(build_settings(args)):
-        generator = torch.Generator(args.device).manual_seed(args.seed + index)
         if setting.kind == "real":
             result, samples = run_setting(pipe, classifier, setting, args, real_images, real_labels, real_features,
-                                          generator)
+                                          args.seed + index)
         else:
             result, samples = run_setting(pipe, classifier, setting, args, full_images, full_labels, real_features,
-                                          generator)
+                                          args.seed + index)
         results.append(result)
         sample_rows.append(samples)
         print(f"{result.setting:28s} {result.size:>8s} steps {result.steps:>3s} guidance {result.guidance:>4s}: "

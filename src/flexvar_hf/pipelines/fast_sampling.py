@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..schedulers.scheduling_flexvar import exponential_noise
+from ..schedulers.scheduling_flexvar import GeneratorLike, check_generator, exponential_noise
 
 
 def loop_device(pipeline) -> torch.device:
@@ -68,7 +68,7 @@ class FastTokenGenerator:
         steps = range(len(scheduler.scales))
         return [scheduler.sampling_noise_shape(step, batch_size, vocab_size, top_k) for step in steps]
 
-    def _draw_noise(self, loop: _StaticLoop, generator: torch.Generator | None) -> None:
+    def _draw_noise(self, loop: _StaticLoop, generator: GeneratorLike) -> None:
         for buffer in loop.noise:
             if buffer is not None:
                 exponential_noise(buffer.shape, generator, buffer.device, out=buffer)
@@ -124,11 +124,13 @@ class FastTokenGenerator:
         top_k: int,
         top_p: float,
         temperature: float,
-        generator: torch.Generator | None = None,
+        generator: GeneratorLike = None,
         decode: bool = False,
     ) -> tuple[torch.LongTensor, torch.Tensor | None]:
-        """Same arguments as `generate_tokens` without known tokens or callbacks. Returns the (B, h, w) tokens and,
-        with `decode`, their (B, 3, 16h, 16w) pixels from `vqvae.decode_indices` (else None)."""
+        """Same arguments as `generate_tokens` without known tokens or callbacks (`generator` one generator or one
+        per image). Returns the (B, h, w) tokens and, with `decode`, their (B, 3, 16h, 16w) pixels from
+        `vqvae.decode_indices` (else None)."""
+        check_generator(generator, len(class_labels))
         transformer, scales = self.pipeline.transformer, tuple(self.pipeline.scheduler.scales)
         sampling = (float(guidance_scale), guidance_schedule, int(top_k), float(top_p), float(temperature))
         key = (len(class_labels), scales, sampling, decode, transformer.proj_out.weight.dtype, self.device)

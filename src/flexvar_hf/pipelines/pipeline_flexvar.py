@@ -11,6 +11,7 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineO
 from ..models import FlexVARKVCache, FlexVARTransformer2DModel, FlexVQModel
 from ..scales import ScaleLike, flatten_grid, is_int, num_tokens, resize_codes
 from ..schedulers import FlexVARScaleScheduler
+from ..schedulers.scheduling_flexvar import GeneratorLike, check_generator
 from .fast_sampling import FastTokenGenerator, loop_device
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -169,7 +170,7 @@ class FlexVARPipeline(DiffusionPipeline):
         top_k: int,
         top_p: float,
         temperature: float,
-        generator: torch.Generator | None,
+        generator: GeneratorLike,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("indices",),
         known_tokens: Sequence[torch.LongTensor | None] | None = None,
@@ -187,8 +188,10 @@ class FlexVARPipeline(DiffusionPipeline):
         attend to). Without `known_tokens` every token is sampled, as in plain generation.
 
         `step_noise[i]`, if given, is the sampling noise of step i (`scheduler.sampling_noise_shape`), used instead of
-        drawing it from `generator`; the fast sampler draws it outside its CUDA graph.
+        drawing it from `generator`; the fast sampler draws it outside its CUDA graph. `generator` may be a list of
+        one generator per image (`len(class_labels)` of them, `check_generator`).
         """
+        check_generator(generator, len(class_labels))
         scales = self.scheduler.scales
         known_tokens, keep_masks = self.check_known_tokens(known_tokens, keep_masks, scales, len(class_labels))
         fully_known = [known is not None and keep is None for known, keep in zip(known_tokens, keep_masks)]
@@ -370,7 +373,7 @@ class FlexVARPipeline(DiffusionPipeline):
         top_p: float = 0.95,
         temperature: float = 1.0,
         num_images_per_prompt: int = 1,
-        generator: torch.Generator | None = None,
+        generator: GeneratorLike = None,
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable | None = None,
@@ -397,7 +400,10 @@ class FlexVARPipeline(DiffusionPipeline):
             top_k (`int`, defaults to 900), top_p (`float`, defaults to 0.95): Sampling filters (0 disables).
             temperature (`float`, defaults to 1.0): Softmax temperature.
             num_images_per_prompt (`int`, defaults to 1): Images per class label.
-            generator (`torch.Generator`, *optional*): For reproducible sampling.
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*): For reproducible sampling. A list
+                holds one generator per image (`len(class_labels) * num_images_per_prompt` of them): each image
+                then draws its noise from its own generator alone, so it comes out as it would alone or in any
+                other batch with that generator (up to the floating-point effects of the batch size on GPUs).
             output_type (`str`, defaults to "pil"): "pil", "np", "pt" (images in [0, 1]) or "latent" (the final
                 token grid, LongTensor (B, h, w)).
             return_dict (`bool`, defaults to True): Return an `ImagePipelineOutput` instead of a tuple.
@@ -415,6 +421,7 @@ class FlexVARPipeline(DiffusionPipeline):
         fast = self.fast_token_generator is not None and callback_on_step_end is None
         device = self.fast_token_generator.device if fast else self._execution_device
         labels = self.prepare_class_labels(class_labels, num_images_per_prompt, device)
+        check_generator(generator, len(labels))
         height = self.default_sample_size if height is None else height
         width = self.default_sample_size if width is None else width
         self.scheduler.set_timesteps(num_inference_steps, height=height, width=width, scales=scales, device=device)

@@ -20,6 +20,7 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from ..models import FlexVARTransformer2DModel, FlexVQModel
 from ..scales import ScaleLike
 from ..schedulers import FlexVARScaleScheduler
+from ..schedulers.scheduling_flexvar import GeneratorLike
 from .pipeline_flexvar import FlexVARPipeline
 
 
@@ -212,7 +213,7 @@ class FlexVARImg2ImgPipeline(FlexVARPipeline):
         top_p: float = 0.95,
         temperature: float = 1.0,
         num_images_per_prompt: int = 1,
-        generator: torch.Generator | None = None,
+        generator: GeneratorLike = None,
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable | None = None,

@@ -32,6 +32,7 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from ..models import FlexVARTransformer2DModel, FlexVQModel
 from ..scales import ScaleLike, is_int
 from ..schedulers import FlexVARScaleScheduler
+from ..schedulers.scheduling_flexvar import GeneratorLike
 from .pipeline_flexvar_img2img import FlexVARImg2ImgPipeline
 
 MASK_SHAPES = (
@@ -247,7 +248,7 @@ class FlexVARInpaintPipeline(FlexVARImg2ImgPipeline):
         top_p: float = 0.95,
         temperature: float = 1.0,
         num_images_per_prompt: int = 1,
-        generator: torch.Generator | None = None,
+        generator: GeneratorLike = None,
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable | None = None,
@@ -408,7 +409,7 @@ class FlexVAROutpaintPipeline(FlexVARInpaintPipeline):
         top_p: float = 0.95,
         temperature: float = 1.0,
         num_images_per_prompt: int = 1,
-        generator: torch.Generator | None = None,
+        generator: GeneratorLike = None,
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable | None = None,

@@ -137,15 +137,52 @@ def top_k_top_p_candidates(
     return probs, token_ids
 
 
+GeneratorLike = torch.Generator | Sequence[torch.Generator] | None
+
+
+def check_generator(generator: GeneratorLike, batch_size: int) -> None:
+    """
+    Raise unless `generator` is None, one `torch.Generator`, or a list of `batch_size` of them (one per image, the
+    diffusers convention): TypeError for anything else or a list holding a non-generator, ValueError for a list of
+    another length.
+    """
+    if generator is None or isinstance(generator, torch.Generator):
+        return
+    if not isinstance(generator, (list, tuple)):
+        raise TypeError(
+            f"`generator` must be None, a torch.Generator or a list of them (one per image), got "
+            f"{type(generator).__name__}."
+        )
+    wrong = sorted({type(item).__name__ for item in generator if not isinstance(item, torch.Generator)})
+    if wrong:
+        raise TypeError(f"A `generator` list must hold only torch.Generator objects, got {', '.join(wrong)}.")
+    if len(generator) != batch_size:
+        raise ValueError(
+            f"A `generator` list needs one generator per image: {batch_size} (class labels times "
+            f"num_images_per_prompt), got {len(generator)}."
+        )
+
+
 def exponential_noise(
     shape: Sequence[int],
-    generator: torch.Generator | None,
+    generator: GeneratorLike,
     device: torch.device | str,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Exp(1) float32 noise of `shape` on `device`, drawn on the generator's device (so a CPU generator gives the
     same numbers whatever the device). With `out` (float32, `shape`, on `device`) the noise is written there, drawn
-    in place when the generator is on that device."""
+    in place when the generator is on that device.
+
+    A list of generators (`check_generator`: one per row of the first dimension) draws row `i` from `generator[i]`
+    alone, as `shape[1:]` noise: the numbers an image drawn alone with that generator gets, whatever else is in the
+    batch."""
+    if isinstance(generator, (list, tuple)):
+        check_generator(generator, shape[0])
+        if out is None:
+            out = torch.empty(tuple(shape), device=device)
+        for row, row_generator in zip(out, generator):
+            exponential_noise(row.shape, row_generator, device, out=row)
+        return out
     device = torch.device(device)
     source = generator.device if generator is not None else device
     if out is not None and source == out.device:
@@ -438,7 +475,7 @@ class FlexVARScaleScheduler(SchedulerMixin, ConfigMixin):
         top_k: int = 0,
         top_p: float = 0.0,
         temperature: float = 1.0,
-        generator: torch.Generator | None = None,
+        generator: GeneratorLike = None,
         noise: torch.Tensor | None = None,
         return_dict: bool = True,
     ) -> FlexVARSchedulerOutput | tuple:
@@ -450,7 +487,9 @@ class FlexVARScaleScheduler(SchedulerMixin, ConfigMixin):
         rounding with half the head's work, and passes already guided logits here.) Then, in float32: the best
         token when `top_k == 1` or the scale is greedy (`is_greedy_scale`); otherwise the top-k / top-p candidates
         at `temperature` (`top_k_top_p_candidates`) and one draw from them, made as `argmax(probs / noise)` with
-        Exp(1) noise (an exact sample, with no host synchronisation, so the whole step can run inside a CUDA graph).
+        Exp(1) noise (an exact sample, with no host synchronisation, so the whole step can run inside a CUDA graph);
+        the noise is laid over the candidates in token-id order, so that rounding which swaps the rank of two
+        near-equal logits does not change the draw.
 
         Args:
             model_output (`torch.Tensor`): Logits `(B, h * w, vocab_size)` for the scale's tokens in row-major order,
@@ -462,7 +501,8 @@ class FlexVARScaleScheduler(SchedulerMixin, ConfigMixin):
             top_k (`int`, defaults to 0): Keep the `top_k` best tokens; 0 disables, 1 is greedy.
             top_p (`float`, defaults to 0.0): Nucleus sampling threshold in [0, 1]; 0 or 1 disables it.
             temperature (`float`, defaults to 1.0): Softmax temperature, > 0.
-            generator (`torch.Generator`, *optional*): Source of the sampling noise (any device).
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*): Source of the sampling noise (any
+                device); a list holds one generator per image (`B`), each image's noise drawn from its own.
             noise (`torch.Tensor`, *optional*): Exp(1) noise of shape `sampling_noise_shape(...)` to use instead of
                 drawing it from `generator`; lets a caller draw it ahead (e.g. outside a CUDA graph).
             return_dict (`bool`, defaults to True): Return a [`FlexVARSchedulerOutput`] instead of a tuple.
@@ -481,6 +521,11 @@ class FlexVARScaleScheduler(SchedulerMixin, ConfigMixin):
             indices = logits.argmax(dim=-1)
         else:
             probs, token_ids = top_k_top_p_candidates(logits, top_k, top_p, temperature)
+            # The noise goes to the candidates in token-id order, not in the order of their logits: tokens with
+            # near-equal logits, whose order rounding decides (it differs between batch sizes and kernels), then
+            # still get the same noise, so an image drawn with its own generator does not depend on its batch.
+            token_ids, order = token_ids.sort(dim=-1)
+            probs = probs.gather(-1, order)
             if noise is None:
                 noise = exponential_noise(probs.shape, generator, probs.device)
             elif noise.shape != probs.shape:
