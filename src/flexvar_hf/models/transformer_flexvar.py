@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.attention import FeedForward
-from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (see FlexVARModelMixin)
 from diffusers.models.normalization import AdaLayerNormContinuous, AdaLayerNormZero
 from diffusers.utils import BaseOutput
 
@@ -26,6 +26,7 @@ from .float8 import (
     modulated_layer_norm_quantize_rows,
     residual_modulated_layer_norm_quantize_rows,
 )
+from .modeling_utils import FlexVARModelMixin
 
 # The per-head attention scale is exp(log_scale), clamped at exp(MAX_LOG_SCALE) = 100 as in the original.
 L2_EPS = 1e-12
@@ -367,7 +368,7 @@ def block_causal_mask(scales: Sequence[tuple[int, int]], num_cached: int, device
     return torch.cat((cached, new), dim=1)
 
 
-class FlexVARTransformer2DModel(ModelMixin, ConfigMixin):
+class FlexVARTransformer2DModel(FlexVARModelMixin, ConfigMixin):
     r"""
     The FlexVAR transformer. It predicts the complete token map of each scale from all coarser scales, each given as
     the normalised code vectors of the previous scale's tokens resized (bicubic) to the next scale. Position

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable, Sequence
 
 import torch
@@ -12,6 +14,7 @@ from ..models import FlexVARKVCache, FlexVARTransformer2DModel, FlexVQModel
 from ..scales import ScaleLike, flatten_grid, is_int, num_tokens, resize_codes
 from ..schedulers import FlexVARScaleScheduler
 from .fast_sampling import FastTokenGenerator, loop_device
+from .generic_loading import class_name_entry, plain_class_name, write_pipeline_module
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # `torch.compile` modes that leave CUDA graphs to fast sampling, which captures the whole generation as one.
@@ -97,6 +100,28 @@ class FlexVARPipeline(DiffusionPipeline):
             if len(dtypes) == 1:
                 kwargs["dtype"] = dtypes.pop()
         return super().from_pipe(pipeline, **kwargs)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Saved folders that diffusers' generic `DiffusionPipeline.from_pretrained` also loads (see `generic_loading`)
+
+    def save_config(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        """diffusers' `save_config` (what `save_pretrained` and `push_to_hub` write `model_index.json` with), plus
+        `flexvar_pipeline.py`, through which `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)` finds
+        this class."""
+        write_pipeline_module(save_directory, type(self).__name__)
+        super().save_config(save_directory, *args, **kwargs)
+
+    def to_json_string(self) -> str:
+        """The config as diffusers writes it, with `_class_name` in the list form `["flexvar_pipeline", name]`."""
+        config = json.loads(super().to_json_string())
+        config["_class_name"] = class_name_entry(type(self).__name__)
+        return json.dumps(config, indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def _dict_from_json_file(cls, json_file: str | os.PathLike) -> dict:
+        # Every config diffusers reads for this class (local `load_config` and hub `download`) passes here: the
+        # list-form `_class_name` becomes the plain name, so that this class loads the folder without remote code.
+        return plain_class_name(super()._dict_from_json_file(json_file))
 
     # ------------------------------------------------------------------------------------------------------------
     # Input checks
