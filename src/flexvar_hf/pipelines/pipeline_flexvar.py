@@ -325,18 +325,17 @@ class FlexVARPipeline(DiffusionPipeline):
                 matrix products) and the VQ decoder (`vqvae.decoder.compile()`, its weights moved to channels-last
                 memory format so that the compiled convolutions need no layout conversions; its GroupNorms then
                 reduce large inputs channel by channel, `models.normalization`). The first call of a new
-                setting then also compiles (26-43 s at d16 and d24 on an H200, run 45 of benchmarks/RESULTS.md), with
-                one Inductor heuristic changed: LayerNorms over rows of up to 2048 elements compile to one-pass
-                kernels (`utils.inductor`; Inductor's limit is 1024, below d24's width). The modules stay compiled
-                after `disable_fast_sampling()`; calls that take the plain path (`callback_on_step_end`) compile new
+                setting then also compiles (tens of seconds on a GPU, see docs/performance.md), with one Inductor
+                heuristic changed: LayerNorms over rows of up to 2048 elements compile to one-pass kernels
+                (`utils.inductor`; Inductor's limit is 1024, below d24's width). The modules stay compiled after
+                `disable_fast_sampling()`; calls that take the plain path (`callback_on_step_end`) compile new
                 shapes with Inductor's defaults, and at small batches run slower than with eager blocks, since each
-                compiled block call costs host time that only the replayed graph hides (d24 batch 1: 253 against
-                218 ms, run 45).
+                compiled block call costs host time that only the replayed graph hides.
             compile_mode (`str`, *optional*): `torch.compile`'s `mode` for both, with `torch_compile=True`: None
                 (its default) or "max-autotune-no-cudagraphs" (Triton matrix-product kernels chosen by timing, with
-                the following elementwise work fused into them; minutes of start-up, and slower at d24 batch 1 on
-                an H100: 57.6 against 33.0 ms in benchmarks/RESULTS.md, run 8b). Modes that capture their own CUDA
-                graphs are refused: the whole generation is already captured as one.
+                the following elementwise work fused into them; minutes of start-up, and measured slower than the
+                default at d24 batch 1 on an H100). Modes that capture their own CUDA graphs are refused: the whole
+                generation is already captured as one.
         """
         if compile_mode not in FAST_SAMPLING_COMPILE_MODES:
             raise ValueError(
@@ -363,7 +362,7 @@ class FlexVARPipeline(DiffusionPipeline):
         if torch_compile:
             self.transformer.compile_repeated_blocks(dynamic=True, mode=compile_mode)
             # Only the decoding modules: the encoder stays contiguous for the eager encoding of the image-to-image
-            # pipelines that share this VQ model (eager convolutions are slower channels-last, run 7).
+            # pipelines that share this VQ model (eager convolutions measured slower channels-last).
             for module in (self.vqvae.post_quant_conv, self.vqvae.decoder):
                 module.to(memory_format=torch.channels_last)
             self.vqvae.decoder.compile(mode=compile_mode)
@@ -405,11 +404,15 @@ class FlexVARPipeline(DiffusionPipeline):
         Generate images of the given classes.
 
         Args:
-            class_labels: ImageNet-style class ids (int, list, 1-D tensor) or class names (see `pipe.labels`).
-            height (`int`, *optional*), width (`int`, *optional*): Image size in pixels, positive multiples of the
-                scheduler's `vae_scale_factor` (16). Default: the size the model was trained at,
-                `transformer.config.sample_size * vae_scale_factor` (256 for the released models); any other size
-                and aspect ratio works too.
+            class_labels (`int`, `str`, `list[int | str]` or `torch.LongTensor`):
+                Class ids in `[0, transformer.config.num_classes)` or class names (see `pipe.labels`); a list or a
+                1-D tensor generates one image per entry (times `num_images_per_prompt`).
+            height (`int`, *optional*):
+                Image height in pixels, a positive multiple of the scheduler's `vae_scale_factor` (16 for the
+                released models). Default: the size the model was trained at, `transformer.config.sample_size *
+                vae_scale_factor` (256 for the released models); any other size and aspect ratio works too.
+            width (`int`, *optional*):
+                Image width in pixels, as `height`.
             num_inference_steps (`int`, *optional*): Number of scales. None picks the published schedule for the
                 size (10 steps at 256x256, 15 at 512x512) or the scheduler's rule elsewhere.
             scales (`list`, *optional*): Explicit scales (int sides or (h, w) token-grid pairs); overrides height,
@@ -419,7 +422,9 @@ class FlexVARPipeline(DiffusionPipeline):
             guidance_schedule (`str`, *optional*): "linear" ramps g from 1 at the first step to `guidance_scale`
                 (the original evaluation schedule); "constant" uses `guidance_scale` at every step. None: the
                 model's own, `scheduler.config.guidance_schedule` ("linear" for the released models).
-            top_k (`int`, defaults to 900), top_p (`float`, defaults to 0.95): Sampling filters (0 disables).
+            top_k (`int`, defaults to 900): Sample among the `top_k` most likely tokens; 0 disables the filter.
+            top_p (`float`, defaults to 0.95): Then among the most likely tokens holding `top_p` of the probability;
+                0 disables the filter.
             temperature (`float`, defaults to 1.0): Softmax temperature.
             num_images_per_prompt (`int`, defaults to 1): Images per class label.
             generator (`torch.Generator`, *optional*): For reproducible sampling.
@@ -429,6 +434,8 @@ class FlexVARPipeline(DiffusionPipeline):
             callback_on_step_end (`Callable`, *optional*): Called as `callback(pipe, step_index, timestep, kwargs)`
                 after each scale with the tensors named in `callback_on_step_end_tensor_inputs`; a returned dict
                 with "indices" replaces the chosen tokens of that scale.
+            callback_on_step_end_tensor_inputs (`list[str]`, defaults to `("indices",)`): Tensors passed to the
+                callback: "indices", the scale's tokens, LongTensor `(B, h, w)`.
 
         Returns:
             [`ImagePipelineOutput`] with `images`, or a tuple `(images,)`.
