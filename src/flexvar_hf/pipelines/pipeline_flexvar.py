@@ -371,6 +371,7 @@ class FlexVARPipeline(DiffusionPipeline):
         """Back to the plain loop; frees the captured graphs."""
         self.fast_token_generator = None
 
+    @torch.no_grad()
     def decode(self, indices: torch.LongTensor, output_type: str = "pil", pixels: torch.Tensor | None = None):
         """Final token grid -> images of `output_type` ("latent" returns the tokens); `pixels`, if given, are the
         already decoded (B, 3, H, W) tokens."""
