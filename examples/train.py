@@ -472,8 +472,8 @@ def write_model_card(folder: Path, args: argparse.Namespace, repo_id: str | None
     )
     loss = "not logged (no step ran)" if args.final_loss is None else f"{args.final_loss:.4f}"
     results = (
-        f"Training loss at the last step: {loss} (cross-entropy per token over all scales of a training batch, "
-        "teacher-forced, with label dropout). No sample-quality evaluation was run with the training."
+        f"Training loss at the last step: {loss} (the training objective, token cross-entropy over all scales, on "
+        "that step's teacher-forced batch with label dropout). No sample-quality evaluation ran with the training."
     )
     card = flexvar_model_card(
         pipe,
