@@ -42,6 +42,7 @@ def main(argv=None) -> int:
             dtype=DTYPES[args.dtype],
             allow_unsafe_pickle=args.allow_unsafe_pickle,
             overwrite=args.overwrite,
+            model_id=args.push_to_hub,
         )
     except (CheckpointError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -52,8 +53,12 @@ def main(argv=None) -> int:
         f"{config.num_classes} classes, vocabulary {config.vocab_size}, {args.dtype}."
     )
     if args.push_to_hub:
-        pipeline.push_to_hub(args.push_to_hub)
-        print(f"Pushed to {args.push_to_hub}.")
+        # The folder as written, model card included (`pipeline.push_to_hub` would replace the card with a blank one).
+        from huggingface_hub import create_repo, upload_folder
+
+        repo_id = create_repo(args.push_to_hub, exist_ok=True).repo_id
+        upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="Convert FlexVAR checkpoints")
+        print(f"Pushed to {repo_id}.")
     return 0
 
 

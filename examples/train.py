@@ -59,6 +59,7 @@ from flexvar_hf.training.flexvar_loss import token_accuracy, training_loss
 from flexvar_hf.training.growth import grow_depth, init_config
 from flexvar_hf.training.optim import build_optimizer, clip_and_step
 from flexvar_hf.utils.io import atomic_directory
+from flexvar_hf.utils.model_card import flexvar_model_card
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -225,6 +226,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--hub_model_id", type=str, default=None, help="Default: the name of --output_dir.")
     run.add_argument("--hub_token", type=str, default=None)
     run.add_argument("--hub_private_repo", action="store_true")
+    run.add_argument(
+        "--hub_license", type=str, default="mit",
+        help="License in the model card's metadata (a hub license id; the released FlexVAR weights are MIT).",
+    )
     run.add_argument("--local_rank", type=int, default=-1, help="Set by distributed launchers.")
 
     args = parser.parse_args(input_args)
@@ -453,39 +458,35 @@ def log_validation(args, accelerator, transformer, vqvae, scheduler, id2label, e
     return images
 
 
-def write_model_card(folder: Path, args: argparse.Namespace, repo_id: str | None, num_classes: int) -> None:
-    from huggingface_hub import ModelCard, ModelCardData
-
+def write_model_card(folder: Path, args: argparse.Namespace, repo_id: str | None, pipe: FlexVARPipeline) -> None:
+    """`folder/README.md`: the shared FlexVAR card (`flexvar_hf.utils.model_card`) with this run's data, length and
+    last training loss."""
     base_model = args.pretrained_model_name_or_path
     data = args.dataset_name or Path(args.train_data_dir).name
-    card_data = ModelCardData(
-        library_name="diffusers",
-        license=None,
-        base_model=base_model if base_model and not _looks_local(base_model) else None,
-        datasets=[args.dataset_name] if args.dataset_name else None,
-        tags=["flexvar", "class-conditional", "image-generation", "autoregressive", "diffusers-training"],
-    )
-    how = f"fine-tuned from `{base_model}`" if base_model else "trained from scratch"
+    how = f"Fine-tuned from `{base_model}`" if base_model else "Trained from scratch"
     ema = ", EMA weights" if args.use_ema else ""
     height, width = args.resolution_hw
-    content = f"""---
-{card_data.to_yaml()}
----
-
-# {repo_id or Path(args.output_dir).name}
-
-A [FlexVAR](https://arxiv.org/abs/2502.20313) class-conditional image generator ({num_classes} classes) {how} on
-`{data}` at {height}x{width} with flexvar-hf's `examples/train.py` for {args.final_step} steps
-(batch {args.total_batch_size}, learning rate {args.effective_learning_rate:g}{ema}).
-
-```python
-from flexvar_hf import FlexVARPipeline
-
-pipe = FlexVARPipeline.from_pretrained("{repo_id or Path(args.output_dir, PIPELINE_SUBFOLDER)}")
-image = pipe(0, height={height}, width={width}).images[0]
-```
-"""
-    ModelCard(content).save(folder / "README.md")
+    description = (
+        f"{how} on `{data}` at {height}x{width} with flexvar-hf's `examples/train.py` for {args.final_step} steps "
+        f"(batch {args.total_batch_size}, learning rate {args.effective_learning_rate:g}{ema})."
+    )
+    loss = "not logged (no step ran)" if args.final_loss is None else f"{args.final_loss:.4f}"
+    results = (
+        f"Training loss at the last step: {loss} (the training objective, token cross-entropy over all scales, on "
+        "that step's teacher-forced batch with label dropout). No sample-quality evaluation ran with the training."
+    )
+    card = flexvar_model_card(
+        pipe,
+        repo_id or str(Path(args.output_dir, PIPELINE_SUBFOLDER)),
+        title=repo_id or Path(args.output_dir).name,
+        description=description,
+        results=results,
+        license=args.hub_license,
+        base_model=base_model if base_model and not _looks_local(base_model) else None,
+        datasets=[args.dataset_name] if args.dataset_name else None,
+        tags=["diffusers-training"],
+    )
+    card.save(folder / "README.md")
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -744,10 +745,10 @@ def main(args: argparse.Namespace) -> dict:
             ema_model.copy_to(final_model.parameters())
         final_vqvae = vqvae if weight_dtype == torch.float32 else load_fp32_vqvae(args)
         pipe = FlexVARPipeline(transformer=final_model, vqvae=final_vqvae, scheduler=scheduler, id2label=id2label)
-        args.final_step = global_step
+        args.final_step, args.final_loss = global_step, (losses[-1] if losses else None)
         with atomic_directory(pipeline_dir, overwrite=True) as staging:
             pipe.save_pretrained(staging)
-            write_model_card(staging, args, repo_id, num_classes)
+            write_model_card(staging, args, repo_id, pipe)
         logger.info(f"Saved the pipeline to {pipeline_dir}")
         if args.push_to_hub:
             from huggingface_hub import upload_folder

@@ -119,8 +119,8 @@ def test_float16_output_dtype(tmp_path, transformer_ckpt, vq_ckpt):
     assert pipe.transformer.dtype == torch.float16
     stored = load_file(tmp_path / "half" / "transformer" / "diffusion_pytorch_model.safetensors")
     assert {tensor.dtype for tensor in stored.values()} == {torch.float16}
-    # diffusers loads float32 unless torch_dtype is given; the stored half weights then load exactly.
-    reloaded = FlexVARPipeline.from_pretrained(tmp_path / "half", torch_dtype=torch.float16)
+    # diffusers loads float32 unless dtype is given; the stored half weights then load exactly.
+    reloaded = FlexVARPipeline.from_pretrained(tmp_path / "half", dtype=torch.float16)
     assert reloaded.transformer.dtype == torch.float16 and reloaded.vqvae.dtype == torch.float16
     for name, tensor in reloaded.transformer.state_dict().items():
         assert torch.equal(tensor, pipe.transformer.state_dict()[name]), name
@@ -257,7 +257,7 @@ def test_command_line_round_trip(tmp_path, transformer_ckpt, vq_ckpt, original_t
     run = run_script("convert_flexvar_to_diffusers.py", *to_diffusers, "--dtype", "bfloat16")
     assert run.returncode == 0, run.stderr
     assert "depth 2, width 128, 1000 classes" in run.stdout
-    assert FlexVARPipeline.from_pretrained(output, torch_dtype=torch.bfloat16).transformer.dtype == torch.bfloat16
+    assert FlexVARPipeline.from_pretrained(output, dtype=torch.bfloat16).transformer.dtype == torch.bfloat16
     again = run_script("convert_flexvar_to_diffusers.py", *to_diffusers)
     assert again.returncode == 1 and "already exists" in again.stderr
     back = run_script(

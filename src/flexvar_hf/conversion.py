@@ -447,13 +447,18 @@ def convert_original_to_diffusers(
     dtype: torch.dtype | None = None,
     allow_unsafe_pickle: bool = False,
     overwrite: bool = False,
+    model_id: str | None = None,
 ):
-    """Convert the original checkpoints into a diffusers pipeline folder, written atomically. Returns the pipeline."""
+    """Convert the original checkpoints into a diffusers pipeline folder with a model card (`README.md`, whose usage
+    snippet loads `model_id`, by default `output_dir`), written atomically. Returns the pipeline."""
     from .utils import atomic_directory
+    from .utils.model_card import converted_model_card
 
     pipeline = pipeline_from_original(transformer_ckpt, vq_ckpt, dtype, allow_unsafe_pickle)
+    card = converted_model_card(pipeline, model_id or str(output_dir), Path(transformer_ckpt).name, Path(vq_ckpt).name)
     with atomic_directory(output_dir, overwrite=overwrite) as staging:
         pipeline.save_pretrained(staging, safe_serialization=True)
+        card.save(staging / "README.md")
     return pipeline
 
 

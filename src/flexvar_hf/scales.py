@@ -77,8 +77,7 @@ def resize_codes(codes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bicubic resize of a code map (B, C, h, w) to `size`, as FlexVAR does between scales: the numbers of
     `F.interpolate(codes, size, mode="bicubic")` up to rounding, computed as two small matrix products (in float32,
     or float64 for float64 maps) because PyTorch's CUDA bicubic kernel runs one thread per output pixel and loops
-    over batch and channels (about 0.7 ms a call for 64 maps of 32 channels on an H100, benchmarks/RESULTS.md
-    run 9)."""
+    over batch and channels."""
     compute_dtype = torch.promote_types(codes.dtype, torch.float32)
     rows = bicubic_matrix(codes.shape[-2], size[0], codes.device, compute_dtype)
     columns = bicubic_matrix(codes.shape[-1], size[1], codes.device, compute_dtype)

@@ -2,7 +2,7 @@
 activations with one scale per row computed at every call, products by `torch._scaled_mm`.
 
 Opt-in and inference only (`FlexVARTransformer2DModel.enable_float8_inference`): the products' rounding error grows
-about 20 times against bfloat16 (benchmarks/RESULTS.md, run 28), so images differ from the bfloat16 model's.
+about 20 times against bfloat16, so images differ from the bfloat16 model's.
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ class Float8Linear(nn.Module):
         """The layer on (M, in_features) rows already quantised (`quantize_rows`' values and scales): (M,
         out_features) in `dtype`."""
         # cuBLASLt has no fast-accumulation kernel for d24's second feed-forward product (6144 -> 1536) up to at
-        # least 72 rows on an H200, padded or not (run 34 of benchmarks/RESULTS.md): fewer rows accumulate exactly.
+        # least 72 rows on an H200, padded or not: fewer rows accumulate exactly.
         fast = self.fast_accumulation and quantized.shape[0] >= FAST_ACCUMULATION_MIN_ROWS
         bias = None if self.bias is None else self.bias.to(dtype)
         # cuBLASLt adds no bias to a float32 output (`_scaled_mm` refuses it on CUDA): added afterwards there.

@@ -2,15 +2,11 @@
 of their own over activations already written in bfloat16.
 
 - `fused_gelu_quantize_rows`: the tanh GELU between the feed-forward's two products and the second product's
-  per-row quantisation. Compiled by Inductor, the two were one kernel that took 28.8 ms of a d24 batch-64
-  generation's profile on an H200 (run 33 of benchmarks/RESULTS.md); this kernel took 22.6-26.1 ms there (runs
-  36-38) and 13.4 ms alone on random rows of those shapes (run 36, against Inductor's 47.2 ms), 9.8 ms with the
-  hardware tanh (run 39).
+  per-row quantisation, which Inductor compiled into one slower kernel (`benchmarks/bench_fp8.py` times both).
 - `fused_modulated_layer_norm_quantize_rows`: a block's AdaLN (LayerNorm, then shift and scale per sequence) and the
   quantisation of the product after it; `fused_residual_modulated_layer_norm_quantize_rows` adds an update of the
-  residual stream first, as Inductor's LayerNorm kernel did. Run 36's profile found Inductor's LayerNorms apart
-  from their quantisations, each pass reading and writing the rows again; with the kernels those items took 33.9
-  ms of a d24 batch-64 generation instead of 40.5 (run 38).
+  residual stream first, as Inductor's LayerNorm kernel did. Compiled, Inductor kept the LayerNorms apart from their
+  quantisations, each pass reading and writing the rows again.
 
 Each program holds one row in registers. The kernels are `torch.library.triton_op`s, so that `torch.compile` keeps
 them inside a compiled block's graph (a plain Python call of a Triton kernel would split the graph there). Only the
@@ -30,10 +26,10 @@ from torch.library import triton_op, wrap_triton
 
 # Rows wider than this do not fit in one program's registers (d30's 7680 do).
 MAX_WIDTH = 8192
-# 4 warps (128 threads) a row: the fastest of 4, 8 and 16 for d24's 6144-wide GELU rows with the hardware tanh in
-# run 39 of benchmarks/RESULTS.md.
+# 4 warps (128 threads) a row: the fastest of 4, 8 and 16 for d24's 6144-wide GELU rows with the hardware tanh
+# (`benchmarks/bench_fp8.py` sweeps them).
 NUM_WARPS = 4
-# 2 warps for the LayerNorms' 1024- to 1920-wide rows: the fastest of 1 to 16 for d24's in run 37.
+# 2 warps for the LayerNorms' 1024- to 1920-wide rows: the fastest of 1 to 16 for d24's.
 LAYER_NORM_NUM_WARPS = 2
 SQRT_2_OVER_PI = tl.constexpr(math.sqrt(2 / math.pi))
 # float8 e4m3: 3 mantissa bits, and below 2^-6 subnormals that are multiples of 2^-9.
@@ -105,8 +101,8 @@ def _gelu_quantize_rows_kernel(
     # The tanh GELU, 0.5 * x * (1 + tanh(u)) with u = sqrt(2 / pi) * (x + 0.044715 x^3).
     inner = SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)
     if HARDWARE_TANH:
-        # About a third fewer instructions than the form below: 9.8 against 13.6 ms for a d24 batch-64 generation's
-        # rows, and 1e-4 of the float8 values one step apart (run 39). Its error is far below float8's 2^-4 steps.
+        # About a third fewer instructions than the form below, and 1e-4 of the float8 values one step apart on a
+        # d24 generation's rows. Its error is far below float8's 2^-4 steps.
         activated = 0.5 * x + 0.5 * x * _hardware_tanh(inner)
     else:  # x * sigmoid(2u), the same function through exp, which Triton's interpreter and AMD GPUs have too
         activated = x / (1.0 + tl.exp(-2.0 * inner))
@@ -299,7 +295,7 @@ def fused_residual_modulated_layer_norm_quantize_rows(
     `fused_modulated_layer_norm_quantize_rows` of the residual stream `values + gate * update` ((B, 1, K) `gate`,
     (B, L, K) `update` laid out as `values`), which it also writes: an update of a block's residual stream (its
     attention's, or the previous block's feed-forward's) and the AdaLN after it in one pass, as Inductor fused them
-    before the quantisation joined the norm (run 37 of benchmarks/RESULTS.md).
+    before the quantisation joined the norm.
 
     Returns:
         The new (B, L, K) residual stream in `values`' dtype, the float8 e4m3 (B * L, K) values and their float32

@@ -3,8 +3,7 @@ values into the key/value cache.
 
 Without it, generation runs the query/key norm as a compiled kernel that writes the whole normalised projection,
 then copies the keys and values from that strided view into the cache: the projection's 3 * hidden values per token
-are read and written twice. Run 28 of benchmarks/RESULTS.md measured the two at 16.9 + 17.1 ms of a d24 batch-64
-generation on an H200; this kernel reads the projection once and writes each value once.
+are read and written twice. This kernel reads the projection once and writes each value once.
 
 Triton is imported only by the kernel modules; `FlexVARKVCache` imports this one only when it writes CUDA tensors.
 With `TRITON_INTERPRET=1` set before the import the kernel runs on CPU tensors (how the tests check it).

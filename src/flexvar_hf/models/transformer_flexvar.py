@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.attention import FeedForward
-from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (see FlexVARModelMixin)
 from diffusers.models.normalization import AdaLayerNormContinuous, AdaLayerNormZero
 from diffusers.utils import BaseOutput
 
@@ -26,6 +26,7 @@ from .float8 import (
     modulated_layer_norm_quantize_rows,
     residual_modulated_layer_norm_quantize_rows,
 )
+from .modeling_utils import FlexVARModelMixin
 
 # The per-head attention scale is exp(log_scale), clamped at exp(MAX_LOG_SCALE) = 100 as in the original.
 L2_EPS = 1e-12
@@ -122,8 +123,8 @@ def modulated_layer_norm(
 
     The width comes from `norm` (a Python int), not from the input's shape: in blocks compiled with `dynamic=True`
     every input dimension is symbolic, and a LayerNorm over a symbolic width compiled to a looped kernel, since
-    Inductor can only make a reduction of known size persistent (runs 13-14 of benchmarks/RESULTS.md: the block's
-    first LayerNorm took 118 us a call at d24 batch 64, the second, whose width followed from a weight, 35 us).
+    Inductor can only make a reduction of known size persistent (a LayerNorm over a symbolic width measured about
+    three times slower than one whose width followed from a weight).
     """
     return torch.addcmul(shift, norm(hidden_states), scale)
 
@@ -142,9 +143,9 @@ def feed_forward(ff: FeedForward | Float8FeedForward, hidden_states: torch.Tenso
 
     In CUDA inference the first projection, its bias and the GELU run as one matrix product with a GELU epilogue
     (`linear_gelu`), so the 4x-wide activations are written once instead of being written, read and written again
-    by a separate GELU kernel (run 15 of benchmarks/RESULTS.md: that kernel took 8% of a compiled d24 batch-64
-    generation). Outputs in low precision differ from the module's by rounding. The op has no autograd formula, is
-    not cast by autocast, and on the CPU applies the exact GELU, so training, autocast and CPU runs take the module.
+    by a separate GELU kernel (a large part of a compiled generation's elementwise work). Outputs in low precision
+    differ from the module's by rounding. The op has no autograd formula, is not cast by autocast, and on the CPU
+    applies the exact GELU, so training, autocast and CPU runs take the module.
     """
     # A float8 feed-forward fuses its GELU with its quantisation itself (checked first: `QuantizedRows` have no
     # `is_cuda`).
@@ -163,8 +164,8 @@ def normalize_queries_keys(qkv: torch.Tensor, temperature: torch.Tensor) -> torc
         temperature (`torch.Tensor` of shape `(1, 1, H, 1)`): Per-head factor of the queries.
 
     The norms are taken over every head, values included, so that the reduction and the product cover the same
-    rows and `torch.compile` can fuse them into one kernel (run 6a of benchmarks/RESULTS.md: a norm over only the
-    query and key heads compiled into a reduction of its own, the largest kernel after the matrix products).
+    rows and `torch.compile` can fuse them into one kernel (a norm over only the query and key heads compiled into a
+    reduction of its own, the largest kernel after the matrix products).
     F.normalize's eps, so the numbers are the original's; value rows are multiplied by exactly 1.
     """
     heads = temperature.shape[2]
@@ -199,8 +200,8 @@ def cached_attention(
     Kept out of `torch.compile` graphs: the cache's length and the layer index differ per call, and a compiled block
     would be specialised (recompiled) on them; around this call a compiled block stays one graph for every scale and
     layer, with no per-scale recompilation. The query/key norm is done here, with the write (`FlexVARKVCache.update`),
-    not in the compiled block: Inductor made a fused norm and write into two kernels that read the projection twice
-    (run 20 of benchmarks/RESULTS.md).
+    not in the compiled block: Inductor made a fused norm and write into two kernels that read the projection
+    twice.
     """
     query, key, value = kv_cache.update(layer_index, qkv, temperature)
     return attention(query, key, value, attention_mask)
@@ -300,9 +301,8 @@ class FlexVARBlock(nn.Module):
         Returns:
             The stream after this block's attention, and this block's feed-forward update of it, for the next block
             (or `ResidualUpdate.apply`). Deferring the update lets it join the next LayerNorm's pass: added at the
-            end of the block it was a pass of its own over the stream (11.6 ms of a float8 d24 batch-64 generation
-            in run 38 of benchmarks/RESULTS.md, 9.4 ms in bfloat16 in run 28). The sums are the same operations in
-            the same order, so the numbers do not change.
+            end of the block it is a pass of its own over the stream. The sums are the same operations in the same
+            order, so the numbers do not change.
         """
         shift_attn, scale_attn, gate_attn, shift_ff, scale_ff, gate_ff = modulation
         hidden_states, normed = self.residual_and_norm(self.norm1.norm, hidden_states, update, shift_attn, scale_attn)
@@ -311,7 +311,7 @@ class FlexVARBlock(nn.Module):
         else:
             # Composed here, not inside `self.attn`: `torch.compile` splits a graph at a nested call that breaks
             # it, which put this LayerNorm, the projection and the output projection into three graphs (kernels
-            # that could not fuse, such as float8's LayerNorm and quantisation, runs 32-33). This way a compiled
+            # that could not fuse, such as float8's LayerNorm and quantisation). This way a compiled
             # block is two graphs, split only by `cached_attention`.
             qkv, temperature = self.attn.project(normed)
             attended = self.attn.project_out(cached_attention(qkv, temperature, attention_mask, kv_cache, layer_index))
@@ -335,7 +335,7 @@ class FlexVARBlock(nn.Module):
         """The residual stream with `update` applied (if any) and `modulated_layer_norm(norm, ...)` of it, the input
         of a product. After `enable_float8_inference` the rows come out quantised for that product, in the same pass
         as the norm and the residual (`float8.(residual_)modulated_layer_norm_quantize_rows`): Inductor fuses the
-        residual into its LayerNorm kernel, which a separate quantising norm would undo (run 37)."""
+        residual into its LayerNorm kernel, which a separate quantising norm would undo."""
         if self.float8_inference:
             if update is None:
                 return hidden_states, modulated_layer_norm_quantize_rows(norm, hidden_states, shift, scale)
@@ -367,7 +367,7 @@ def block_causal_mask(scales: Sequence[tuple[int, int]], num_cached: int, device
     return torch.cat((cached, new), dim=1)
 
 
-class FlexVARTransformer2DModel(ModelMixin, ConfigMixin):
+class FlexVARTransformer2DModel(FlexVARModelMixin, ConfigMixin):
     r"""
     The FlexVAR transformer. It predicts the complete token map of each scale from all coarser scales, each given as
     the normalised code vectors of the previous scale's tokens resized (bicubic) to the next scale. Position
@@ -462,9 +462,9 @@ class FlexVARTransformer2DModel(ModelMixin, ConfigMixin):
         For large batches on GPUs with float8 matrix units (compute capability 8.9 and up), in bfloat16, with
         `pipe.enable_fast_sampling(torch_compile=True)`. On CUDA the feed-forward's inputs are quantised by the
         kernels that make them (its AdaLN and its GELU, `float8_kernel`); `torch.compile` folds the attention's
-        quantisations into the kernels around them; eager, those are passes of their own. On an H200
-        (benchmarks/RESULTS.md, runs 32-45) it took d24 at batch 64 from 212-217 to 269.5-277 images/s with
-        `fast_accumulation=True`; it gave nothing at d16 and made batch 1 slower.
+        quantisations into the kernels around them; eager, those are passes of their own. It pays at large batches
+        of the larger models (d24 at batch 64, with `fast_accumulation=True`), gives nothing at d16 and makes batch 1
+        slower: docs/performance.md has the current numbers.
         The products' error is about 20 times bfloat16's (the converted parity model's logits move by about 1%), so
         images differ from the unquantised model's. Call it after moving and casting the model (a later `.to(dtype)`
         would cast the float8 weights too). Irreversible for this object (load the model again to undo); a quantised

@@ -10,10 +10,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.autoencoders.vae import Decoder, DecoderOutput, Encoder
-from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (see FlexVARModelMixin)
 from diffusers.utils import BaseOutput
 
 from ..scales import ScaleLike, as_hw
+from .modeling_utils import FlexVARModelMixin
 from .normalization import use_channels_last_group_norms
 
 
@@ -57,7 +58,7 @@ class CosineVectorQuantizer(nn.Module):
         return F.embedding(indices, self.normalized_codebook()).permute(0, 3, 1, 2)
 
 
-class FlexVQModel(ModelMixin, ConfigMixin):
+class FlexVQModel(FlexVARModelMixin, ConfigMixin):
     r"""
     The FlexVAR tokenizer: a LlamaGen VQ-16 convolutional autoencoder with an L2-normalised codebook. Images of any
     size divisible by 16 map to a (height / 16, width / 16) latent grid, and FlexVAR quantises that grid at many scales

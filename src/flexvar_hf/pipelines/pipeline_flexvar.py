@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable, Sequence
 
 import torch
@@ -13,6 +15,7 @@ from ..scales import ScaleLike, flatten_grid, is_int, num_tokens, resize_codes
 from ..schedulers import FlexVARScaleScheduler
 from ..schedulers.scheduling_flexvar import GeneratorLike, check_generator
 from .fast_sampling import FastTokenGenerator, loop_device
+from .generic_loading import class_name_entry, plain_class_name, write_pipeline_module
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # `torch.compile` modes that leave CUDA graphs to fast sampling, which captures the whole generation as one.
@@ -98,6 +101,28 @@ class FlexVARPipeline(DiffusionPipeline):
             if len(dtypes) == 1:
                 kwargs["dtype"] = dtypes.pop()
         return super().from_pipe(pipeline, **kwargs)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Saved folders that diffusers' generic `DiffusionPipeline.from_pretrained` also loads (see `generic_loading`)
+
+    def save_config(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        """diffusers' `save_config` (what `save_pretrained` and `push_to_hub` write `model_index.json` with), plus
+        `flexvar_pipeline.py`, through which `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)` finds
+        this class."""
+        write_pipeline_module(save_directory, type(self).__name__)
+        super().save_config(save_directory, *args, **kwargs)
+
+    def to_json_string(self) -> str:
+        """The config as diffusers writes it, with `_class_name` in the list form `["flexvar_pipeline", name]`."""
+        config = json.loads(super().to_json_string())
+        config["_class_name"] = class_name_entry(type(self).__name__)
+        return json.dumps(config, indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def _dict_from_json_file(cls, json_file: str | os.PathLike) -> dict:
+        # Every config diffusers reads for this class (local `load_config` and hub `download`) passes here: the
+        # list-form `_class_name` becomes the plain name, so that this class loads the folder without remote code.
+        return plain_class_name(super()._dict_from_json_file(json_file))
 
     # ------------------------------------------------------------------------------------------------------------
     # Input checks
@@ -303,18 +328,17 @@ class FlexVARPipeline(DiffusionPipeline):
                 matrix products) and the VQ decoder (`vqvae.decoder.compile()`, its weights moved to channels-last
                 memory format so that the compiled convolutions need no layout conversions; its GroupNorms then
                 reduce large inputs channel by channel, `models.normalization`). The first call of a new
-                setting then also compiles (26-43 s at d16 and d24 on an H200, run 45 of benchmarks/RESULTS.md), with
-                one Inductor heuristic changed: LayerNorms over rows of up to 2048 elements compile to one-pass
-                kernels (`utils.inductor`; Inductor's limit is 1024, below d24's width). The modules stay compiled
-                after `disable_fast_sampling()`; calls that take the plain path (`callback_on_step_end`) compile new
+                setting then also compiles (tens of seconds on a GPU, see docs/performance.md), with one Inductor
+                heuristic changed: LayerNorms over rows of up to 2048 elements compile to one-pass kernels
+                (`utils.inductor`; Inductor's limit is 1024, below d24's width). The modules stay compiled after
+                `disable_fast_sampling()`; calls that take the plain path (`callback_on_step_end`) compile new
                 shapes with Inductor's defaults, and at small batches run slower than with eager blocks, since each
-                compiled block call costs host time that only the replayed graph hides (d24 batch 1: 253 against
-                218 ms, run 45).
+                compiled block call costs host time that only the replayed graph hides.
             compile_mode (`str`, *optional*): `torch.compile`'s `mode` for both, with `torch_compile=True`: None
                 (its default) or "max-autotune-no-cudagraphs" (Triton matrix-product kernels chosen by timing, with
-                the following elementwise work fused into them; minutes of start-up, and slower at d24 batch 1 on
-                an H100: 57.6 against 33.0 ms in benchmarks/RESULTS.md, run 8b). Modes that capture their own CUDA
-                graphs are refused: the whole generation is already captured as one.
+                the following elementwise work fused into them; minutes of start-up, and measured slower than the
+                default at d24 batch 1 on an H100). Modes that capture their own CUDA graphs are refused: the whole
+                generation is already captured as one.
         """
         if compile_mode not in FAST_SAMPLING_COMPILE_MODES:
             raise ValueError(
@@ -341,7 +365,7 @@ class FlexVARPipeline(DiffusionPipeline):
         if torch_compile:
             self.transformer.compile_repeated_blocks(dynamic=True, mode=compile_mode)
             # Only the decoding modules: the encoder stays contiguous for the eager encoding of the image-to-image
-            # pipelines that share this VQ model (eager convolutions are slower channels-last, run 7).
+            # pipelines that share this VQ model (eager convolutions measured slower channels-last).
             for module in (self.vqvae.post_quant_conv, self.vqvae.decoder):
                 module.to(memory_format=torch.channels_last)
             self.vqvae.decoder.compile(mode=compile_mode)
@@ -350,6 +374,7 @@ class FlexVARPipeline(DiffusionPipeline):
         """Back to the plain loop; frees the captured graphs."""
         self.fast_token_generator = None
 
+    @torch.no_grad()
     def decode(self, indices: torch.LongTensor, output_type: str = "pil", pixels: torch.Tensor | None = None):
         """Final token grid -> images of `output_type` ("latent" returns the tokens); `pixels`, if given, are the
         already decoded (B, 3, H, W) tokens."""
@@ -383,11 +408,15 @@ class FlexVARPipeline(DiffusionPipeline):
         Generate images of the given classes.
 
         Args:
-            class_labels: ImageNet-style class ids (int, list, 1-D tensor) or class names (see `pipe.labels`).
-            height (`int`, *optional*), width (`int`, *optional*): Image size in pixels, positive multiples of the
-                scheduler's `vae_scale_factor` (16). Default: the size the model was trained at,
-                `transformer.config.sample_size * vae_scale_factor` (256 for the released models); any other size
-                and aspect ratio works too.
+            class_labels (`int`, `str`, `list[int | str]` or `torch.LongTensor`):
+                Class ids in `[0, transformer.config.num_classes)` or class names (see `pipe.labels`); a list or a
+                1-D tensor generates one image per entry (times `num_images_per_prompt`).
+            height (`int`, *optional*):
+                Image height in pixels, a positive multiple of the scheduler's `vae_scale_factor` (16 for the
+                released models). Default: the size the model was trained at, `transformer.config.sample_size *
+                vae_scale_factor` (256 for the released models); any other size and aspect ratio works too.
+            width (`int`, *optional*):
+                Image width in pixels, as `height`.
             num_inference_steps (`int`, *optional*): Number of scales. None picks the published schedule for the
                 size (10 steps at 256x256, 15 at 512x512) or the scheduler's rule elsewhere.
             scales (`list`, *optional*): Explicit scales (int sides or (h, w) token-grid pairs); overrides height,
@@ -397,7 +426,9 @@ class FlexVARPipeline(DiffusionPipeline):
             guidance_schedule (`str`, *optional*): "linear" ramps g from 1 at the first step to `guidance_scale`
                 (the original evaluation schedule); "constant" uses `guidance_scale` at every step. None: the
                 model's own, `scheduler.config.guidance_schedule` ("linear" for the released models).
-            top_k (`int`, defaults to 900), top_p (`float`, defaults to 0.95): Sampling filters (0 disables).
+            top_k (`int`, defaults to 900): Sample among the `top_k` most likely tokens; 0 disables the filter.
+            top_p (`float`, defaults to 0.95): Then among the most likely tokens holding `top_p` of the probability;
+                0 disables the filter.
             temperature (`float`, defaults to 1.0): Softmax temperature.
             num_images_per_prompt (`int`, defaults to 1): Images per class label.
             generator (`torch.Generator` or `list[torch.Generator]`, *optional*): For reproducible sampling. A list
@@ -410,6 +441,8 @@ class FlexVARPipeline(DiffusionPipeline):
             callback_on_step_end (`Callable`, *optional*): Called as `callback(pipe, step_index, timestep, kwargs)`
                 after each scale with the tensors named in `callback_on_step_end_tensor_inputs`; a returned dict
                 with "indices" replaces the chosen tokens of that scale.
+            callback_on_step_end_tensor_inputs (`list[str]`, defaults to `("indices",)`): Tensors passed to the
+                callback: "indices", the scale's tokens, LongTensor `(B, h, w)`.
 
         Returns:
             [`ImagePipelineOutput`] with `images`, or a tuple `(images,)`.

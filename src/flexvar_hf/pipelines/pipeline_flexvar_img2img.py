@@ -224,12 +224,18 @@ class FlexVARImg2ImgPipeline(FlexVARPipeline):
         Regenerate the finer scales of `image` as the given classes.
 
         Args:
-            image: PIL image(s), numpy `(H, W, 3)` / `(B, H, W, 3)` or tensor `(3, H, W)` / `(B, 3, H, W)` in [0, 1].
-            class_labels: Class ids or names; one per image, one for all images, or several for one image.
+            image (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them):
+                The input: PIL image(s), numpy `(H, W, 3)` / `(B, H, W, 3)` or tensor `(3, H, W)` / `(B, 3, H, W)`
+                in [0, 1].
+            class_labels (`int`, `str`, `list[int | str]` or `torch.LongTensor`):
+                Class ids or names; one per image, one for all images, or several for one image.
             strength (`float`, defaults to 0.6): In [0, 1]; the last `floor(strength * n)` of the `n` scales are
                 generated, the others are the input's tokens. 0 returns the VQ reconstruction, 1 a new image.
-            height (`int`, *optional*), width (`int`, *optional*): Output size in pixels (multiples of 16); the image
-                is resized to it. Default: the input's size, see `round_to_multiple`.
+            height (`int`, *optional*):
+                Output height in pixels (a multiple of 16); the image is resized to it. Default: the input's height,
+                see `round_to_multiple`.
+            width (`int`, *optional*):
+                Output width in pixels, as `height`.
             num_inference_steps (`int`, *optional*): Number of scales; None picks the default for the output size.
             guidance_scale, guidance_schedule, top_k, top_p, temperature, generator: Sampling, as in
                 [`FlexVARPipeline`].

@@ -261,12 +261,18 @@ class FlexVARInpaintPipeline(FlexVARImg2ImgPipeline):
         Regenerate the white area of `mask_image` in `image` as the given classes.
 
         Args:
-            image: PIL image(s), numpy `(H, W, 3)` / `(B, H, W, 3)` or tensor `(3, H, W)` / `(B, 3, H, W)` in [0, 1].
-            mask_image: White (>= 0.5) = regenerate, black = keep; PIL (any mode), numpy or tensor in [0, 1] (uint8
-                arrays in [0, 255]), any size: resized to the output size. One mask per image or one for all.
-            class_labels: Class ids or names; one per image, one for all images, or several for one image.
-            height (`int`, *optional*), width (`int`, *optional*): Output size in pixels (multiples of 16); image and
-                mask are resized to it. Default: the input's size, see `round_to_multiple`.
+            image (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them):
+                The input, as for [`FlexVARImg2ImgPipeline`].
+            mask_image (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them):
+                White (>= 0.5) = regenerate, black = keep; PIL (any mode), numpy or tensor in [0, 1] (uint8 arrays
+                in [0, 255]), any size: resized to the output size. One mask per image or one for all.
+            class_labels (`int`, `str`, `list[int | str]` or `torch.LongTensor`):
+                Class ids or names; one per image, one for all images, or several for one image.
+            height (`int`, *optional*):
+                Output height in pixels (a multiple of 16); image and mask are resized to it. Default: the input's
+                height, see `round_to_multiple`.
+            width (`int`, *optional*):
+                Output width in pixels, as `height`.
             num_inference_steps (`int`, *optional*): Number of scales; None picks the default for the output size.
             guidance_scale, guidance_schedule, top_k, top_p, temperature, generator: Sampling, as in
                 [`FlexVARPipeline`].
@@ -422,11 +428,16 @@ class FlexVAROutpaintPipeline(FlexVARInpaintPipeline):
         Place `image` on a `height` x `width` canvas and generate the rest of the canvas as the given classes.
 
         Args:
-            image: PIL image(s), numpy `(H, W, 3)` / `(B, H, W, 3)` or tensor `(3, H, W)` / `(B, 3, H, W)` in [0, 1];
-                used at its own size (sides rounded to multiples of 16 as in [`FlexVARImg2ImgPipeline`]).
-            class_labels: Class ids or names; one per image, one for all images, or several for one image.
-            height (`int`, *optional*), width (`int`, *optional*): Canvas size in pixels, multiples of 16, at least
-                the image's; a missing side is the image's. The canvas must be larger than the image.
+            image (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them):
+                The input, as for [`FlexVARImg2ImgPipeline`]; used at its own size (sides rounded to multiples of 16
+                as there).
+            class_labels (`int`, `str`, `list[int | str]` or `torch.LongTensor`):
+                Class ids or names; one per image, one for all images, or several for one image.
+            height (`int`, *optional*):
+                Canvas height in pixels, a multiple of 16, at least the image's; by default the image's. The canvas
+                must be larger than the image in at least one side.
+            width (`int`, *optional*):
+                Canvas width in pixels, as `height`.
             offset (`tuple[int, int]`, *optional*): `(top, left)` of the image on the canvas in pixels, multiples of
                 16. Default: centred, rounded down to whole tokens.
             num_inference_steps (`int`, *optional*): Number of scales; None picks the default for the canvas size.

@@ -11,9 +11,9 @@ from torch._inductor.choices import InductorChoices
 from torch._inductor.runtime.hints import ReductionHint
 from torch._inductor.virtualized import V
 
-# These are Inductor's private extension points (the tests run them on torch 2.13; runs 13-16 of RESULTS.md used them
-# on 2.11). With a torch whose heuristic has another signature, importing this module raises ImportError, and the
-# caller compiles with Inductor's own heuristics.
+# These are Inductor's private extension points (the tests run them on torch 2.13, the benchmarks on 2.11). With a
+# torch whose heuristic has another signature, importing this module raises ImportError, and the caller compiles
+# with Inductor's own heuristics.
 if list(inspect.signature(InductorChoices.should_use_persistent_reduction).parameters) != [
     "features",
     "cooperative_reduction",
@@ -21,8 +21,8 @@ if list(inspect.signature(InductorChoices.should_use_persistent_reduction).param
     raise ImportError("This torch's InductorChoices.should_use_persistent_reduction has another signature.")
 
 # Widest rows whose reductions (the LayerNorms) compile to one pass. Inductor's own limit is 1024 elements, so the
-# 1536- and 1920-wide rows of d24 and d30 got looped reductions: run 11 of benchmarks/RESULTS.md timed d24's modulated
-# LayerNorm at 85 us a call at batch 64, about four times its memory-bound time.
+# 1536- and 1920-wide rows of d24 and d30 got looped reductions, which took d24's modulated LayerNorm to about four
+# times its memory-bound time.
 PERSISTENT_ROW_LIMIT = 2048
 
 
