@@ -6,11 +6,12 @@
     accelerate launch examples/train.py --vqvae_model_name_or_path flexvar-d16 --vqvae_subfolder vqvae --depth 16 \
         --dataset_name my/dataset --resolution 256 --random_crop --random_flip --output_dir flexvar-d16-scratch
 
-`python examples/train.py ...` runs it in one process. The recipe is the original trainer's: the VQ model frozen,
-images tokenised on the fly at a random scale schedule per batch, teacher forcing with the code vectors of each
-scale resized to the next, class-label dropout for classifier-free guidance, cross-entropy averaged per token, AdamW
-(0.9, 0.95) with weight decay 0.05 on weight matrices only, gradient clipping at 2. The run ends with a complete
-FlexVARPipeline folder in `OUTPUT_DIR/pipeline`.
+`python examples/train.py ...` runs it in one process. The recipe is the original trainer's by default (item by
+item in docs/training.md): the VQ model frozen, images tokenised on the fly at a random scale schedule per batch
+(the original's distribution), teacher forcing with the code vectors of each scale resized to the next, class-label
+dropout for classifier-free guidance, stochastic depth, cross-entropy averaged per token, AdamW (0.9, 0.95) with
+weight decay 0.05 on the original's parameter groups, its learning-rate scaling and "lin0" schedule, gradient
+clipping at 2. The run ends with a complete FlexVARPipeline folder in `OUTPUT_DIR/pipeline`.
 """
 
 from __future__ import annotations
@@ -714,6 +715,9 @@ def main(args: argparse.Namespace) -> dict:
     fill_recipe_defaults(args, transformer.config.num_layers)
     if args.pretrained_model_name_or_path is None:
         transformer.initialize_weights(adaln_gate_gain=args.init_adaln_gate)
+    if args.training_attention == "flex" and accelerator.device.type != "cuda":
+        raise ValueError("--training_attention flex needs a CUDA GPU (FlexAttention has no backward pass on the CPU); "
+                         "use sdpa or per_scale.")
     transformer.set_training_attention(args.training_attention)
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()

@@ -189,6 +189,15 @@ def test_recipe_defaults_are_the_published_commands(train_script):
     train_script.fill_recipe_defaults(deep, 24)
     assert (deep.learning_rate, deep.lr_end_fraction, deep.init_adaln_gate, deep.drop_path_rate) == (
         8e-5, 0.01, 1e-4, 0.0)
+    for flag, value, message in (
+        ("--drop_path_rate", "1", r"--drop_path_rate must be in \[0, 1\)"),
+        ("--lr_end_fraction", "1.5", r"--lr_end_fraction must be in \[0, 1\]"),
+        ("--init_adaln_gate", "0", "--init_adaln_gate must be positive"),
+        ("--lr_warmup_steps", "-1", "--lr_warmup_steps must be >= 0"),
+    ):
+        bad = train_script.parse_args(["--vqvae_model_name_or_path", "vq", "--depth", "16", flag, value])
+        with pytest.raises(ValueError, match=message):
+            train_script.check_recipe_args(bad)
 
 
 @pytest.mark.parametrize("num_processes", [1, 2])
@@ -213,3 +222,52 @@ def train_script():
     from conftest import load_example
 
     return load_example("train")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --cache_latents
+
+
+def test_cache_latents_trains_like_encoding_every_step(tmp_path, train_script):
+    import numpy as np
+    from PIL import Image
+
+    from flexvar_hf import FlexVQModel
+    from test_training import TINY_VQ, reset_accelerate
+
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        for index, size in enumerate([(64, 80), (96, 64), (72, 72)]):
+            pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "data" / label / f"{index}.png")
+    torch.manual_seed(0)
+    FlexVQModel(**TINY_VQ).save_pretrained(tmp_path / "vq")
+
+    def run(name, *extra):
+        reset_accelerate()
+        argv = [
+            "--vqvae_model_name_or_path", str(tmp_path / "vq"), "--depth", "1", "--train_data_dir",
+            str(tmp_path / "data"), "--resolution", "64", "--train_batch_size", "3", "--max_train_steps", "4",
+            "--random_flip", "--seed", "4", "--report_to", "none", "--output_dir", str(tmp_path / name),
+            "--no-scale_lr", "--lr_scheduler", "constant", "--learning_rate", "1e-3", *extra,
+        ]
+        return train_script.main(train_script.parse_args(argv))["losses"]
+
+    plain = run("plain")
+    cached = run("cached", "--cache_latents")
+    assert cached == pytest.approx(plain, rel=SPEED_TOLERANCE)
+    assert plain[0] != plain[-1]
+    shard = tmp_path / "cached" / "latent_cache" / "latents-00000-of-00001.safetensors"
+    written = shard.stat().st_mtime_ns
+    assert run("cached", "--cache_latents", "--max_train_steps", "5")[:4] == cached  # the cache is reused
+    assert shard.stat().st_mtime_ns == written
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs a CUDA GPU"):
+            run("flex", "--training_attention", "flex")
+    with pytest.raises(ValueError, match="centre crops"):
+        train_script.check_args(train_script.parse_args([
+            "--vqvae_model_name_or_path", str(tmp_path / "vq"), "--depth", "1", "--train_data_dir",
+            str(tmp_path / "data"), "--cache_latents", "--random_crop",
+        ]))
+    reset_accelerate()

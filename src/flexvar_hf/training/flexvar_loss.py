@@ -9,10 +9,10 @@ One training step (as the original trainer):
    Optionally (`input_token_noise`, not in the original) some input tokens are first replaced by those of other
    images at the same position (`mix_tokens_across_images`) while the targets stay true;
 3. `drop_class_labels`: replace labels by the unconditional label `num_classes` with probability 0.1, which trains
-   the unconditional branch of classifier-free guidance;
-4. `transformer(labels, scales, teacher.scale_inputs).logits` and `flexvar_loss`: cross-entropy over all tokens of
-   all scales, averaged per token (or with `scale_token_weights`, coarse scales weighted up), optionally
-   label-smoothed; `token_accuracy` for logging.
+   the unconditional branch of classifier-free guidance; `drop_path_factors`: the original's stochastic depth;
+4. `transformer(labels, scales, teacher.scale_inputs, drop_path_factors=...).logits` and `flexvar_loss`:
+   cross-entropy over all tokens of all scales, averaged per token (or with `scale_token_weights`, coarse scales
+   weighted up), optionally label-smoothed; `token_accuracy` for logging.
 
 `training_loss` does 2-4 for one batch (what `examples/train.py` and `benchmarks/bench_train.py` run per step); the
 backward pass, clipping and the optimizer step follow (`flexvar_hf.training.optim.clip_and_step`).
