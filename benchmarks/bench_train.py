@@ -1,30 +1,47 @@
 """
-Training throughput, ours against the original FlexVAR trainer's step.
+Training throughput: our training step against the original FlexVAR trainer's, side by side in one process, and
+`examples/train.py` end to end.
 
-One step is what a training loop does per batch once the batch is on the GPU: VQ encoding and multi-scale
-quantisation at the step's scales (frozen VQ model, no gradients), the teacher-forcing forward pass, cross-entropy,
-the backward pass, gradient clipping at 2.0 and an AdamW (0.9, 0.95) step. Data loading and logging are left out.
-Random weights of the released sizes (vocabulary 8912, code dim 32, 1000 classes, the default VQ-16), random pixels
-in [-1, 1] and random labels; nothing is downloaded.
+Step mode (the default). One step is what a training loop does per batch once the batch is on the GPU: VQ encoding
+(unless `cache`) and multi-scale quantisation at the step's scales (frozen VQ model, no gradients), the
+teacher-forcing forward pass, cross-entropy, the backward pass, gradient clipping at 2.0 and an AdamW (0.9, 0.95)
+step. Data loading and logging are left out. Random weights of the released sizes (vocabulary 8912, code dim 32, 1000
+classes, the default VQ-16), random pixels in [-1, 1] and random labels; nothing is downloaded.
 
-- ours: `flexvar_hf.training.flexvar_loss.training_loss` + `loss.backward()` +
-  `flexvar_hf.training.optim.clip_and_step` over `build_optimizer`, the functions `examples/train.py` runs per step,
-  set up as it sets them up under `--mixed_precision bf16 --allow_tf32`: the transformer's forward under bfloat16
-  autocast (as accelerate wraps it), the VQ encoder's weights in bfloat16, the codebook search in float32.
-- original (`--original PATH`, a checkout of github.com/jiaosiyu1999/FlexVAR with its `trainer.py`, never committed
-  here): its `VARTrainer.train_step` on its own `FlexVAR`, `VQ-16`, `AmpOptimizer` and `filter_params` parameter
-  groups, as its train.py builds them (fused AdamW, TF32 on). Its published training commands (scripts/train.sh) pass
-  `--fp16=1`: float16 autocast with a GradScaler; `--original_amp bf16` times its bfloat16 setting too.
+- ours: `flexvar_hf.training.flexvar_loss.training_loss` + `loss.backward()` + `clip_and_step` over
+  `build_optimizer`, the functions `examples/train.py` runs per step, set up as under `--mixed_precision bf16
+  --allow_tf32` (the forward under bfloat16 autocast, the VQ encoder in bfloat16, the codebook search in float32),
+  with the original's stochastic depth (0.1 * depth / 24). A config names its speed options, joined by "+":
+  the attention `sdpa` (one masked call; `plain` is `sdpa` alone), `flex` or `per_scale` (`--training_attention`),
+  `fused` (`--fused_adamw`), `cache` (latents encoded once, as `--cache_latents`: the step starts from them),
+  `compile` (`--torch_compile`), `ckpt` (`--gradient_checkpointing`).
+- original (`--original PATH`, a checkout of github.com/jiaosiyu1999/FlexVAR, never committed here): its
+  `VARTrainer.train_step` on its own FlexVAR, VQ-16, `AmpOptimizer` and `filter_params` groups as its train.py builds
+  them (fused AdamW, TF32, drop path 0.1 * depth / 24). Its published commands pass `--fp16=1` (float16 autocast, a
+  GradScaler); `--original_amp bf16` times its bfloat16 setting too.
 
-Both run the published 10-step schedule (1,2,3,4,5,6,8,10,13,16: 680 tokens at 256x256) on every step; `ours_random`
-draws a new schedule per step from `FlexVARScaleScheduler.sample_training_scales` (as training does; fewer tokens on
-average) and `original_random` from the original's `gen_curr_patch_nums` (256x256 only). `tokenise_ms` times the
-no-grad VQ part of a fixed-schedule step alone. Tokens per step = batch * tokens of the
-step's scales; tokens/s and images/s are totals over the timed steps after warm-up; peak memory is
-`max_memory_reserved` over the timed steps.
+Every code runs the same list of random schedules, drawn by `FlexVARScaleScheduler.sample_training_scales(...,
+keep_final_scale=False)`, which is the original's `gen_curr_patch_nums` distribution (tests/test_scheduler.py); the
+original is handed each schedule in place of its own draw. Warm-up schedules first (new shapes cost more at first, and
+compilation happens there: `first_step_s` is the first step's time), then the timed ones. tokens/s = tokens of the
+timed steps / their time. Peak memory = `max_memory_reserved` over the timed steps.
 
-    python benchmarks/bench_train.py --original .orig --gradient_checkpointing --json train.json
-    python benchmarks/bench_train.py --device cpu --tiny --original .orig   # a quick check of the code paths
+MFU = model FLOPs per second / 989 TFLOP/s (the dense bf16 peak on the datasheets of the H100 SXM and the H200);
+`of_790` divides by the ~790 TFLOP/s a large bf16 matrix product measured on these machines instead. Model FLOPs of a
+step = 3 x the forward's (backward = 2 x forward): per token 2 x the weights of the blocks' four projections, the
+code embedding and the head; per image 2 x the AdaLN weights; attention 4 x width x (query, key) pairs a block may
+see (each scale's tokens times the tokens up to its scale's end, the block-causal pairs; not the masked ones) per
+block. The frozen VQ encoder's FLOPs are not counted, in either code.
+
+End-to-end mode (`--e2e`): `examples/train.py`'s `main` in this process on a folder of JPEG files of ImageNet's sizes
+(`--e2e_data`, made if missing: 1,300 smooth random images of about 500 x 375 in 10 class folders), with its data
+loading (`--dataloader_num_workers`), augmentation, logging (every step) and checkpointing included; tokens/s from the
+steps after `--e2e_warmup`, to compare with the step mode's figure for the same options. `--data_rate` times one
+process decoding and augmenting those JPEG files.
+
+    python benchmarks/bench_train.py --original .orig --runs d16:48 d24:24 --configs plain flex+fused+cache
+    python benchmarks/bench_train.py --e2e --runs d16:48 --configs flex+fused --e2e_steps 120
+    python benchmarks/bench_train.py --device cpu --tiny --original .orig --configs plain per_scale+cache
 """
 
 from __future__ import annotations
@@ -32,21 +49,26 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import random
+import os
 import sys
 import time
 import types
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from bench_generate import CODE_DIM, DEPTHS, NUM_CLASSES, VOCAB_SIZE
 from flexvar_hf import FlexVARScaleScheduler, FlexVARTransformer2DModel, FlexVQModel
+from flexvar_hf.models.block_causal import TRAINING_ATTENTION_BACKENDS
 from flexvar_hf.training.flexvar_loss import build_teacher_inputs, training_loss
 from flexvar_hf.training.optim import build_optimizer, clip_and_step
 
 LEARNING_RATE, WEIGHT_DECAY, BETAS, MAX_GRAD_NORM, CLASS_DROPOUT = 1e-4, 0.05, (0.9, 0.95), 2.0, 0.1
+PEAK_FLOPS, MEASURED_FLOPS = 989e12, 790e12
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+CONFIG_FLAGS = ("fused", "cache", "compile", "ckpt")
+TINY_VQ = {"base_channels": 16, "z_channels": 16, "norm_num_groups": 8}  # --tiny: a small VQ model for CPU checks
 # The original train.py's `nowd_keys` (its parameter groups come from utils.lr_control.filter_params with these).
 ORIGINAL_NOWD_KEYS = {
     "cls_token", "start_token", "task_token", "cfg_uncond", "pos_embed", "pos_1LC", "pos_start", "start_pos",
@@ -56,40 +78,85 @@ ORIGINAL_NOWD_KEYS = {
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="d16", choices=sorted(DEPTHS))
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument(
+        "--runs", nargs="+", default=["d16:48", "d24:24"],
+        help="SIZE:BATCH pairs (the original's published per-GPU batches: 768 over 16 GPUs for d16, 32 for d24).",
+    )
+    parser.add_argument("--configs", nargs="+", default=["plain"], help="Our configs (see above), in order.")
     parser.add_argument("--resolution", type=int, default=256)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument(
-        "--random_warmup", type=int, default=30,
-        help="Warm-up steps of the random-schedule runs (each a new schedule; new shapes cost more at first).",
-    )
-    parser.add_argument("--gradient_checkpointing", action="store_true", help="Time ours with it too.")
-    parser.add_argument("--torch_compile", action="store_true", help="Time ours with compiled blocks too.")
-    parser.add_argument("--no_random", action="store_true", help="Skip the random-schedule runs.")
+    parser.add_argument("--warmup", type=int, default=15, help="Warm-up steps (random schedules).")
+    parser.add_argument("--iters", type=int, default=20, help="Timed steps.")
     parser.add_argument("--original", type=Path, default=None, help="Checkout of the original FlexVAR code.")
+    parser.add_argument("--original_amp", nargs="+", default=["fp16"], choices=sorted(AMP_DTYPES))
     parser.add_argument(
-        "--original_amp", nargs="+", default=["fp16"], choices=sorted(AMP_DTYPES),
-        help="The original's AMP settings to time (fp16: its published --fp16=1, with a GradScaler).",
+        "--steps", action=argparse.BooleanOptionalAction, default=True, help="Time the step of every run and config."
     )
+    parser.add_argument("--check", action="store_true", help="First compare each attention with sdpa (loss, grads).")
+    parser.add_argument("--attention_micro", action="store_true", help="Time the attention call alone first.")
+    parser.add_argument("--profile", default=None, help="Profile a few steps of this config (first run's size).")
+    parser.add_argument("--e2e", action="store_true", help="examples/train.py end to end (each config, first run).")
+    parser.add_argument("--e2e_data", type=Path, default=Path("/tmp/flexvar-e2e-jpegs"))
+    parser.add_argument("--e2e_images", type=int, default=1300)
+    parser.add_argument("--e2e_steps", type=int, default=100)
+    parser.add_argument("--e2e_warmup", type=int, default=20)
+    parser.add_argument("--e2e_workers", type=int, default=8)
+    parser.add_argument("--e2e_checkpointing_steps", type=int, default=50)
+    parser.add_argument("--data_rate", action="store_true", help="Time one process decoding + augmenting JPEGs.")
+    parser.add_argument("--time_budget", type=float, default=None, help="Skip what is left after this many seconds.")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--tiny", action="store_true", help="Debug: depth 2, width 128, batch 2, 64x64.")
-    parser.add_argument("--json", type=Path, default=None, help="Write the results here.")
+    parser.add_argument("--json", type=Path, default=None, help="Write the results here (rewritten after each run).")
     args = parser.parse_args(argv)
+    args.runs = [parse_run(run) for run in args.runs]
+    for config in args.configs + ([args.profile] if args.profile else []):
+        parse_config(config)
     if args.tiny:
-        args.batch, args.resolution = min(args.batch, 2), min(args.resolution, 64)
-        args.warmup, args.iters = min(args.warmup, 1), min(args.iters, 2)
-        args.random_warmup = min(args.random_warmup, 2)
+        args.runs = [(size, min(batch, 2)) for size, batch in args.runs]
+        args.resolution = min(args.resolution, 64)
+        args.warmup, args.iters = min(args.warmup, 2), min(args.iters, 2)
     return args
 
 
-def model_size(args: argparse.Namespace) -> tuple[int, int, int]:
+def parse_run(text: str) -> tuple[str, int]:
+    size, _, batch = text.partition(":")
+    if size not in DEPTHS or not batch.isdigit():
+        raise argparse.ArgumentTypeError(f"A run is SIZE:BATCH with SIZE in {sorted(DEPTHS)}, got {text!r}.")
+    return size, int(batch)
+
+
+def parse_config(spec: str) -> dict:
+    """"flex+fused+cache" -> {"attention": "flex", "fused": True, "cache": True, ...}."""
+    options = {"attention": "sdpa", **{flag: False for flag in CONFIG_FLAGS}}
+    for token in spec.split("+"):
+        if token in TRAINING_ATTENTION_BACKENDS:
+            options["attention"] = token
+        elif token in CONFIG_FLAGS:
+            options[token] = True
+        elif token != "plain":
+            raise argparse.ArgumentTypeError(f"Unknown config option {token!r} in {spec!r}.")
+    return options
+
+
+def model_size(size: str, tiny: bool) -> tuple[int, int, int]:
     """(depth, width, heads)."""
-    if args.tiny:
+    if tiny:
         return 2, 128, 2
-    depth = DEPTHS[args.size]
+    depth = DEPTHS[size]
     return depth, 64 * depth, depth
+
+
+def model_flops(depth: int, width: int, sides: list[int], batch: int) -> float:
+    """Model FLOPs of one training step (forward + backward) on `batch` images at `sides` (see the module doc)."""
+    counts = [side * side for side in sides]
+    tokens = sum(counts)
+    token_weights = depth * 12 * width * width + width * VOCAB_SIZE + CODE_DIM * width
+    image_weights = depth * 6 * width * width + 2 * width * width
+    pairs, seen = 0, 0
+    for count in counts:
+        seen += count
+        pairs += count * seen
+    forward = 2 * tokens * token_weights + 2 * image_weights + depth * 4 * width * pairs
+    return 3 * forward * batch
 
 
 def synchronize(device: torch.device) -> None:
@@ -97,14 +164,23 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def timed_steps(step, schedules: list[list[int]], warmup: int, batch: int, device: torch.device) -> dict:
-    """Run `step(sides)` for `warmup` schedules, then time one step per remaining schedule."""
-    for sides in schedules[:warmup]:
-        step(sides)
-    synchronize(device)
+def release(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def timed_steps(step, schedules: list[list[int]], warmup: int, batch: int, device: torch.device, size) -> dict:
+    """`step(sides)` over `schedules`: the first `warmup` untimed (the very first timed alone), then the rest."""
+    start = time.perf_counter()
+    step(schedules[0])
+    synchronize(device)
+    first_step = time.perf_counter() - start
+    for sides in schedules[1:warmup]:
+        step(sides)
+    synchronize(device)
+    release(device)
+    if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     timed = schedules[warmup:]
     start = time.perf_counter()
@@ -113,69 +189,62 @@ def timed_steps(step, schedules: list[list[int]], warmup: int, batch: int, devic
     synchronize(device)
     seconds = time.perf_counter() - start
     tokens = batch * sum(sum(side * side for side in sides) for sides in timed)
+    flops = sum(model_flops(*size, sides, batch) for sides in timed)
     return {
         "ms_per_step": seconds / len(timed) * 1e3,
         "tokens_per_step": tokens / len(timed),
         "tokens_per_s": tokens / seconds,
         "images_per_s": batch * len(timed) / seconds,
+        "model_tflops_per_s": flops / seconds / 1e12,
+        "mfu": flops / seconds / PEAK_FLOPS,
+        "of_790": flops / seconds / MEASURED_FLOPS,
         "peak_gib": torch.cuda.max_memory_reserved() / 2**30 if device.type == "cuda" else None,
+        "first_step_s": first_step,
         "last_grad_norm": float(last) if last is not None else None,
         "steps": len(timed),
     }
 
 
-def time_call(fn, warmup: int, iters: int, device: torch.device) -> float:
-    """Mean milliseconds of `fn()` after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    synchronize(device)
-    return (time.perf_counter() - start) / iters * 1e3
-
-
 class OursTrainer:
-    """Our transformer, VQ model and optimizer, one step as examples/train.py's (bf16 mixed precision)."""
+    """Our transformer, VQ model and optimizer, one step as examples/train.py's under bf16 mixed precision."""
 
-    def __init__(
-        self,
-        depth: int,
-        width: int,
-        heads: int,
-        device: torch.device,
-        gradient_checkpointing: bool = False,
-        torch_compile: bool = False,
-    ):
+    def __init__(self, depth: int, width: int, heads: int, device: torch.device, options: dict, vq_config=None):
         torch.manual_seed(0)
-        self.device = device
+        self.device, self.options = device, options
         self.transformer = FlexVARTransformer2DModel(
-            num_layers=depth,
-            hidden_size=width,
-            num_attention_heads=heads,
-            num_classes=NUM_CLASSES,
-            vocab_size=VOCAB_SIZE,
-            code_dim=CODE_DIM,
+            num_layers=depth, hidden_size=width, num_attention_heads=heads, num_classes=NUM_CLASSES,
+            vocab_size=VOCAB_SIZE, code_dim=CODE_DIM,
         ).to(device)
         self.transformer.train()
-        if gradient_checkpointing:
+        self.transformer.set_training_attention(options["attention"])
+        if options["ckpt"]:
             self.transformer.enable_gradient_checkpointing()
-        if torch_compile:  # as examples/train.py --torch_compile
+        if options["compile"]:  # as examples/train.py --torch_compile
             self.transformer.compile_repeated_blocks(dynamic=True)
         # accelerate's mixed precision: the prepared model's forward runs under autocast, parameters stay float32.
         self.transformer.forward = torch.autocast(device.type, dtype=torch.bfloat16)(self.transformer.forward)
-        self.vqvae = FlexVQModel(num_codes=VOCAB_SIZE, code_dim=CODE_DIM).requires_grad_(False).eval()
+        self.vqvae = FlexVQModel(num_codes=VOCAB_SIZE, code_dim=CODE_DIM, **(vq_config or {}))
+        self.vqvae.requires_grad_(False).eval()
         self.vqvae.to(device, dtype=torch.bfloat16)
         self.vqvae.quantize.to(torch.float32)  # as examples/train.py: codebook search in float32
-        self.optimizer = build_optimizer(self.transformer, LEARNING_RATE, weight_decay=WEIGHT_DECAY, betas=BETAS)
-        self.dropout_generator = torch.Generator().manual_seed(1)
+        self.optimizer = build_optimizer(
+            self.transformer, LEARNING_RATE, weight_decay=WEIGHT_DECAY, betas=BETAS, fused=options["fused"] or None
+        )
+        self.drop_path_rate = 0.1 * depth / 24
+        self.generator = torch.Generator().manual_seed(1)
+        self.latents = None
         self.loss = None
 
     def step(self, pixels: torch.Tensor, labels: torch.Tensor, sides: list[int]) -> torch.Tensor:
+        latents = None
+        if self.options["cache"]:  # as --cache_latents: encoded once, the latents come with the batch
+            if self.latents is None:
+                with torch.no_grad():
+                    self.latents = self.vqvae.encode(pixels.to(torch.bfloat16)).latents
+            pixels, latents = None, self.latents
         output = training_loss(
             self.transformer, self.vqvae, [(side, side) for side in sides], pixels, labels, NUM_CLASSES,
-            CLASS_DROPOUT, generator=self.dropout_generator,
+            CLASS_DROPOUT, generator=self.generator, latents=latents, drop_path_rate=self.drop_path_rate,
         )
         output.loss.backward()
         self.loss = output.loss.detach()
@@ -211,8 +280,8 @@ def import_original(checkout: Path):
 
 class OriginalTrainer:
     """The original FlexVAR, VQ-16 and trainer as its train.py builds them for `--depth d --fp16 1|2`, random
-    weights; one step is `VARTrainer.train_step` (its scale draw, VQ encoding, forward, loss, backward, clipping and
-    AdamW step through `AmpOptimizer`)."""
+    weights; one step is `VARTrainer.train_step` (VQ encoding, forward, loss, backward, clipping and AdamW step
+    through `AmpOptimizer`) on the schedule it is handed."""
 
     def __init__(self, checkout: Path, depth: int, width: int, heads: int, amp: str, device: torch.device,
                  patch_nums: tuple[int, ...]):
@@ -245,147 +314,368 @@ class OriginalTrainer:
             var_wo_ddp=self.model, var=self.model, var_opt=var_opt, label_smooth=0.0,
         )
         self.metric_logger = types.SimpleNamespace(log_iters=10**9, update=lambda **kwargs: None)
-        self.random_schedule = self.trainer.gen_curr_patch_nums
-        self.fixed_sides = list(patch_nums)
-        self.last_sides = None
 
-    def draw_sides(self) -> list[int]:
-        """The original's own random schedule (Python's `random`), remembered for the token count."""
-        self.last_sides = self.random_schedule()
-        return self.last_sides
-
-    def step(self, pixels: torch.Tensor, labels: torch.Tensor, sides: list[int] | None) -> torch.Tensor:
-        """`sides` None: the trainer draws its own schedule (`draw_sides`); else that fixed schedule."""
-        self.trainer.gen_curr_patch_nums = self.draw_sides if sides is None else (lambda: list(sides))
+    def step(self, pixels: torch.Tensor, labels: torch.Tensor, sides: list[int]) -> torch.Tensor:
+        self.trainer.gen_curr_patch_nums = lambda: list(sides)
         grad_norm, _ = self.trainer.train_step(
             it=1, g_it=1, stepping=True, metric_lg=self.metric_logger, tb_lg=None, inp_B3HW=pixels,
             label_B=labels, prog_si=-1, prog_wp_it=1.0,
         )
         return grad_norm
 
-    def tokenise(self, pixels: torch.Tensor, sides: list[int]):
-        """The step's no-grad part alone: its `encode_var_wo_firstL` (run outside autocast, as train_step does)."""
-        with torch.no_grad():
-            return self.trainer.encode_var_wo_firstL(pixels, list(sides))
+
+class Budget:
+    """Wall-clock budget of the whole call: `left()` seconds, or infinity without one."""
+
+    def __init__(self, seconds: float | None):
+        self.end = None if seconds is None else time.perf_counter() + seconds
+
+    def left(self) -> float:
+        return float("inf") if self.end is None else self.end - time.perf_counter()
 
 
-def release(device: torch.device) -> None:
-    """Free what the last trainer left (call after dropping every reference to it)."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+@contextmanager
+def reported(name: str, results: dict):
+    """Run a part, print and record its failure instead of stopping the call."""
+    try:
+        yield
+    except Exception as error:  # noqa: BLE001 - a benchmark part failing must not lose the others' numbers
+        message = f"{type(error).__name__}: {error}"
+        print(f"!! {name} failed: {message[:2000]}", flush=True)
+        results.setdefault("failures", {})[name] = message[:4000]
+
+
+def draw_schedules(resolution: int, count: int, seed: int = 0) -> list[list[int]]:
+    """Random training schedules (long sides) with the original's distribution."""
+    scheduler = FlexVARScaleScheduler()
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        [h for h, _ in scheduler.sample_training_scales(resolution, resolution, generator, keep_final_scale=False)]
+        for _ in range(count)
+    ]
+
+
+def step_runs(args, results: dict, budget: Budget, device: torch.device, save) -> None:
+    schedules = draw_schedules(args.resolution, args.warmup + args.iters)
+    for size, batch in args.runs:
+        dims = model_size(size, args.tiny)
+        generator = torch.Generator().manual_seed(0)
+        pixels = torch.rand(batch, 3, args.resolution, args.resolution, generator=generator).mul(2).sub(1).to(device)
+        labels = torch.randint(0, NUM_CLASSES, (batch,), generator=generator).to(device)
+        runs = [(f"original_{amp}", amp) for amp in args.original_amp] if args.original else []
+        runs += [(config, None) for config in args.configs]
+        for name, amp in runs:
+            if budget.left() < (120 if "compile" in name else 30):
+                print(f"-- skipped {size} {name}: out of time", flush=True)
+                continue
+            with reported(f"{size} {name}", results):
+                if amp is not None:
+                    trainer = OriginalTrainer(args.original, *dims, amp, device, tuple(schedules[0]))
+                else:
+                    trainer = OursTrainer(*dims, device, parse_config(name), TINY_VQ if args.tiny else None)
+
+                def step(sides, trainer=trainer, pixels=pixels, labels=labels):
+                    return trainer.step(pixels, labels, sides)
+
+                stats = timed_steps(step, schedules, args.warmup, batch, device, dims[:2])
+                stats["params_m"] = sum(p.numel() for p in trainer.model.parameters()) / 1e6 if amp else (
+                    sum(p.numel() for p in trainer.transformer.parameters()) / 1e6
+                )
+                run = {"size": size, "batch": batch, "mode": name, **stats}
+                results["runs"].append(run)
+                print(json.dumps(run), flush=True)
+                save()
+            trainer = step = None
+            release(device)
+
+
+def check_attention(args, results: dict, device: torch.device) -> None:
+    """Loss and gradients of each attention against sdpa, on one batch and schedule, in float32 and bf16 autocast."""
+    depth, width, heads = model_size(args.runs[0][0], args.tiny)
+    torch.manual_seed(0)
+    model = FlexVARTransformer2DModel(
+        num_layers=min(depth, 4), hidden_size=width, num_attention_heads=heads, num_classes=NUM_CLASSES,
+        vocab_size=VOCAB_SIZE, code_dim=CODE_DIM,
+    ).to(device)
+    sides = draw_schedules(args.resolution, 3, seed=5)[-1]
+    scales = [(side, side) for side in sides]
+    length = sum(side * side for side in sides)
+    labels = torch.arange(4, device=device)
+    inputs = torch.randn(4, length - 1, CODE_DIM, device=device)
+    targets = torch.randint(0, VOCAB_SIZE, (4, length), device=device)
+    checks = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        reference = None
+        for backend in TRAINING_ATTENTION_BACKENDS:
+            model.zero_grad()
+            model.set_training_attention(backend)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                logits = model(labels, scales, inputs).logits
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+            loss.backward()
+            grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+            if reference is None:
+                reference = (loss.detach(), grads)
+                continue
+            checks[f"{backend} {dtype}"] = {
+                "loss_rel": abs(loss.item() - reference[0].item()) / abs(reference[0].item()),
+                "grad_rel": ((grads - reference[1]).norm() / reference[1].norm()).item(),
+            }
+    results["check"] = checks
+    print("check vs sdpa:", json.dumps(checks), flush=True)
+
+
+def attention_micro(args, results: dict, device: torch.device) -> None:
+    """One attention call, forward + backward, per backend at the first run's batch and two schedules."""
+    from flexvar_hf.models.block_causal import block_causal_attention, training_attention_mask
+
+    _, width, heads = model_size(args.runs[0][0], args.tiny)
+    batch = args.runs[0][1]
+    timings = {}
+    for sides in ([1, 2, 3, 4, 5, 6, 8, 10, 13, 16], [1, 2, 4, 5, 7, 9, 10, 12, 15]):
+        scales = [(side, side) for side in sides]
+        length = sum(side * side for side in sides)
+        q, k, v = (
+            torch.randn(batch, heads, length, width // heads, device=device, dtype=torch.bfloat16, requires_grad=True)
+            for _ in range(3)
+        )
+        grad = torch.randn_like(q)
+        for backend in TRAINING_ATTENTION_BACKENDS:
+            mask = training_attention_mask(scales, backend, device)
+
+            def call(q=q, k=k, v=v, mask=mask, grad=grad):
+                block_causal_attention(q, k, v, mask).backward(grad)
+
+            with reported(f"micro {backend} L{length}", results):
+                for _ in range(3):
+                    call()
+                synchronize(device)
+                start = time.perf_counter()
+                for _ in range(10):
+                    call()
+                synchronize(device)
+                timings[f"{backend} L{length}"] = (time.perf_counter() - start) / 10 * 1e3
+    results["attention_micro_ms"] = timings
+    print("attention fwd+bwd ms:", json.dumps(timings), flush=True)
+
+
+def profile_config(args, results: dict, device: torch.device, out_dir: Path) -> None:
+    """Kernel times of 3 steps of `--profile` on the first run's size and batch, after warm-up."""
+    from torch.profiler import ProfilerActivity, profile
+
+    size, batch = args.runs[0]
+    dims = model_size(size, args.tiny)
+    trainer = OursTrainer(*dims, device, parse_config(args.profile), TINY_VQ if args.tiny else None)
+    pixels = torch.rand(batch, 3, args.resolution, args.resolution, device=device) * 2 - 1
+    labels = torch.randint(0, NUM_CLASSES, (batch,), device=device)
+    schedules = draw_schedules(args.resolution, 13, seed=3)
+    for sides in schedules[:10]:
+        trainer.step(pixels, labels, sides)
+    synchronize(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for sides in schedules[10:]:
+            trainer.step(pixels, labels, sides)
+        synchronize(device)
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=70)
+    (out_dir / f"profile-{args.profile.replace('+', '-')}.txt").write_text(table)
+    print(table[:6000], flush=True)
+
+
+def make_jpeg_folder(root: Path, num_images: int = 1300, num_classes: int = 10, seed: int = 0) -> Path:
+    """An imagefolder of `num_images` JPEGs (quality 90) of ImageNet's typical sizes (500 x 375, 375 x 500, 500 x
+    333, ... ), smooth random colour fields with noise, in `num_classes` folders. Kept if already complete."""
+    if root.is_dir() and len(list(root.glob("*/*.jpg"))) == num_images:
+        return root
+    from concurrent.futures import ProcessPoolExecutor
+
+    jobs = [
+        (root / f"class{index % num_classes:02d}" / f"{index:05d}.jpg", seed + index) for index in range(num_images)
+    ]
+    for folder in {path.parent for path, _ in jobs}:
+        folder.mkdir(parents=True, exist_ok=True)
+    with ProcessPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
+        list(pool.map(_write_jpeg, jobs, chunksize=32))
+    return root
+
+
+def _write_jpeg(job: tuple[Path, int]) -> None:
+    import numpy as np
+    from PIL import Image
+
+    path, seed = job
+    rng = np.random.default_rng(seed)
+    size = [(500, 375), (375, 500), (500, 333), (500, 400), (400, 300), (500, 500)][seed % 6]
+    base = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize(size, Image.Resampling.BICUBIC)
+    noisy = np.asarray(base, dtype=np.int16) + rng.normal(0, 12, (size[1], size[0], 3)).astype(np.int16)
+    Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(path, quality=90)
+
+
+def data_rate(args, results: dict) -> None:
+    """Images per second one process decodes and augments (random crop 0.88 and flip at the resolution)."""
+    from flexvar_hf.training.data import ImageDataset, ImageTransform
+
+    files = sorted(make_jpeg_folder(args.e2e_data, args.e2e_images).glob("*/*.jpg"))
+    rows = [{"image": str(path), "label": 0} for path in files]
+    transform = ImageTransform(args.resolution, crop="random", random_flip=True, min_crop_fraction=0.88)
+    dataset = ImageDataset(ListDataset(rows), transform, "image", "label")
+    start, count = time.perf_counter(), 0
+    while time.perf_counter() - start < 5 and count < len(dataset):
+        dataset[count]
+        count += 1
+    rate = count / (time.perf_counter() - start)
+    mean_kb = sum(path.stat().st_size for path in files) / len(files) / 1024
+    results["data_rate"] = {"images_per_s_one_process": rate, "mean_jpeg_kib": mean_kb}
+    print(f"data: one process decodes + augments {rate:.0f} images/s (JPEGs of {mean_kb:.0f} KiB on average)")
+
+
+class ListDataset(list):
+    """A list of rows with the `column_names` that `ImageDataset` checks."""
+
+    @property
+    def column_names(self) -> list[str]:
+        return list(self[0])
+
+
+def load_train_script():
+    """examples/train.py as a module (the examples are scripts, not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "train.py"
+    spec = importlib.util.spec_from_file_location("flexvar_example_train", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # for worker processes and dataclasses
+    spec.loader.exec_module(module)
+    return module
+
+
+def e2e_runs(args, results: dict, budget: Budget, device: torch.device, save) -> None:
+    """examples/train.py's main on the JPEG folder, per config, at the first run's size and batch."""
+    train = load_train_script()
+    size, batch = args.runs[0]
+    depth = model_size(size, args.tiny)[0]
+    data = make_jpeg_folder(args.e2e_data, args.e2e_images)
+    vq_dir = Path("/tmp/flexvar-e2e-vq" + ("-tiny" if args.tiny else ""))
+    if not (vq_dir / "config.json").is_file():
+        torch.manual_seed(0)
+        FlexVQModel(num_codes=VOCAB_SIZE, code_dim=CODE_DIM, **(TINY_VQ if args.tiny else {})).save_pretrained(vq_dir)
+    for config in args.configs:
+        if budget.left() < 60:
+            print(f"-- skipped e2e {config}: out of time", flush=True)
+            continue
+        options = parse_config(config)
+        flags = ["--training_attention", options["attention"]]
+        flags += ["--fused_adamw"] * options["fused"] + ["--torch_compile"] * options["compile"]
+        flags += ["--gradient_checkpointing"] * options["ckpt"]
+        # The original's augmentation (random crop keeping 88-100% of the short side, flips); the cache needs centre
+        # crops.
+        flags += ["--cache_latents", "--random_flip"] if options["cache"] else [
+            "--random_crop", "--random_crop_min_fraction", "0.88", "--random_flip"]
+        output = Path(f"/tmp/flexvar-e2e-out-{config.replace('+', '-')}")
+        argv = [
+            "--vqvae_model_name_or_path", str(vq_dir), "--depth", str(depth), "--num_classes", str(NUM_CLASSES),
+            "--train_data_dir", str(data), "--resolution", str(args.resolution), "--train_batch_size", str(batch),
+            "--max_train_steps", str(args.e2e_steps), "--allow_tf32",
+            "--mixed_precision", "no" if args.tiny else "bf16",
+            "--dataloader_num_workers", str(args.e2e_workers), "--checkpointing_steps",
+            str(args.e2e_checkpointing_steps), "--checkpoints_total_limit", "1", "--report_to", "none",
+            "--output_dir", str(output), *flags,
+        ]
+        with reported(f"e2e {config}", results):
+            stamps = []
+            original_log = train.Accelerator.log
+
+            def log(self, values, step=None, log_kwargs=None, stamps=stamps, original_log=original_log):
+                stamps.append((time.perf_counter(), values["tokens_per_second"], values["num_scales"]))
+                return original_log(self, values, step=step, log_kwargs=log_kwargs or {})
+
+            train.Accelerator.log = log
+            start = time.perf_counter()
+            try:
+                train.main(train.parse_args(argv))
+            finally:
+                train.Accelerator.log = original_log
+                from accelerate.state import AcceleratorState, GradientState
+
+                AcceleratorState._reset_state(True)
+                GradientState._reset_state()
+            total = time.perf_counter() - start
+            # Step i's tokens: its logged rate times the time since the previous step's log.
+            times = [stamp[0] for stamp in stamps]
+            steps = [(now - before, rate * (now - before)) for (now, rate, _), before in zip(stamps[1:], times[:-1])]
+            timed = steps[args.e2e_warmup - 1:]
+            seconds = sum(duration for duration, _ in timed)
+            run = {
+                "size": size, "batch": batch, "mode": f"e2e {config}", "steps": len(timed),
+                "tokens_per_s": sum(tokens for _, tokens in timed) / seconds,
+                "ms_per_step": seconds / len(timed) * 1e3,
+                "slowest_step_ms": max(duration for duration, _ in timed) * 1e3,
+                "first_step_s": times[0] - start, "total_s": total,
+            }
+            results["runs"].append(run)
+            print(json.dumps(run), flush=True)
+            save()
+        release(device)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    budget = Budget(args.time_budget)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("No CUDA GPU: pass --device cpu (with --tiny) to check the code paths.")
     torch.backends.cuda.matmul.allow_tf32 = True  # ours: --allow_tf32; the original: its default --tf32=True
     torch.backends.cudnn.allow_tf32 = True
-    depth, width, heads = model_size(args)
-    scheduler = FlexVARScaleScheduler()
-    scheduler.set_timesteps(None, height=args.resolution, width=args.resolution)
-    fixed = [height for height, _ in scheduler.scales]
-    steps = args.warmup + args.iters
-    generator = torch.Generator().manual_seed(0)
-    random_schedules = [
-        [height for height, _ in scheduler.sample_training_scales(args.resolution, args.resolution, generator)]
-        for _ in range(args.random_warmup + args.iters)
-    ]
-    pixels = torch.rand(args.batch, 3, args.resolution, args.resolution, generator=generator).mul(2).sub(1)
-    pixels = pixels.to(device)
-    labels = torch.randint(0, NUM_CLASSES, (args.batch,), generator=generator).to(device)
-
     results = {
         "gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "args": {key: str(value) for key, value in vars(args).items()},
-        "model": {"depth": depth, "width": width, "heads": heads},
-        "fixed_schedule": fixed,
         "runs": [],
     }
+    out_dir = args.json.parent if args.json else Path(".")
 
-    def record(mode: str, schedule: str, precision: str, stats: dict) -> None:
-        run = {"mode": mode, "schedule": schedule, "precision": precision, "batch": args.batch, **stats}
-        results["runs"].append(run)
-        print(json.dumps(run), flush=True)
+    def save() -> None:
+        if args.json is not None:
+            args.json.write_text(json.dumps(results, indent=2))
 
-    ours_modes = [("ours", {})]
-    ours_modes += [("ours_ckpt", {"gradient_checkpointing": True})] if args.gradient_checkpointing else []
-    ours_modes += [("ours_compiled", {"torch_compile": True})] if args.torch_compile else []
-    for mode, options in ours_modes:
-        ours = OursTrainer(depth, width, heads, device, **options)
-        results["model"]["params_m"] = sum(p.numel() for p in ours.transformer.parameters()) / 1e6
-
-        def ours_step(sides, ours=ours):
-            return ours.step(pixels, labels, sides)
-
-        stats = timed_steps(ours_step, [fixed] * steps, args.warmup, args.batch, device)
-        stats["tokenise_ms"] = time_call(lambda ours=ours: ours.tokenise(pixels, fixed), 2, args.iters, device)
-        stats["params_m"] = results["model"]["params_m"]
-        record(mode, "fixed", "bf16 autocast", stats)
-        if not args.no_random:
-            stats = timed_steps(ours_step, random_schedules, args.random_warmup, args.batch, device)
-            record(mode, "random", "bf16 autocast", stats)
-        results.setdefault("last_loss", {})[mode] = float(ours.loss)
-        del ours, ours_step
-        release(device)
-
-    if args.original is not None:
-        for amp in args.original_amp:
-            original = OriginalTrainer(args.original, depth, width, heads, amp, device, tuple(fixed))
-            precision = f"{amp} autocast" + (" + GradScaler" if amp == "fp16" else "")
-
-            def original_step(sides, original=original):
-                return original.step(pixels, labels, sides)
-
-            stats = timed_steps(original_step, [fixed] * steps, args.warmup, args.batch, device)
-            stats["tokenise_ms"] = time_call(
-                lambda original=original: original.tokenise(pixels, fixed), 2, args.iters, device
-            )
-            stats["params_m"] = sum(p.numel() for p in original.model.parameters()) / 1e6
-            record(f"original_{amp}", "fixed", precision, stats)
-            if not args.no_random and fixed[-1] == 16:  # its gen_curr_patch_nums always ends at 16 (256x256)
-                random.seed(0)
-                drawn = []
-
-                def original_random_step(_sides, original=original, drawn=drawn):
-                    grad_norm = original.step(pixels, labels, None)
-                    drawn.append(original.last_sides)
-                    return grad_norm
-
-                stats = timed_steps(
-                    original_random_step, random_schedules, args.random_warmup, args.batch, device
-                )  # the schedules passed are ignored: the trainer draws its own
-                timed = drawn[args.random_warmup:]
-                tokens = args.batch * sum(sum(side * side for side in sides) for sides in timed)
-                seconds = stats["ms_per_step"] * len(timed) / 1e3
-                stats.update(tokens_per_step=tokens / len(timed), tokens_per_s=tokens / seconds)
-                record(f"original_{amp}", "random", precision, stats)
-                del original_random_step
-            del original, original_step
-            release(device)
-
+    if args.check:
+        with reported("check", results):
+            check_attention(args, results, device)
+    if args.attention_micro:
+        attention_micro(args, results, device)
+    if args.steps:
+        step_runs(args, results, budget, device, save)
+    if args.profile and budget.left() > 60:
+        with reported("profile", results):
+            profile_config(args, results, device, out_dir)
+    if args.data_rate:
+        with reported("data rate", results):
+            data_rate(args, results)
+    if args.e2e:
+        e2e_runs(args, results, budget, device, save)
+    save()
     print_table(results["runs"])
-    if args.json is not None:
-        args.json.write_text(json.dumps(results, indent=2))
     return 0
 
 
 def print_table(runs: list[dict]) -> None:
-    base = next((run for run in runs if run["mode"].startswith("original") and run["schedule"] == "fixed"), None)
     print(
-        f"\n{'mode':15} {'schedule':8} {'precision':26} {'ms/step':>8} {'tok/step':>9} {'tokens/s':>10} "
-        f"{'img/s':>7} {'peak GiB':>9} {'vs ' + (base['mode'] if base else 'original'):>16}"
+        f"\n{'size':4} {'batch':>5} {'mode':28} {'ms/step':>8} {'tok/step':>9} {'tokens/s':>9} {'vs orig':>7} "
+        f"{'MFU':>6} {'/790':>6} {'peak GiB':>8} {'1st s':>6}"
     )
     for run in runs:
+        base = next(
+            (r for r in runs if r["mode"].startswith("original") and r["size"] == run["size"]), None
+        )
         ratio = f"{run['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else ""
-        peak = f"{run['peak_gib']:.2f}" if run["peak_gib"] is not None else "-"
+        mfu = f"{run['mfu']:.1%}" if "mfu" in run else ""
+        of_790 = f"{run['of_790']:.1%}" if "of_790" in run else ""
+        peak = f"{run['peak_gib']:.2f}" if run.get("peak_gib") is not None else "-"
         print(
-            f"{run['mode']:15} {run['schedule']:8} {run['precision']:26} {run['ms_per_step']:8.1f} "
-            f"{run['tokens_per_step']:9.0f} {run['tokens_per_s']:10.0f} {run['images_per_s']:7.1f} {peak:>9} "
-            f"{ratio:>16}"
+            f"{run['size']:4} {run['batch']:5d} {run['mode'][:28]:28} {run['ms_per_step']:8.1f} "
+            f"{run.get('tokens_per_step', 0):9.0f} {run['tokens_per_s']:9.0f} {ratio:>7} {mfu:>6} {of_790:>6} "
+            f"{peak:>8} {run.get('first_step_s', 0):6.1f}"
         )
 
 

@@ -6,11 +6,12 @@
     accelerate launch examples/train.py --vqvae_model_name_or_path flexvar-d16 --vqvae_subfolder vqvae --depth 16 \
         --dataset_name my/dataset --resolution 256 --random_crop --random_flip --output_dir flexvar-d16-scratch
 
-`python examples/train.py ...` runs it in one process. The recipe is the original trainer's: the VQ model frozen,
-images tokenised on the fly at a random scale schedule per batch, teacher forcing with the code vectors of each
-scale resized to the next, class-label dropout for classifier-free guidance, cross-entropy averaged per token, AdamW
-(0.9, 0.95) with weight decay 0.05 on weight matrices only, gradient clipping at 2. The run ends with a complete
-FlexVARPipeline folder in `OUTPUT_DIR/pipeline`.
+`python examples/train.py ...` runs it in one process. The recipe is the original trainer's by default (item by
+item in docs/training.md): the VQ model frozen, images tokenised on the fly at a random scale schedule per batch
+(the original's distribution), teacher forcing with the code vectors of each scale resized to the next, class-label
+dropout for classifier-free guidance, stochastic depth, cross-entropy averaged per token, AdamW (0.9, 0.95) with
+weight decay 0.05 on the original's parameter groups, its learning-rate scaling and "lin0" schedule, gradient
+clipping at 2. The run ends with a complete FlexVARPipeline folder in `OUTPUT_DIR/pipeline`.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from flexvar_hf import FlexVARPipeline, FlexVARScaleScheduler, FlexVARTransformer2DModel, FlexVQModel
+from flexvar_hf.models.block_causal import TRAINING_ATTENTION_BACKENDS
 from flexvar_hf.training.checkpointing import (
     load_checkpoint,
     resolve_checkpoint,
@@ -57,7 +59,13 @@ from flexvar_hf.training.data import (
 )
 from flexvar_hf.training.flexvar_loss import token_accuracy, training_loss
 from flexvar_hf.training.growth import grow_depth, init_config
-from flexvar_hf.training.optim import build_optimizer, clip_and_step
+from flexvar_hf.training.latent_cache import (
+    CachedLatentDataset,
+    build_latent_dataloader,
+    check_cacheable,
+    prepare_latent_cache,
+)
+from flexvar_hf.training.optim import build_optimizer, clip_and_step, flexvar_lr_factor, flexvar_warmup_steps
 from flexvar_hf.utils.io import atomic_directory
 from flexvar_hf.utils.model_card import flexvar_model_card
 
@@ -72,6 +80,7 @@ LR_SCHEDULERS = (
     "constant",
     "constant_with_warmup",
     "piecewise_constant",
+    "flexvar",
 )
 
 
@@ -147,19 +156,72 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         help="torch.compile the transformer's blocks (regional compilation with dynamic shapes: one graph for every "
         "layer and scale schedule); the first steps compile.",
     )
-    training.add_argument("--learning_rate", type=float, default=1e-4, help="Peak learning rate (see --scale_lr).")
+    training.add_argument(
+        "--training_attention",
+        type=str,
+        default="sdpa",
+        choices=TRAINING_ATTENTION_BACKENDS,
+        help="How the block-causal attention is computed (the same function): 'sdpa' one masked call, 'flex' "
+        "FlexAttention skipping masked blocks (CUDA; compiled), 'per_scale' one unmasked call per scale.",
+    )
+    training.add_argument(
+        "--fused_adamw", action="store_true", help="PyTorch's fused AdamW kernel (CUDA), as the original's --afuse."
+    )
+    training.add_argument(
+        "--cache_latents",
+        action="store_true",
+        help="Encode every image (and its flip, with --random_flip) once with the frozen VQ encoder, store the "
+        "latents in OUTPUT_DIR/latent_cache and train from them; the scales are still quantised every step. Needs "
+        "centre crops (not --random_crop).",
+    )
+    training.add_argument(
+        "--learning_rate",
+        type=float,
+        default=None,
+        help="Peak learning rate per 256 images with --scale_lr (the default), else for the whole batch. Default: "
+        "the published command's for the depth, 1e-4 up to depth 20, 8e-5 deeper.",
+    )
     training.add_argument(
         "--scale_lr",
-        action="store_true",
-        help="Use learning_rate * total_batch_size / 256 (the original's rule, learning_rate being per 256 images).",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Use learning_rate * total_batch_size / 256 (the original's rule); --no-scale_lr takes it as is.",
     )
-    training.add_argument("--lr_scheduler", type=str, default="constant", choices=LR_SCHEDULERS)
-    training.add_argument("--lr_warmup_steps", type=int, default=0)
+    training.add_argument(
+        "--lr_scheduler",
+        type=str,
+        default="flexvar",
+        choices=LR_SCHEDULERS,
+        help="'flexvar' is the original's: linear warmup from 0.5%% of the peak, the peak for 5%% of the rest, then "
+        "linear to --lr_end_fraction of it. The others are diffusers' schedules.",
+    )
+    training.add_argument(
+        "--lr_warmup_steps",
+        type=int,
+        default=None,
+        help="Warmup steps; default: 1/50 of the training steps for 'flexvar' (the original's), else 0.",
+    )
+    training.add_argument(
+        "--lr_end_fraction",
+        type=float,
+        default=None,
+        help="'flexvar' schedule: final learning rate over the peak (the original's --wpe); default: the published "
+        "command's for the depth, 0.1 up to depth 20, 0.01 deeper.",
+    )
     training.add_argument("--adam_beta1", type=float, default=0.9)
     training.add_argument("--adam_beta2", type=float, default=0.95)
     training.add_argument("--adam_epsilon", type=float, default=1e-8)
     training.add_argument(
-        "--weight_decay", type=float, default=0.05, help="On weight matrices; none on biases, norms, embeddings."
+        "--weight_decay",
+        type=float,
+        default=0.05,
+        help="On every parameter of 2 or more dimensions but the start token, position grid and attention "
+        "temperatures (the original's groups, class embedding included).",
+    )
+    training.add_argument(
+        "--exclude_embeddings_from_weight_decay",
+        action="store_true",
+        help="No weight decay on the class embedding (the original decays it).",
     )
     training.add_argument("--max_grad_norm", type=float, default=2.0, help="Gradient clipping; <= 0 turns it off.")
     training.add_argument(
@@ -169,6 +231,26 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         help="Probability of replacing a label by the unconditional one (for classifier-free guidance).",
     )
     training.add_argument("--label_smoothing", type=float, default=0.0)
+    training.add_argument(
+        "--drop_path_rate",
+        type=float,
+        default=None,
+        help="Stochastic depth of the last block (linearly from 0 at the first), per sample and update, as the "
+        "original; default: its 0.1 * depth / 24.",
+    )
+    training.add_argument(
+        "--init_adaln_gate",
+        type=float,
+        default=None,
+        help="From scratch: initial factor of the AdaLN gate weights (the original's --alng); default: the published "
+        "command's for the depth, 1e-3 up to depth 20, 1e-4 deeper.",
+    )
+    training.add_argument(
+        "--keep_final_scale",
+        action="store_true",
+        help="Never drop the final scale when a random schedule is over the token budget (the original drops it in "
+        "about a third of the draws).",
+    )
     training.add_argument(
         "--scale_weight_power",
         type=float,
@@ -290,14 +372,13 @@ def check_args(args: argparse.Namespace) -> tuple[int, int]:
     for flag, value in positive.items():
         if value < 1:
             raise ValueError(f"{flag} must be positive, got {value}.")
-    if args.lr_warmup_steps < 0:
-        raise ValueError(f"--lr_warmup_steps must be >= 0, got {args.lr_warmup_steps}.")
     if args.max_train_minutes is not None and args.max_train_minutes <= 0:
         raise ValueError(f"--max_train_minutes must be positive, got {args.max_train_minutes}.")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         raise ValueError(f"--checkpoints_total_limit must be positive, got {args.checkpoints_total_limit}.")
-    if args.learning_rate <= 0:
+    if args.learning_rate is not None and args.learning_rate <= 0:
         raise ValueError(f"--learning_rate must be positive, got {args.learning_rate}.")
+    check_recipe_args(args)
     if not 0 <= args.class_dropout_prob < 1:
         raise ValueError(f"--class_dropout_prob must be in [0, 1), got {args.class_dropout_prob}.")
     if not 0 <= args.label_smoothing < 1:
@@ -318,6 +399,40 @@ def check_args(args: argparse.Namespace) -> tuple[int, int]:
             raise ValueError(f"{flag} must be a positive multiple of 16, got {value}.")
     resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)  # ValueError if an explicit one is missing
     return resolution
+
+
+# Defaults of the original's published training commands (scripts/train.sh) that differ with the depth: its d16/d20
+# commands pass --tblr=1e-4 --wpe=0.1 --alng=1e-3, its d24 command --tblr=8e-5 --wpe=0.01 --alng=1e-4.
+PUBLISHED_RECIPES = {
+    "up_to_20": {"learning_rate": 1e-4, "lr_end_fraction": 0.1, "init_adaln_gate": 1e-3},
+    "deeper": {"learning_rate": 8e-5, "lr_end_fraction": 0.01, "init_adaln_gate": 1e-4},
+}
+
+
+def check_recipe_args(args: argparse.Namespace) -> None:
+    """ValueError for recipe and speed flags out of range or in conflict."""
+    if args.lr_warmup_steps is not None and args.lr_warmup_steps < 0:
+        raise ValueError(f"--lr_warmup_steps must be >= 0, got {args.lr_warmup_steps}.")
+    if args.lr_end_fraction is not None and not 0 <= args.lr_end_fraction <= 1:
+        raise ValueError(f"--lr_end_fraction must be in [0, 1], got {args.lr_end_fraction}.")
+    if args.drop_path_rate is not None and not 0 <= args.drop_path_rate < 1:
+        raise ValueError(f"--drop_path_rate must be in [0, 1), got {args.drop_path_rate}.")
+    if args.init_adaln_gate is not None and not args.init_adaln_gate > 0:
+        raise ValueError(f"--init_adaln_gate must be positive, got {args.init_adaln_gate}.")
+    if args.cache_latents and crop_mode(args) != "center":
+        raise ValueError("--cache_latents stores one latent per image and flip, so it needs centre crops: drop "
+                         "--random_crop.")
+
+
+def fill_recipe_defaults(args: argparse.Namespace, num_layers: int) -> None:
+    """Set the depth-dependent defaults left as None: the published command's values for `num_layers`
+    (`PUBLISHED_RECIPES`), the original's drop path rate 0.1 * depth / 24 and its warmup of 1/50 of the steps."""
+    recipe = PUBLISHED_RECIPES["up_to_20" if num_layers <= 20 else "deeper"]
+    for key, value in recipe.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.drop_path_rate is None:
+        args.drop_path_rate = 0.1 * num_layers / 24
 
 
 def read_transformer_config(path: str) -> dict:
@@ -489,6 +604,49 @@ def write_model_card(folder: Path, args: argparse.Namespace, repo_id: str | None
     card.save(folder / "README.md")
 
 
+def mixed_precision_dtype(accelerator: Accelerator) -> torch.dtype:
+    """The dtype of the frozen VQ model (and of the autocast) under the accelerator's mixed precision."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def build_lr_scheduler(args: argparse.Namespace, optimizer, steps_for_scheduler: int, num_processes: int):
+    """--lr_scheduler over `steps_for_scheduler` scheduler steps (the prepared scheduler steps once per process per
+    optimisation step). Fills in the default --lr_warmup_steps: 1/50 of the optimisation steps for 'flexvar'."""
+    total_steps = steps_for_scheduler // num_processes
+    if args.lr_warmup_steps is None:
+        args.lr_warmup_steps = flexvar_warmup_steps(total_steps) if args.lr_scheduler == "flexvar" else 0
+    if args.lr_scheduler != "flexvar":
+        return get_scheduler(
+            args.lr_scheduler,
+            optimizer=optimizer,
+            num_warmup_steps=args.lr_warmup_steps * num_processes,
+            num_training_steps=steps_for_scheduler,
+        )
+    warmup, end = args.lr_warmup_steps, args.lr_end_fraction
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: flexvar_lr_factor(step // num_processes, total_steps, warmup, end)
+    )
+
+
+def latent_training_data(args: argparse.Namespace, accelerator: Accelerator, dataset, vqvae, resolution):
+    """--cache_latents: the VQ latents of every image (and flip) from OUTPUT_DIR/latent_cache, encoded first where
+    missing, as (`CachedLatentDataset`, its loader) in place of the image dataset and loader."""
+    vqvae.to(accelerator.device, dtype=mixed_precision_dtype(accelerator))
+    images = ImageDataset(dataset, ImageTransform(resolution), args.image_column, args.label_column, seed=args.seed)
+    check_cacheable(images.transform)
+    latents = prepare_latent_cache(
+        accelerator, Path(args.output_dir) / "latent_cache", images, vqvae, args.random_flip,
+        args.train_batch_size, args.dataloader_num_workers,
+    )
+    labels = torch.tensor(dataset[args.label_column], dtype=torch.long)
+    cached = CachedLatentDataset(latents, labels, seed=args.seed)
+    loader = build_latent_dataloader(
+        cached, args.train_batch_size, seed=args.seed, num_workers=args.dataloader_num_workers,
+        pin_memory=torch.cuda.is_available(),
+    )
+    return cached, loader
+
+
 def main(args: argparse.Namespace) -> dict:
     """Run the training described by `args` (from `parse_args`). Returns a summary: `global_step`, `losses` (per
     optimisation step, averaged over processes and accumulation), `pipeline_dir`, `resumed_from` (the checkpoint or
@@ -555,6 +713,13 @@ def main(args: argparse.Namespace) -> dict:
 
     vqvae.requires_grad_(False).eval()
     transformer.train()
+    fill_recipe_defaults(args, transformer.config.num_layers)
+    if args.pretrained_model_name_or_path is None:
+        transformer.initialize_weights(adaln_gate_gain=args.init_adaln_gate)
+    if args.training_attention == "flex" and accelerator.device.type != "cuda":
+        raise ValueError("--training_attention flex needs a CUDA GPU (FlexAttention has no backward pass on the CPU); "
+                         "use sdpa or per_scale.")
+    transformer.set_training_attention(args.training_attention)
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     if args.torch_compile:
@@ -571,6 +736,8 @@ def main(args: argparse.Namespace) -> dict:
         weight_decay=args.weight_decay,
         betas=(args.adam_beta1, args.adam_beta2),
         eps=args.adam_epsilon,
+        fused=args.fused_adamw or None,
+        decay_embeddings=not args.exclude_embeddings_from_weight_decay,
     )
 
     transform = ImageTransform(
@@ -582,6 +749,8 @@ def main(args: argparse.Namespace) -> dict:
         train_dataset, args.train_batch_size, seed=args.seed, num_workers=args.dataloader_num_workers,
         pin_memory=torch.cuda.is_available(),
     )
+    if args.cache_latents:
+        train_dataset, train_dataloader = latent_training_data(args, accelerator, dataset, vqvae, (height, width))
 
     # Scheduler lengths as in diffusers' scripts: the prepared scheduler steps once per process per step.
     batches_per_process = math.ceil(len(train_dataloader) / accelerator.num_processes)
@@ -591,12 +760,7 @@ def main(args: argparse.Namespace) -> dict:
         ) * accelerator.num_processes
     else:
         steps_for_scheduler = args.max_train_steps * accelerator.num_processes
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=steps_for_scheduler,
-    )
+    lr_scheduler = build_lr_scheduler(args, optimizer, steps_for_scheduler, accelerator.num_processes)
 
     ema_model = None
     if args.use_ema:
@@ -617,7 +781,7 @@ def main(args: argparse.Namespace) -> dict:
     if ema_model is not None:
         ema_model.to(accelerator.device)
 
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    weight_dtype = mixed_precision_dtype(accelerator)
     vqvae.to(accelerator.device, dtype=weight_dtype)
     vqvae.quantize.to(torch.float32)  # nearest-code search and code vectors stay in float32
 
@@ -671,11 +835,14 @@ def main(args: argparse.Namespace) -> dict:
                 sample_seed(args.seed + 1 + accelerator.process_index, global_step, micro_step)
             )
             with accelerator.accumulate(transformer):
-                scales = scheduler.sample_training_scales(height, width, generator=scale_generator)
+                scales = scheduler.sample_training_scales(
+                    height, width, generator=scale_generator, keep_final_scale=args.keep_final_scale
+                )
                 step = training_loss(
-                    transformer, vqvae, scales, batch["pixel_values"], batch["labels"], num_classes,
+                    transformer, vqvae, scales, batch.get("pixel_values"), batch["labels"], num_classes,
                     args.class_dropout_prob, args.label_smoothing, generator=dropout_generator,
                     scale_weight_power=args.scale_weight_power, input_token_noise=args.input_token_noise,
+                    latents=batch.get("latents"), drop_path_rate=args.drop_path_rate,
                 )
                 loss, logits, teacher = step.loss, step.logits, step.teacher
                 accelerator.backward(loss)

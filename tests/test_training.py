@@ -46,7 +46,13 @@ from flexvar_hf.training.flexvar_loss import (
     scale_token_weights,
     token_accuracy,
 )
-from flexvar_hf.training.optim import build_optimizer, no_decay_parameter_names, parameter_groups
+from flexvar_hf.training.optim import (
+    build_optimizer,
+    flexvar_lr_factor,
+    flexvar_warmup_steps,
+    no_decay_parameter_names,
+    parameter_groups,
+)
 
 from conftest import RELATIVE_TOLERANCE, REPO_ROOT, load_example, relative_error
 
@@ -133,7 +139,8 @@ def scratch_args(assets, output_dir, *extra) -> list[str]:
     return [
         "--vqvae_model_name_or_path", str(assets["vq"]), "--depth", "1", "--train_data_dir", str(assets["data"]),
         "--resolution", "64", "--train_batch_size", "4", "--output_dir", str(output_dir), "--report_to", "none",
-        "--learning_rate", "1e-3", "--checkpointing_steps", "1000", *extra,
+        "--learning_rate", "1e-3", "--no-scale_lr", "--lr_scheduler", "constant", "--checkpointing_steps", "1000",
+        *extra,
     ]
 
 
@@ -424,32 +431,63 @@ def test_teacher_inputs_match_the_pipeline_and_the_original(parity_vq, reference
 # Optimiser
 
 
-def test_parameter_groups_leave_out_biases_norms_embeddings_and_grids():
+# The original train.py's `nowd_keys` and the rule of its utils/lr_control.py `filter_params`, restated: no weight
+# decay for 1-d parameters, biases and names containing a key; everything else (the class embedding too) decayed.
+ORIGINAL_NOWD_KEYS = (
+    "cls_token", "start_token", "task_token", "cfg_uncond", "pos_embed", "pos_1LC", "pos_start", "start_pos",
+    "lvl_embed", "gamma", "beta", "ada_gss", "moe_bias", "scale_mul",
+)
+
+
+def original_filter_no_decay(name: str, tensor: torch.Tensor) -> bool:
+    return tensor.ndim == 1 or name.endswith("bias") or any(key in name for key in ORIGINAL_NOWD_KEYS)
+
+
+def test_parameter_groups_are_the_original_filter():
+    from flexvar_hf.conversion import TRANSFORMER_RULES, _original_name, transformer_state_dict_to_original
+
     model = FlexVARTransformer2DModel(
         num_classes=3, vocab_size=64, code_dim=8, num_layers=2, hidden_size=32, num_attention_heads=2, pos_grid_size=4
     )
-    no_decay = no_decay_parameter_names(model)
-    expected_no_decay = {"start_token", "pos_grid", "class_embed.weight"} | {
-        name for name, param in model.named_parameters() if name.endswith(("bias", "log_scale")) or param.ndim < 2
+    original = transformer_state_dict_to_original(model.state_dict())
+    buffers = {name for name in original if name.endswith(("attn_bias_for_masking", "zero_k_bias"))}
+    expected = {
+        name for name, tensor in original.items() if name not in buffers and original_filter_no_decay(name, tensor)
     }
-    assert {"blocks.0.attn.log_scale", "blocks.1.attn.q_bias", "blocks.1.attn.v_bias"} <= expected_no_decay
-    assert no_decay == expected_no_decay
-    matrices = {name for name, param in model.named_parameters() if name not in no_decay}
-    assert matrices == {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    no_decay = no_decay_parameter_names(model)
+    assert {_original_name(name, TRANSFORMER_RULES) for name in no_decay} == expected
+    assert "class_embed.weight" not in no_decay and {"start_token", "pos_grid", "blocks.1.attn.log_scale"} <= no_decay
 
     groups = parameter_groups(model, 0.05)
     assert [group["weight_decay"] for group in groups] == [0.05, 0.0]
-    assert set(groups[0]["names"]) == matrices and set(groups[1]["names"]) == no_decay
+    decayed = {name for name, _ in model.named_parameters()} - no_decay
+    assert set(groups[0]["names"]) == decayed and set(groups[1]["names"]) == no_decay
     assert sum(len(group["params"]) for group in groups) == len(list(model.parameters()))
+    # --exclude_embeddings_from_weight_decay: the one deliberate difference, off by default.
+    assert no_decay_parameter_names(model, decay_embeddings=False) == no_decay | {"class_embed.weight"}
 
-    norms = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.GroupNorm(2, 4), nn.Embedding(3, 4))
-    norms[0].requires_grad_(False)
-    assert no_decay_parameter_names(norms) == {"1.weight", "1.bias", "2.weight", "2.bias", "3.weight"}
-    assert len(parameter_groups(norms, 0.1)) == 1  # the frozen Linear is left out, so no decayed group
+    layers = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Embedding(3, 4))
+    layers[0].requires_grad_(False)
+    assert no_decay_parameter_names(layers) == {"1.weight", "1.bias"}
+    assert len(parameter_groups(layers, 0.1)) == 2  # the frozen Linear is left out; the embedding is decayed
 
     optimizer = build_optimizer(model, 1e-4)
     assert optimizer.defaults["betas"] == (0.9, 0.95)
     assert [group["weight_decay"] for group in optimizer.param_groups] == [0.05, 0.0]
+
+
+def test_learning_rate_schedule_is_the_originals_lin0():
+    # Values of the original's lr_wd_annealing("lin0", peak 1, wp0=0.005, wpe=0.1) at iterations of a 1001-iteration
+    # run with wp_it = 20, worked out from its formula: warmup 0.005 + 0.995 * it / 20; then with
+    # pasd = (it - 20) / 980, 1 below pasd 0.05 (it < 69), else 0.1 + 0.9 * (1 - pasd) / 0.95.
+    expected = {0: 0.005, 10: 0.5025, 19: 0.95025, 20: 1.0, 68: 1.0, 69: 0.1 + 0.9 * (1 - 49 / 980) / 0.95,
+                500: 0.1 + 0.9 * (1 - 480 / 980) / 0.95, 1000: 0.1}
+    for step, value in expected.items():
+        assert flexvar_lr_factor(step, 1001, 20, end_fraction=0.1) == pytest.approx(value, rel=1e-12), step
+    assert flexvar_lr_factor(5000, 1001, 20, end_fraction=0.1) == pytest.approx(0.1)  # past the end: stays there
+    assert flexvar_warmup_steps(1001) == 20 and flexvar_warmup_steps(10) == 0
+    # Its weight-decay schedule goes from --twd to --twde by a cosine, and --twde defaults to --twd: constant 0.05,
+    # what our parameter groups keep. (No command of the original sets --twde.)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -19,6 +19,13 @@ from diffusers.utils import BaseOutput
 
 from ..guidance import combine_guidance
 from ..scales import ScaleLike, as_hw_list, flatten_grid, num_tokens
+from .block_causal import (
+    TRAINING_ATTENTION_BACKENDS,
+    AttentionMask,
+    block_causal_attention,
+    block_causal_mask,
+    training_attention_mask,
+)
 from .float8 import (
     Float8FeedForward,
     Float8Linear,
@@ -177,20 +184,19 @@ def normalize_queries_keys(qkv: torch.Tensor, temperature: torch.Tensor) -> torc
 
 
 def attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: AttentionMask
 ) -> torch.Tensor:
     """Attention of (B, l, H, D) queries over (B, L, H, D) keys and values -> (B, H, l, D). The queries already carry
-    the head temperatures, so the dot products are not scaled again."""
-    return F.scaled_dot_product_attention(
-        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=attention_mask, scale=1.0
-    )
+    the head temperatures, so the dot products are not scaled again. `attention_mask`: a boolean tensor (True where a
+    token may attend), None, or a training mask of another backend (`block_causal.training_attention_mask`)."""
+    return block_causal_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attention_mask)
 
 
 @torch.compiler.disable
 def cached_attention(
     qkv: torch.Tensor,
     temperature: torch.Tensor,
-    attention_mask: torch.Tensor | None,
+    attention_mask: AttentionMask,
     kv_cache: FlexVARKVCache,
     layer_index: int,
 ) -> torch.Tensor:
@@ -244,7 +250,7 @@ class FlexVARAttention(nn.Module):
         batch, _, length, _ = attended.shape
         return self.to_out(attended.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim))
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, attention_mask: AttentionMask = None) -> torch.Tensor:
         """Attention over the (B, L, dim) input itself, without a cache; `attention_mask` is (L, L) boolean, True
         where a token may attend. Generation's cached attention is composed by `FlexVARBlock`."""
         qkv, temperature = self.project(hidden_states)
@@ -286,7 +292,7 @@ class FlexVARBlock(nn.Module):
         self,
         hidden_states: torch.Tensor,
         modulation: tuple[torch.Tensor, ...],
-        attention_mask: torch.Tensor | None = None,
+        attention_mask: AttentionMask = None,
         kv_cache: FlexVARKVCache | None = None,
         layer_index: int = 0,
         update: ResidualUpdate | None = None,
@@ -356,15 +362,22 @@ def sincos_position_grid(dim: int, size: int) -> torch.Tensor:
     return grid.permute(2, 0, 1).unsqueeze(0)
 
 
-def block_causal_mask(scales: Sequence[tuple[int, int]], num_cached: int, device: torch.device) -> torch.Tensor | None:
-    """Boolean (l_new, num_cached + l_new) mask: a token sees every cached token and the tokens of its own and
-    earlier scales. None when a single scale is fed (no masking needed)."""
-    if len(scales) == 1:
-        return None
-    scale_ids = torch.cat([torch.full((h * w,), i, device=device) for i, (h, w) in enumerate(scales)])
-    new = scale_ids[:, None] >= scale_ids[None, :]
-    cached = torch.ones(len(scale_ids), num_cached, dtype=torch.bool, device=device)
-    return torch.cat((cached, new), dim=1)
+Modulations = list[tuple[torch.Tensor, ...]]
+
+
+def apply_drop_path(modulations: Modulations, factors: torch.Tensor) -> Modulations:
+    """`FlexVARTransformer2DModel.modulations` with each block's two AdaLN gates (B, 1, dim) multiplied by its
+    (2, B) stochastic-depth `factors` (in the gates' dtype); the head's terms are unchanged."""
+    num_blocks = len(modulations) - 1
+    if factors.shape[:2] != (num_blocks, 2):
+        raise ValueError(f"`drop_path_factors` must have shape ({num_blocks}, 2, B), got {tuple(factors.shape)}.")
+    scaled = []
+    for terms, block_factors in zip(modulations, factors):
+        terms = list(terms)
+        for chunk, factor in zip(ADALN_GATE_CHUNKS, block_factors):
+            terms[chunk] = terms[chunk] * factor.to(terms[chunk].dtype).view(-1, 1, 1)
+        scaled.append(tuple(terms))
+    return scaled + modulations[num_blocks:]
 
 
 class FlexVARTransformer2DModel(FlexVARModelMixin, ConfigMixin):
@@ -423,11 +436,34 @@ class FlexVARTransformer2DModel(FlexVARModelMixin, ConfigMixin):
         self.norm_out = AdaLayerNormContinuous(hidden_size, hidden_size, elementwise_affine=False, eps=1e-6)
         self.proj_out = nn.Linear(hidden_size, vocab_size)
         self.gradient_checkpointing = False
+        # How teacher-forced calls (no cache, several scales) attend block-causally; see `set_training_attention`.
+        self.training_attention = "sdpa"
         self.initialize_weights()
 
+    def set_training_attention(self, backend: str) -> None:
+        """
+        Choose how calls without a cache (teacher forcing: training, `FlexVARPipeline`'s scoring) compute the
+        block-causal attention over several scales. All give the same function; they differ in speed and where they
+        run (`flexvar_hf.models.block_causal`).
+
+        Args:
+            backend (`str`): "sdpa" (default: one scaled-dot-product call with a boolean mask), "flex" (FlexAttention
+                with a block mask that skips masked blocks; compiled on CUDA, eager and slow on the CPU) or
+                "per_scale" (one unmasked call per scale over the prefix of the sequence it may see).
+        """
+        if backend not in TRAINING_ATTENTION_BACKENDS:
+            raise ValueError(f"`backend` must be one of {TRAINING_ATTENTION_BACKENDS}, got {backend!r}.")
+        self.training_attention = backend
+
     @torch.no_grad()
-    def initialize_weights(self) -> None:
-        """FlexVAR's initialisation for training from scratch (VAR's `init_weights` with its default arguments)."""
+    def initialize_weights(self, adaln_gate_gain: float = 1e-5) -> None:
+        """FlexVAR's initialisation for training from scratch (VAR's `init_weights`, `init_std=-1`).
+
+        Args:
+            adaln_gate_gain (`float`, defaults to 1e-5): Factor of the AdaLN-Zero gate rows' initial weights (the
+                original's `--alng`; its published commands use 1e-3 for depths 16 and 20, 1e-4 for 24). The other
+                AdaLN rows get 0.5, as in the original.
+        """
         dim, depth = self.config.hidden_size, self.config.num_layers
         std = math.sqrt(1 / dim / 3)
         for module in self.modules():
@@ -443,9 +479,8 @@ class FlexVARTransformer2DModel(FlexVARModelMixin, ConfigMixin):
             block.ff.net[2].weight.div_(math.sqrt(2 * depth))
             # AdaLN-Zero rows: shift, scale, gate for attention, then for the feed-forward; gates start near zero.
             rows = block.norm1.linear.weight.view(6, dim, dim)
-            rows.mul_(0.5)
-            for chunk in ADALN_GATE_CHUNKS:
-                rows[chunk].mul_(2e-5)
+            for chunk in range(6):
+                rows[chunk].mul_(adaln_gate_gain if chunk in ADALN_GATE_CHUNKS else 0.5)
 
     @property
     def float8_inference(self) -> bool:
@@ -524,6 +559,7 @@ class FlexVARTransformer2DModel(FlexVARModelMixin, ConfigMixin):
         kv_cache: FlexVARKVCache | None = None,
         guidance_scale: float | None = None,
         return_dict: bool = True,
+        drop_path_factors: torch.Tensor | None = None,
     ) -> FlexVARTransformerOutput | tuple[torch.Tensor]:
         """
         Args:
@@ -544,6 +580,11 @@ class FlexVARTransformer2DModel(FlexVARModelMixin, ConfigMixin):
                 vocabulary-size rows (a 6x smaller tensor at the released sizes). The combination is taken in
                 float32 and rounded once to the head's dtype; in bfloat16 that is closer to exact than combining
                 logits that were each rounded and then amplified by `g`. None: logits of every row.
+            drop_path_factors (`torch.Tensor` of shape `(num_layers, 2, B)`, *optional*): Stochastic depth in
+                training: factors of every block's attention and feed-forward updates of the residual stream, per
+                sample (0 for a dropped update, 1 / keep probability for a kept one;
+                `flexvar_hf.training.flexvar_loss.drop_path_factors`). They scale the AdaLN gates, which is the
+                original's `DropPath` on the gated update. Only without a cache. None: no stochastic depth.
 
         Returns:
             `FlexVARTransformerOutput` with `logits` of shape `(B, tokens of the fed scales, vocab_size)`, or
@@ -568,10 +609,15 @@ class FlexVARTransformer2DModel(FlexVARModelMixin, ConfigMixin):
         if expected:
             pieces.append(self.code_embed(scale_inputs.to(self.code_embed.weight.dtype)))
         hidden_states = torch.cat(pieces, dim=1) + self.position_embeddings(scales)
-        attention_mask = block_causal_mask(scales, num_cached, hidden_states.device)
+        if kv_cache is None:
+            attention_mask = training_attention_mask(scales, self.training_attention, hidden_states.device)
+        else:
+            attention_mask = block_causal_mask(scales, num_cached, hidden_states.device)
 
         if kv_cache is None:
             modulations = self.modulations(conditioning)
+            if drop_path_factors is not None:
+                modulations = apply_drop_path(modulations, drop_path_factors)
         else:
             if kv_cache.modulations is None:
                 kv_cache.modulations = self.modulations(conditioning)

@@ -9,10 +9,10 @@ One training step (as the original trainer):
    Optionally (`input_token_noise`, not in the original) some input tokens are first replaced by those of other
    images at the same position (`mix_tokens_across_images`) while the targets stay true;
 3. `drop_class_labels`: replace labels by the unconditional label `num_classes` with probability 0.1, which trains
-   the unconditional branch of classifier-free guidance;
-4. `transformer(labels, scales, teacher.scale_inputs).logits` and `flexvar_loss`: cross-entropy over all tokens of
-   all scales, averaged per token (or with `scale_token_weights`, coarse scales weighted up), optionally
-   label-smoothed; `token_accuracy` for logging.
+   the unconditional branch of classifier-free guidance; `drop_path_factors`: the original's stochastic depth;
+4. `transformer(labels, scales, teacher.scale_inputs, drop_path_factors=...).logits` and `flexvar_loss`:
+   cross-entropy over all tokens of all scales, averaged per token (or with `scale_token_weights`, coarse scales
+   weighted up), optionally label-smoothed; `token_accuracy` for logging.
 
 `training_loss` does 2-4 for one batch (what `examples/train.py` and `benchmarks/bench_train.py` run per step); the
 backward pass, clipping and the optimizer step follow (`flexvar_hf.training.optim.clip_and_step`).
@@ -33,6 +33,8 @@ __all__ = [
     "TrainingLoss",
     "build_teacher_inputs",
     "drop_class_labels",
+    "drop_path_factors",
+    "drop_path_rates",
     "flexvar_loss",
     "mix_tokens_across_images",
     "scale_token_weights",
@@ -159,6 +161,39 @@ def drop_class_labels(
     return torch.where(draw < dropout_prob, torch.full_like(labels, num_classes), labels)
 
 
+def drop_path_rates(num_layers: int, drop_path_rate: float) -> torch.Tensor:
+    """(num_layers,) float64 stochastic-depth rates: linearly from 0 at the first block to `drop_path_rate` at the
+    last, the original's rule (its published models use `0.1 * depth / 24`)."""
+    if not 0 <= drop_path_rate < 1:
+        raise ValueError(f"`drop_path_rate` must be in [0, 1), got {drop_path_rate!r}.")
+    return torch.linspace(0, drop_path_rate, num_layers, dtype=torch.float64)
+
+
+def drop_path_factors(
+    num_layers: int,
+    batch_size: int,
+    drop_path_rate: float,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor | None:
+    """
+    Stochastic depth as the original's `DropPath` (timm's, `scale_by_keep=True`): for every block, its attention and
+    its feed-forward update of each sample are dropped independently with the block's rate `p`
+    (`drop_path_rates`) and kept updates are scaled by `1 / (1 - p)`.
+
+    Returns (num_layers, 2, batch_size) float32 factors on `device` (0 or `1 / (1 - p)`; exactly 1 where `p` is 0),
+    for `FlexVARTransformer2DModel.forward(drop_path_factors=...)`, or None when `drop_path_rate` is 0. The uniform
+    draws come from `generator` when given (on its device), so a CPU generator gives the same factors on any device.
+    """
+    rates = drop_path_rates(num_layers, drop_path_rate)
+    if drop_path_rate == 0:
+        return None
+    draw_device = generator.device if generator is not None else device
+    draws = torch.rand(num_layers, 2, batch_size, generator=generator, device=draw_device, dtype=torch.float64)
+    keep = 1 - rates.to(draws.device).view(-1, 1, 1)
+    return torch.where(draws < keep, 1 / keep, 0.0).float().to(device)
+
+
 def scale_token_weights(scales: Sequence[ScaleLike], power: float) -> torch.Tensor:
     """
     Per-token loss weights (L,) for `scales`, row-major and concatenated like the targets: each token of a scale of
@@ -212,6 +247,13 @@ def token_accuracy(
     return correct.mean(), correct[:, -last_scale_tokens:].mean()
 
 
+def _unwrap(model):
+    """The model inside DDP / accelerate / `torch.compile` wrappers (which keep it as `.module` or `._orig_mod`)."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
 @dataclass
 class TrainingLoss:
     """
@@ -230,7 +272,7 @@ def training_loss(
     transformer,
     vqvae,
     scales: Sequence[ScaleLike],
-    pixels: torch.Tensor,
+    pixels: torch.Tensor | None,
     labels: torch.LongTensor,
     num_classes: int,
     class_dropout_prob: float = 0.1,
@@ -238,22 +280,29 @@ def training_loss(
     generator: torch.Generator | None = None,
     scale_weight_power: float = 0.0,
     input_token_noise: float = 0.0,
+    latents: torch.Tensor | None = None,
+    drop_path_rate: float = 0.0,
 ) -> TrainingLoss:
     """
-    The forward half of one training step: tokenise `pixels` at `scales` with the frozen `vqvae`
-    (`build_teacher_inputs`, with `input_token_noise`), drop `labels` to the unconditional label `num_classes` with
-    probability `class_dropout_prob` (`drop_class_labels`; both draw from `generator`), run `transformer` with
-    teacher forcing and take `flexvar_loss`, with `scale_token_weights(scales, scale_weight_power)` unless the power
-    is 0.
+    The forward half of one training step: tokenise `pixels` (or already encoded `latents`, e.g. from a
+    `LatentCache`) at `scales` with the frozen `vqvae` (`build_teacher_inputs`, with `input_token_noise`), drop
+    `labels` to the unconditional label `num_classes` with probability `class_dropout_prob` (`drop_class_labels`),
+    draw stochastic depth with `drop_path_rate` (`drop_path_factors`; all three draw from `generator`, in this
+    order), run `transformer` with teacher forcing and take `flexvar_loss`, with
+    `scale_token_weights(scales, scale_weight_power)` unless the power is 0.
 
     `transformer` may be wrapped (DDP, an accelerate-prepared module): it is only called. Call `.backward()` on the
     returned loss (or `accelerator.backward`), then step the optimizer.
     """
     teacher = build_teacher_inputs(
-        vqvae, scales, pixels=pixels, input_token_noise=input_token_noise, generator=generator
+        vqvae, scales, pixels=pixels, latents=latents, input_token_noise=input_token_noise, generator=generator
     )
     class_labels = drop_class_labels(labels, num_classes, class_dropout_prob, generator=generator)
-    logits = transformer(class_labels, teacher.scales, teacher.scale_inputs).logits
+    factors = None
+    if drop_path_rate:
+        num_layers = _unwrap(transformer).config.num_layers
+        factors = drop_path_factors(num_layers, labels.shape[0], drop_path_rate, generator, labels.device)
+    logits = transformer(class_labels, teacher.scales, teacher.scale_inputs, drop_path_factors=factors).logits
     weights = scale_token_weights(teacher.scales, scale_weight_power) if scale_weight_power else None
     loss = flexvar_loss(logits, teacher.targets, label_smoothing, weights)
     return TrainingLoss(loss=loss, logits=logits, teacher=teacher)

@@ -1,4 +1,6 @@
-"""AdamW for FlexVAR: betas (0.9, 0.95), weight decay 0.05 on weight matrices only."""
+"""AdamW for FlexVAR as the original trainer sets it up: betas (0.9, 0.95), weight decay 0.05 on every parameter of
+two or more dimensions except the start token, position grid and attention temperatures, and its learning-rate
+schedule ("lin0": warmup, a short hold at the peak, linear decay)."""
 
 from __future__ import annotations
 
@@ -7,43 +9,48 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.nn as nn
 
-# Parameters named like this are never decayed (FlexVAR's start token, position grid and attention temperatures,
-# the original's `pos_start`, `pos_1LC` and `scale_mul`), whatever their shape.
+# Parameters named like this are never decayed, whatever their shape: FlexVAR's start token, position grid and
+# attention temperatures, the original's `pos_start`, `pos_1LC` and `scale_mul_1H11` (its `nowd_keys` that exist).
 NO_DECAY_NAMES = ("start_token", "pos_grid", "log_scale")
 
-NORM_TYPES = (
-    nn.LayerNorm,
-    nn.GroupNorm,
-    nn.BatchNorm1d,
-    nn.BatchNorm2d,
-    nn.BatchNorm3d,
-    nn.InstanceNorm1d,
-    nn.InstanceNorm2d,
-    nn.InstanceNorm3d,
-    nn.LocalResponseNorm,
-    nn.RMSNorm,
-)
+# The original's learning-rate schedule (utils/lr_control.py `lr_wd_annealing`, `sche="lin0"`, train.py defaults):
+# linear warmup from WARMUP_START of the peak over 1/50 of the iterations (`wp = ep / 50` epochs), then the peak for
+# HOLD_FRACTION of the remaining ones, then linear to `end_fraction` of the peak (`--wpe`) at the last one.
+FLEXVAR_WARMUP_START = 0.005
+FLEXVAR_WARMUP_FRACTION = 1 / 50
+FLEXVAR_HOLD_FRACTION = 0.05
 
-__all__ = ["NO_DECAY_NAMES", "build_optimizer", "clip_and_step", "no_decay_parameter_names", "parameter_groups"]
+__all__ = [
+    "NO_DECAY_NAMES",
+    "build_optimizer",
+    "clip_and_step",
+    "flexvar_lr_factor",
+    "flexvar_warmup_steps",
+    "no_decay_parameter_names",
+    "parameter_groups",
+]
 
 
-def no_decay_parameter_names(model: nn.Module, extra_names: Iterable[str] = NO_DECAY_NAMES) -> set[str]:
-    """Names of the trainable parameters that get no weight decay.
+def no_decay_parameter_names(
+    model: nn.Module, extra_names: Iterable[str] = NO_DECAY_NAMES, decay_embeddings: bool = True
+) -> set[str]:
+    """Names of the trainable parameters that get no weight decay: the original's `filter_params` rule.
 
-    Biases and every other parameter with fewer than 2 dimensions, the parameters of normalisation layers and
-    embedding tables (`nn.Embedding`, e.g. the class embedding), and parameters whose name contains one of
-    `extra_names` (by default the start token, the position grid and the attention temperatures).
+    Biases and every other parameter with fewer than 2 dimensions (so also the weights of normalisation layers), and
+    parameters whose name contains one of `extra_names` (by default the start token, the position grid and the
+    attention temperatures). Embedding tables (`nn.Embedding`: the class embedding) are decayed as in the original,
+    unless `decay_embeddings` is False.
     """
     extra_names = tuple(extra_names)
     names = set()
     for module_name, module in model.named_modules():
-        whole_module = isinstance(module, NORM_TYPES + (nn.Embedding,))
+        spared_module = not decay_embeddings and isinstance(module, nn.Embedding)
         for param_name, param in module.named_parameters(recurse=False):
             name = f"{module_name}.{param_name}" if module_name else param_name
             if not param.requires_grad:
                 continue
             if (
-                whole_module
+                spared_module
                 or param.ndim < 2
                 or param_name.endswith("bias")
                 or any(extra in name for extra in extra_names)
@@ -53,12 +60,12 @@ def no_decay_parameter_names(model: nn.Module, extra_names: Iterable[str] = NO_D
 
 
 def parameter_groups(
-    model: nn.Module, weight_decay: float, extra_names: Iterable[str] = NO_DECAY_NAMES
+    model: nn.Module, weight_decay: float, extra_names: Iterable[str] = NO_DECAY_NAMES, decay_embeddings: bool = True
 ) -> list[dict]:
-    """Two AdamW parameter groups: `{"params", "weight_decay": weight_decay, "names"}` for weight matrices and
+    """Two AdamW parameter groups: `{"params", "weight_decay": weight_decay, "names"}` for the decayed parameters and
     `{"params", "weight_decay": 0.0, "names"}` for `no_decay_parameter_names`. Frozen parameters are left out; a
     group without parameters is dropped."""
-    no_decay = no_decay_parameter_names(model, extra_names)
+    no_decay = no_decay_parameter_names(model, extra_names, decay_embeddings)
     decay_group = {"params": [], "names": [], "weight_decay": float(weight_decay)}
     no_decay_group = {"params": [], "names": [], "weight_decay": 0.0}
     for name, param in model.named_parameters():
@@ -77,10 +84,33 @@ def build_optimizer(
     betas: tuple[float, float] = (0.9, 0.95),
     eps: float = 1e-8,
     fused: bool | None = None,
+    decay_embeddings: bool = True,
 ) -> torch.optim.AdamW:
-    """AdamW over `parameter_groups(model, weight_decay)` (the original's betas and decay by default)."""
-    groups = parameter_groups(model, weight_decay)
+    """AdamW over `parameter_groups(model, weight_decay, decay_embeddings=decay_embeddings)` (the original's betas
+    and decay by default). `fused=True` takes PyTorch's single-kernel AdamW (CUDA; the original's `--afuse`),
+    None its default (the multi-tensor "foreach" implementation on CUDA)."""
+    groups = parameter_groups(model, weight_decay, decay_embeddings=decay_embeddings)
     return torch.optim.AdamW(groups, lr=learning_rate, betas=tuple(betas), eps=eps, fused=fused)
+
+
+def flexvar_warmup_steps(total_steps: int) -> int:
+    """The original's warmup length for a run of `total_steps`: `round(total_steps / 50)`."""
+    return round(total_steps * FLEXVAR_WARMUP_FRACTION)
+
+
+def flexvar_lr_factor(step: int, total_steps: int, warmup_steps: int, end_fraction: float = 0.01) -> float:
+    """
+    The learning rate at `step` (0-based) as a fraction of the peak, the original's "lin0" schedule: during the
+    `warmup_steps` linear from 0.005 to 1; then, with `progress` = (step - warmup) / (total_steps - 1 - warmup) going
+    from 0 to 1, 1 while `progress` < 0.05, then `end_fraction + (1 - end_fraction) * (1 - progress) / 0.95`, down to
+    `end_fraction` at the last step (steps past it stay there).
+    """
+    if step < warmup_steps:
+        return FLEXVAR_WARMUP_START + (1 - FLEXVAR_WARMUP_START) * step / warmup_steps
+    progress = min((step - warmup_steps) / max(total_steps - 1 - warmup_steps, 1), 1.0)
+    if progress < FLEXVAR_HOLD_FRACTION:
+        return 1.0
+    return end_fraction + (1 - end_fraction) * (1 - progress) / (1 - FLEXVAR_HOLD_FRACTION)
 
 
 def clip_and_step(

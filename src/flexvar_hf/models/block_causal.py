@@ -1,0 +1,174 @@
+"""Block-causal attention of teacher-forced training: each token attends to the tokens of its own and all coarser
+scales, never to finer ones.
+
+Three ways to compute the same function (`FlexVARTransformer2DModel.set_training_attention`):
+
+- "sdpa": one `F.scaled_dot_product_attention` call with a boolean (L, L) mask (`block_causal_mask`). With a mask,
+  PyTorch's flash kernel cannot run, and every masked block is still computed.
+- "flex": PyTorch's FlexAttention with a `BlockMask` (`flex_block_mask`) built from the scales: blocks of 128 x 128
+  query/key pairs that are all masked are skipped, blocks that are all visible run without the mask function. On
+  CUDA the call is compiled (dynamic shapes, so one kernel serves every scale schedule); on the CPU it runs eagerly
+  (materialising the scores: for tests, not speed).
+- "per_scale": one unmasked attention call per scale, its queries over the keys of the scales up to it (a prefix of
+  the sequence), so the flash kernel can run; about twice as many calls as scales per layer.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import NamedTuple, Union
+
+import torch
+import torch.nn.functional as F
+
+try:
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+except ImportError:  # torch without FlexAttention
+    BlockMask = flex_attention = None
+
+__all__ = [
+    "FLEX_BLOCK_SIZE",
+    "AttentionMask",
+    "TRAINING_ATTENTION_BACKENDS",
+    "ScaleBounds",
+    "block_causal_attention",
+    "block_causal_mask",
+    "flex_block_mask",
+    "scale_ids",
+    "training_attention_mask",
+]
+
+TRAINING_ATTENTION_BACKENDS = ("sdpa", "flex", "per_scale")
+FLEX_BLOCK_SIZE = 128
+
+
+class ScaleBounds(NamedTuple):
+    """Token offsets where each scale of the sequence ends (cumulative token counts), for "per_scale" attention."""
+
+    ends: tuple[int, ...]
+
+
+# What the attention functions accept as a mask: a boolean tensor, a FlexAttention block mask, scale bounds or None.
+AttentionMask = Union[torch.Tensor, "BlockMask", ScaleBounds, None]
+
+
+def scale_ids(scales: Sequence[tuple[int, int]], device: torch.device | str | None = None) -> torch.Tensor:
+    """(L,) int64: the index of the scale of every token, row-major per scale."""
+    return torch.cat([torch.full((h * w,), i, device=device) for i, (h, w) in enumerate(scales)])
+
+
+def block_causal_mask(scales: Sequence[tuple[int, int]], num_cached: int, device: torch.device) -> torch.Tensor | None:
+    """Boolean (l_new, num_cached + l_new) mask: a token sees every cached token and the tokens of its own and
+    earlier scales. None when a single scale is fed (no masking needed)."""
+    if len(scales) == 1:
+        return None
+    ids = scale_ids(scales, device)
+    new = ids[:, None] >= ids[None, :]
+    cached = torch.ones(len(ids), num_cached, dtype=torch.bool, device=device)
+    return torch.cat((cached, new), dim=1)
+
+
+def flex_block_mask(
+    scales: Sequence[tuple[int, int]], device: torch.device | str, block_size: int = FLEX_BLOCK_SIZE
+) -> BlockMask:
+    """The block-causal mask of `scales` as a FlexAttention `BlockMask`, built from the scale structure (no pass
+    over the L x L pairs).
+
+    Scale indices are non-decreasing along the sequence, so a block of queries `q` and keys `k` holds a visible pair
+    iff `max id(q) >= min id(k)`, and only visible pairs iff `min id(q) >= max id(k)` ("full" blocks: the mask
+    function is skipped). The sequence is padded to whole blocks, queries with the index -1 (they see nothing) and
+    keys with one above every real index (nothing sees them), so that a block holding padding is never "full", as in
+    `create_block_mask`.
+    """
+    if BlockMask is None:
+        raise ImportError("FlexAttention needs torch >= 2.5 (torch.nn.attention.flex_attention).")
+    ids = scale_ids(scales)
+    length = len(ids)
+    padding = -length % block_size
+    query_ids = torch.cat((ids, ids.new_full((padding,), -1)))
+    key_ids = torch.cat((ids, ids.new_full((padding,), len(scales))))
+    query_blocks, key_blocks = query_ids.view(-1, block_size), key_ids.view(-1, block_size)
+    visible = query_blocks.amax(1)[:, None] >= key_blocks[:, 0][None, :]  # (query block, key block)
+    full = query_blocks.amin(1)[:, None] >= key_blocks[:, -1][None, :]
+    partial = visible & ~full
+
+    def ordered(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        counts = selected.sum(dim=1, dtype=torch.int32)
+        # Selected key blocks first, in increasing order (a stable sort of the negated selection).
+        indices = torch.sort((~selected).to(torch.int8), dim=1, stable=True).indices.to(torch.int32)
+        return counts[None, None].to(device), indices[None, None].to(device)
+
+    query_ids, key_ids = query_ids.to(device), key_ids.to(device)
+
+    def mask_mod(batch, head, query_index, key_index):
+        return query_ids[query_index] >= key_ids[key_index]
+
+    kv_num_blocks, kv_indices = ordered(partial)
+    full_kv_num_blocks, full_kv_indices = ordered(full)
+    return BlockMask.from_kv_blocks(
+        kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, BLOCK_SIZE=block_size, mask_mod=mask_mod,
+        seq_lengths=(length, length),
+    )
+
+
+def training_attention_mask(scales: Sequence[tuple[int, int]], backend: str, device: torch.device) -> AttentionMask:
+    """What `block_causal_attention` needs for `backend` (see `TRAINING_ATTENTION_BACKENDS`) to attend block-causally
+    over `scales` fed together without a cache; None for a single scale."""
+    if backend not in TRAINING_ATTENTION_BACKENDS:
+        raise ValueError(f"The training attention must be one of {TRAINING_ATTENTION_BACKENDS}, got {backend!r}.")
+    if len(scales) == 1:
+        return None
+    if backend == "flex":
+        return flex_block_mask(scales, device)
+    if backend == "per_scale":
+        ends, total = [], 0
+        for height, width in scales:
+            total += height * width
+            ends.append(total)
+        return ScaleBounds(tuple(ends))
+    return block_causal_mask(scales, 0, device)
+
+
+@functools.cache
+def _compiled_flex_attention():
+    return torch.compile(flex_attention, dynamic=True)
+
+
+def _flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask) -> torch.Tensor:
+    """FlexAttention over (B, H, L, D) inputs with unscaled dot products: compiled on CUDA outside compiled regions
+    (inside one, the region's compiler takes the call), eager elsewhere."""
+    run = flex_attention
+    if query.is_cuda and not torch.compiler.is_compiling():
+        run = _compiled_flex_attention()
+    return run(query, key, value, block_mask=block_mask, scale=1.0)
+
+
+@torch.compiler.disable
+def _per_scale_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bounds: ScaleBounds):
+    """Each scale's (B, H, l, D) queries over the keys and values of the scales up to it; outputs concatenated.
+    Kept out of compiled graphs: the Python loop over the scales would be specialised on every schedule."""
+    outputs, start = [], 0
+    for end in bounds.ends:
+        outputs.append(
+            F.scaled_dot_product_attention(query[:, :, start:end], key[:, :, :end], value[:, :, :end], scale=1.0)
+        )
+        start = end
+    return torch.cat(outputs, dim=2)
+
+
+def block_causal_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: AttentionMask,
+) -> torch.Tensor:
+    """Attention of (B, H, l, D) queries over (B, H, L, D) keys and values -> (B, H, l, D), with unscaled dot
+    products (the queries carry the head temperatures). `attention_mask` from `training_attention_mask` or
+    `block_causal_mask` picks the computation: a `BlockMask` runs FlexAttention, `ScaleBounds` one call per scale, a
+    boolean tensor (True where a token may attend) or None scaled-dot-product attention."""
+    if BlockMask is not None and isinstance(attention_mask, BlockMask):
+        return _flex_attention(query, key, value, attention_mask)
+    if isinstance(attention_mask, ScaleBounds):
+        return _per_scale_attention(query, key, value, attention_mask)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=1.0)

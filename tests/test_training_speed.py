@@ -1,0 +1,273 @@
+"""Training speed options give the plain path's numbers, and the recipe's defaults are the original trainer's.
+
+The options: the block-causal attention as FlexAttention with a block mask or as one call per scale
+(`set_training_attention`), fused AdamW, cached VQ latents (`--cache_latents`); `--torch_compile` is covered by
+tests/test_training.py and tests/test_models.py. FlexAttention has no backward pass on the CPU, so its training
+steps are compared on the GPU by `benchmarks/bench_train.py --check`; here its forward pass and its block mask.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch.nn.attention.flex_attention import create_mask
+
+from flexvar_hf import FlexVARScaleScheduler, FlexVARTransformer2DModel
+from flexvar_hf.models.block_causal import block_causal_mask, flex_block_mask
+from flexvar_hf.training.flexvar_loss import build_teacher_inputs, drop_path_factors, flexvar_loss
+from flexvar_hf.training.optim import build_optimizer, flexvar_lr_factor
+
+from conftest import RELATIVE_TOLERANCE, relative_error
+
+SPEED_TOLERANCE = 1e-5  # float32 loss of an option against the plain path, relative
+PARITY_SCALES = [(1, 1), (2, 2), (3, 3), (4, 4)]
+
+
+def tiny_model(num_layers: int = 2, **kwargs) -> FlexVARTransformer2DModel:
+    torch.manual_seed(0)
+    return FlexVARTransformer2DModel(
+        num_classes=5, vocab_size=32, code_dim=4, num_layers=num_layers, hidden_size=32, num_attention_heads=2,
+        pos_grid_size=8, **kwargs,
+    )
+
+
+def random_schedules(count: int, seed: int = 0, size: int = 128) -> list[list[tuple[int, int]]]:
+    generator = torch.Generator().manual_seed(seed)
+    scheduler = FlexVARScaleScheduler()
+    return [scheduler.sample_training_scales(size, size, generator, keep_final_scale=False) for _ in range(count)]
+
+
+@pytest.mark.parametrize("block_size", [8, 16, 128])
+def test_flex_block_mask_is_the_block_causal_mask(block_size):
+    schedules = random_schedules(3) + [[(1, 1), (1, 2), (2, 3), (5, 7)], PARITY_SCALES]
+    for scales in schedules:
+        length = sum(h * w for h, w in scales)
+        expected = block_causal_mask(scales, 0, "cpu")
+        block_mask = flex_block_mask(scales, "cpu", block_size=block_size)
+        tokens = create_mask(block_mask.mask_mod, None, None, length, length, device="cpu")[0, 0]
+        assert torch.equal(tokens, expected)
+        # Blocks: a visible pair in every listed block, only visible pairs in every "full" one, none left out.
+        padded = torch.zeros(2 * [-(-length // block_size) * block_size], dtype=torch.bool)
+        padded[:length, :length] = expected
+        blocks = padded.unflatten(0, (-1, block_size)).unflatten(2, (-1, block_size))
+        assert torch.equal(block_mask.to_dense()[0, 0].bool(), blocks.any(3).any(1))
+        assert torch.equal(block_mask.full_kv_num_blocks[0, 0], blocks.all(3).all(1).sum(1, dtype=torch.int32))
+
+
+@torch.no_grad()
+def test_training_attentions_give_the_parity_loss(parity_transformer, parity_vq, reference):
+    teacher = build_teacher_inputs(parity_vq, PARITY_SCALES, pixels=reference["image"])
+    losses = {}
+    try:
+        for backend in ("sdpa", "flex", "per_scale"):
+            parity_transformer.set_training_attention(backend)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # flex_attention warns that it is not compiled on the CPU
+                logits = parity_transformer(reference["labels"], PARITY_SCALES, teacher.scale_inputs).logits
+            assert relative_error(logits, reference["teacher_logits"]) < RELATIVE_TOLERANCE, backend
+            losses[backend] = flexvar_loss(logits, teacher.targets).item()
+    finally:
+        parity_transformer.set_training_attention("sdpa")
+    assert losses["sdpa"] == pytest.approx(reference_loss(reference), rel=RELATIVE_TOLERANCE)
+    for backend in ("flex", "per_scale"):
+        assert losses[backend] == pytest.approx(losses["sdpa"], rel=SPEED_TOLERANCE), backend
+    with pytest.raises(ValueError, match="one of"):
+        parity_transformer.set_training_attention("dense")
+
+
+def reference_loss(reference) -> float:
+    """Cross-entropy of the original's logits against its targets, per token."""
+    return flexvar_loss(reference["teacher_logits"], reference["teacher_targets"]).item()
+
+
+def train_steps(model, schedules, fused: bool | None = None, steps: int = 3) -> tuple[list[float], list[torch.Tensor]]:
+    """A few AdamW steps on random teacher-forcing batches; the losses and the first step's gradients."""
+    optimizer = build_optimizer(model, 1e-2, fused=fused)
+    generator = torch.Generator().manual_seed(1)
+    losses, first_grads = [], None
+    for scales in schedules[:steps]:
+        length = sum(h * w for h, w in scales)
+        inputs = torch.randn(3, length - 1, 4, generator=generator)
+        targets = torch.randint(0, 32, (3, length), generator=generator)
+        loss = flexvar_loss(model(torch.tensor([0, 2, 5]), scales, inputs).logits, targets)
+        loss.backward()
+        if first_grads is None:
+            first_grads = [param.grad.clone() for param in model.parameters()]
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses, first_grads
+
+
+@pytest.mark.parametrize("option", ["per_scale", "fused_adamw"])
+def test_speed_options_train_like_the_plain_path(option):
+    schedules = random_schedules(3, seed=2, size=96)
+    plain_losses, plain_grads = train_steps(tiny_model(), schedules)
+    model = tiny_model()
+    if option == "per_scale":
+        model.set_training_attention("per_scale")
+    losses, grads = train_steps(model, schedules, fused=option == "fused_adamw")
+    assert losses == pytest.approx(plain_losses, rel=SPEED_TOLERANCE)
+    assert losses[0] != losses[-1]  # it trained
+    for grad, plain in zip(grads, plain_grads):
+        assert relative_error(grad, plain) < SPEED_TOLERANCE
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stochastic depth (the original's DropPath)
+
+
+def test_drop_path_factors_rates_and_values():
+    factors = drop_path_factors(6, 4000, 0.25, torch.Generator().manual_seed(0))
+    assert factors.shape == (6, 2, 4000) and factors.dtype == torch.float32
+    assert torch.equal(factors[0], torch.ones(2, 4000))  # the first block's rate is 0
+    rates = torch.linspace(0, 0.25, 6)
+    for block in range(1, 6):
+        keep = 1 - rates[block].item()
+        values = factors[block].unique()
+        assert torch.allclose(values, torch.tensor([0.0, 1 / keep]))
+        assert (factors[block] == 0).float().mean().item() == pytest.approx(1 - keep, abs=0.02)
+        assert factors[block].mean().item() == pytest.approx(1.0, abs=0.05)  # expectation kept
+    assert drop_path_factors(6, 4, 0.0) is None
+    seeded = [drop_path_factors(3, 5, 0.5, torch.Generator().manual_seed(7)) for _ in range(2)]
+    assert torch.equal(*seeded)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        drop_path_factors(3, 5, 1.0)
+
+
+@torch.no_grad()
+def test_a_dropped_block_is_skipped_for_that_sample():
+    model = tiny_model(num_layers=3)
+    scales = [(1, 1), (2, 2), (3, 3)]
+    inputs, labels = torch.randn(2, 13, 4), torch.tensor([1, 3])
+    plain = model(labels, scales, inputs).logits
+    assert torch.equal(model(labels, scales, inputs, drop_path_factors=torch.ones(3, 2, 2)).logits, plain)
+
+    factors = torch.ones(3, 2, 2)
+    factors[1, :, 0] = 0  # block 1 dropped for sample 0 only
+    dropped = model(labels, scales, inputs, drop_path_factors=factors).logits
+    skipped = tiny_model(num_layers=3)
+    del skipped.blocks[1]
+    assert torch.allclose(dropped[0], skipped(labels, scales, inputs).logits[0], atol=1e-6)
+    assert torch.equal(dropped[1], plain[1])
+
+    factors[2, 1, 1] = 2.0  # a kept update is scaled by 1 / keep probability: as if its gate were doubled
+    scaled = model(labels, scales, inputs, drop_path_factors=factors).logits
+    block = model.blocks[2]
+    block.norm1.linear.weight.view(6, 32, 32)[5] *= 2
+    block.norm1.linear.bias.view(6, 32)[5] *= 2
+    assert torch.allclose(scaled[1], model(labels, scales, inputs).logits[1], atol=1e-6)
+
+
+def test_adaln_gate_initialisation():
+    model = tiny_model(num_layers=2)
+    std = (1 / 32 / 3) ** 0.5
+    for gain in (1e-3, 1e-5):
+        model.initialize_weights(adaln_gate_gain=gain)
+        rows = model.blocks[1].norm1.linear.weight.view(6, 32, 32)
+        for chunk in range(6):
+            expected = std * (gain if chunk in (2, 5) else 0.5)
+            assert rows[chunk].std().item() == pytest.approx(expected, rel=0.25), (gain, chunk)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The training script's recipe defaults
+
+
+def test_recipe_defaults_are_the_published_commands(train_script):
+    args = train_script.parse_args(["--vqvae_model_name_or_path", "vq", "--depth", "16", "--train_data_dir", "x"])
+    assert args.scale_lr and args.lr_scheduler == "flexvar" and not args.keep_final_scale
+    assert not args.exclude_embeddings_from_weight_decay and args.weight_decay == 0.05
+    assert (args.max_grad_norm, args.class_dropout_prob, args.label_smoothing, args.use_ema) == (2.0, 0.1, 0.0, False)
+    train_script.fill_recipe_defaults(args, 16)
+    assert (args.learning_rate, args.lr_end_fraction, args.init_adaln_gate) == (1e-4, 0.1, 1e-3)
+    assert args.drop_path_rate == pytest.approx(0.1 * 16 / 24)
+    deep = train_script.parse_args(["--vqvae_model_name_or_path", "vq", "--depth", "24", "--train_data_dir", "x",
+                                    "--drop_path_rate", "0"])
+    train_script.fill_recipe_defaults(deep, 24)
+    assert (deep.learning_rate, deep.lr_end_fraction, deep.init_adaln_gate, deep.drop_path_rate) == (
+        8e-5, 0.01, 1e-4, 0.0)
+    for flag, value, message in (
+        ("--drop_path_rate", "1", r"--drop_path_rate must be in \[0, 1\)"),
+        ("--lr_end_fraction", "1.5", r"--lr_end_fraction must be in \[0, 1\]"),
+        ("--init_adaln_gate", "0", "--init_adaln_gate must be positive"),
+        ("--lr_warmup_steps", "-1", "--lr_warmup_steps must be >= 0"),
+    ):
+        bad = train_script.parse_args(["--vqvae_model_name_or_path", "vq", "--depth", "16", flag, value])
+        with pytest.raises(ValueError, match=message):
+            train_script.check_recipe_args(bad)
+
+
+@pytest.mark.parametrize("num_processes", [1, 2])
+def test_flexvar_lr_scheduler_steps_per_optimisation_step(train_script, num_processes):
+    args = train_script.parse_args(["--vqvae_model_name_or_path", "vq", "--depth", "1", "--train_data_dir", "x"])
+    args.lr_end_fraction = 0.1
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=2.0)
+    scheduler = train_script.build_lr_scheduler(args, optimizer, 200 * num_processes, num_processes)
+    assert args.lr_warmup_steps == 4  # 1/50 of 200
+    rates = []
+    for _ in range(200):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        for _ in range(num_processes):  # accelerate steps a prepared scheduler once per process
+            scheduler.step()
+    assert rates == pytest.approx([2.0 * flexvar_lr_factor(step, 200, 4, 0.1) for step in range(200)])
+    assert rates[0] == pytest.approx(0.01) and rates[-1] == pytest.approx(0.2)
+
+
+@pytest.fixture(scope="module")
+def train_script():
+    from conftest import load_example
+
+    return load_example("train")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --cache_latents
+
+
+def test_cache_latents_trains_like_encoding_every_step(tmp_path, train_script):
+    import numpy as np
+    from PIL import Image
+
+    from flexvar_hf import FlexVQModel
+    from test_training import TINY_VQ, reset_accelerate
+
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        for index, size in enumerate([(64, 80), (96, 64), (72, 72)]):
+            pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "data" / label / f"{index}.png")
+    torch.manual_seed(0)
+    FlexVQModel(**TINY_VQ).save_pretrained(tmp_path / "vq")
+
+    def run(name, *extra):
+        reset_accelerate()
+        argv = [
+            "--vqvae_model_name_or_path", str(tmp_path / "vq"), "--depth", "1", "--train_data_dir",
+            str(tmp_path / "data"), "--resolution", "64", "--train_batch_size", "3", "--max_train_steps", "4",
+            "--random_flip", "--seed", "4", "--report_to", "none", "--output_dir", str(tmp_path / name),
+            "--no-scale_lr", "--lr_scheduler", "constant", "--learning_rate", "1e-3", *extra,
+        ]
+        return train_script.main(train_script.parse_args(argv))["losses"]
+
+    plain = run("plain")
+    cached = run("cached", "--cache_latents")
+    assert cached == pytest.approx(plain, rel=SPEED_TOLERANCE)
+    assert plain[0] != plain[-1]
+    shard = tmp_path / "cached" / "latent_cache" / "latents-00000-of-00001.safetensors"
+    written = shard.stat().st_mtime_ns
+    assert run("cached", "--cache_latents", "--max_train_steps", "5")[:4] == cached  # the cache is reused
+    assert shard.stat().st_mtime_ns == written
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs a CUDA GPU"):
+            run("flex", "--training_attention", "flex")
+    with pytest.raises(ValueError, match="centre crops"):
+        train_script.check_args(train_script.parse_args([
+            "--vqvae_model_name_or_path", str(tmp_path / "vq"), "--depth", "1", "--train_data_dir",
+            str(tmp_path / "data"), "--cache_latents", "--random_crop",
+        ]))
+    reset_accelerate()
