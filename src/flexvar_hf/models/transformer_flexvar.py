@@ -284,7 +284,7 @@ class FlexVARBlock(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        modulation: tuple[torch.Tensor, ...],
+        modulation: tuple[torch.Tensor, ...] | torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         kv_cache: FlexVARKVCache | None = None,
         layer_index: int = 0,
@@ -293,7 +293,10 @@ class FlexVARBlock(nn.Module):
         """
         Args:
             hidden_states (`torch.Tensor` of shape `(B, L, dim)`): The residual stream, without `update`.
-            modulation: `self.modulation(class_embedding)`.
+            modulation: `self.modulation(class_embedding)`, or the (B, dim) class embedding itself, from which
+                the block computes it. Teacher forcing passes the embedding, so that every use of a block's
+                weights happens inside its `forward` (what FSDP, which gathers a block's sharded weights
+                around that call, needs); generation passes the terms it computed once per sequence.
             update (`ResidualUpdate`, *optional*): The previous block's feed-forward update of the stream, added in
                 the pass of this block's first norm.
 
@@ -304,6 +307,8 @@ class FlexVARBlock(nn.Module):
             in run 38 of benchmarks/RESULTS.md, 9.4 ms in bfloat16 in run 28). The sums are the same operations in
             the same order, so the numbers do not change.
         """
+        if isinstance(modulation, torch.Tensor):
+            modulation = self.modulation(modulation)
         shift_attn, scale_attn, gate_attn, shift_ff, scale_ff, gate_ff = modulation
         hidden_states, normed = self.residual_and_norm(self.norm1.norm, hidden_states, update, shift_attn, scale_attn)
         if kv_cache is None:
@@ -353,7 +358,7 @@ def sincos_position_grid(dim: int, size: int) -> torch.Tensor:
     grid = torch.empty(size, size, dim)
     grid[..., 0::2] = torch.sin(coords[:, None, None] * frequencies)
     grid[..., 1::2] = torch.cos(coords[None, :, None] * frequencies)
-    return grid.permute(2, 0, 1).unsqueeze(0)
+    return grid.permute(2, 0, 1).unsqueeze(0).contiguous()  # FSDP shards contiguous parameters only
 
 
 def block_causal_mask(scales: Sequence[tuple[int, int]], num_cached: int, device: torch.device) -> torch.Tensor | None:
@@ -571,7 +576,10 @@ class FlexVARTransformer2DModel(ModelMixin, ConfigMixin):
         attention_mask = block_causal_mask(scales, num_cached, hidden_states.device)
 
         if kv_cache is None:
-            modulations = self.modulations(conditioning)
+            # Teacher forcing: every module computes its AdaLN terms from the embedding inside its own forward, so
+            # that FSDP (which gathers a module's sharded weights around its forward) can wrap the blocks and the
+            # head's norm. Generation computes them once per sequence and keeps them in the cache.
+            modulations = [conditioning] * len(self.blocks)
         else:
             if kv_cache.modulations is None:
                 kv_cache.modulations = self.modulations(conditioning)
@@ -588,8 +596,11 @@ class FlexVARTransformer2DModel(ModelMixin, ConfigMixin):
         if kv_cache is not None:
             kv_cache.advance(hidden_states.shape[1])
 
-        scale_out, shift_out = modulations[-1]
-        normed = modulated_layer_norm(self.norm_out.norm, hidden_states, shift_out, scale_out)
+        if kv_cache is None:
+            normed = self.norm_out(hidden_states, conditioning)
+        else:
+            scale_out, shift_out = modulations[-1]
+            normed = modulated_layer_norm(self.norm_out.norm, hidden_states, shift_out, scale_out)
         if guidance_scale is not None:
             normed = combine_guidance(normed, guidance_scale).to(normed.dtype)
         logits = self.proj_out(normed)
