@@ -57,6 +57,7 @@ from flexvar_hf.training.data import (
     sample_seed,
     set_dataloader_epoch,
 )
+from flexvar_hf.training.distributed import gather_model, shards_weights
 from flexvar_hf.training.flexvar_loss import token_accuracy, training_loss
 from flexvar_hf.training.growth import grow_depth, init_config
 from flexvar_hf.training.latent_cache import (
@@ -529,9 +530,9 @@ def tracker_config(args: argparse.Namespace) -> dict:
     return config
 
 
-def log_validation(args, accelerator, transformer, vqvae, scheduler, id2label, ema_model, step):
-    """Generate one image per --validation_class_labels, save PNGs and log them to the trackers (main process)."""
-    model = accelerator.unwrap_model(transformer)
+def log_validation(args, accelerator, model, vqvae, scheduler, id2label, ema_model, step):
+    """Generate one image per --validation_class_labels with `model` (the trained transformer with its full
+    weights, from `gather_model`), save PNGs and log them to the trackers (main process)."""
     if ema_model is not None:
         ema_model.store(model.parameters())
         ema_model.copy_to(model.parameters())
@@ -650,7 +651,8 @@ def latent_training_data(args: argparse.Namespace, accelerator: Accelerator, dat
 def main(args: argparse.Namespace) -> dict:
     """Run the training described by `args` (from `parse_args`). Returns a summary: `global_step`, `losses` (per
     optimisation step, averaged over processes and accumulation), `pipeline_dir`, `resumed_from` (the checkpoint or
-    None), `transformer` (the trained model, raw weights) and `ema_model` (the `EMAModel` or None)."""
+    None), `transformer` (the trained model, raw weights; None on the other processes when FSDP sharded it) and
+    `ema_model` (the `EMAModel` or None)."""
     height, width = check_args(args)
     args.resolution_hw = (height, width)
     output_dir = Path(args.output_dir)
@@ -673,6 +675,10 @@ def main(args: argparse.Namespace) -> dict:
         datasets.utils.logging.set_verbosity_error()
         diffusers.utils.logging.set_verbosity_error()
     set_seed(args.seed)
+    if args.use_ema and shards_weights(accelerator):
+        # EMAModel keeps a full copy of the weights next to the sharded ones, and accelerate saves it from the main
+        # process alone; the original trainer keeps no EMA either.
+        raise ValueError("--use_ema is not supported when FSDP or DeepSpeed ZeRO-3 shards the weights; drop it.")
 
     # Data and models, checked against each other before any training work.
     with accelerator.main_process_first():
@@ -891,10 +897,10 @@ def main(args: argparse.Namespace) -> dict:
                     accelerator, output_dir, global_step, total_limit=args.checkpoints_total_limit,
                     state={"epoch": epoch},
                 )
-            if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
-                log_validation(
-                    args, accelerator, transformer, vqvae, scheduler, id2label, ema_model, global_step
-                )
+            if args.validation_steps and global_step % args.validation_steps == 0:
+                model = gather_model(accelerator, transformer, FlexVARTransformer2DModel)  # on every process
+                if accelerator.is_main_process:
+                    log_validation(args, accelerator, model, vqvae, scheduler, id2label, ema_model, global_step)
             if out_of_time:
                 logger.info(f"Stopping after {args.max_train_minutes} minutes at step {global_step}.")
                 max_train_steps = global_step
@@ -904,7 +910,7 @@ def main(args: argparse.Namespace) -> dict:
 
     accelerator.wait_for_everyone()
     pipeline_dir = output_dir / PIPELINE_SUBFOLDER
-    model = accelerator.unwrap_model(transformer)
+    model = gather_model(accelerator, transformer, FlexVARTransformer2DModel)  # on every process
     if accelerator.is_main_process:
         final_model = model
         if ema_model is not None:  # the saved pipeline gets the EMA weights; the trained model keeps its own

@@ -233,6 +233,7 @@ def test_cache_latents_trains_like_encoding_every_step(tmp_path, train_script):
     from PIL import Image
 
     from flexvar_hf import FlexVQModel
+
     from test_training import TINY_VQ, reset_accelerate
 
     rng = np.random.default_rng(0)

@@ -291,18 +291,24 @@ class FlexVARBlock(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        modulation: tuple[torch.Tensor, ...],
+        modulation: tuple[torch.Tensor, ...] | torch.Tensor,
         attention_mask: AttentionMask = None,
         kv_cache: FlexVARKVCache | None = None,
         layer_index: int = 0,
         update: ResidualUpdate | None = None,
+        drop_path_factors: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ResidualUpdate]:
         """
         Args:
             hidden_states (`torch.Tensor` of shape `(B, L, dim)`): The residual stream, without `update`.
-            modulation: `self.modulation(class_embedding)`.
+            modulation: `self.modulation(class_embedding)`, or the (B, dim) class embedding itself, from which
+                the block computes it. Teacher forcing passes the embedding, so that every use of a block's
+                weights happens inside its `forward` (what FSDP, which gathers a block's sharded weights
+                around that call, needs); generation passes the terms it computed once per sequence.
             update (`ResidualUpdate`, *optional*): The previous block's feed-forward update of the stream, added in
                 the pass of this block's first norm.
+            drop_path_factors (`torch.Tensor` of shape `(2, B)`, *optional*): Stochastic-depth factors of this
+                block's attention and feed-forward updates (training); they scale the two AdaLN gates.
 
         Returns:
             The stream after this block's attention, and this block's feed-forward update of it, for the next block
@@ -310,6 +316,10 @@ class FlexVARBlock(nn.Module):
             end of the block it is a pass of its own over the stream. The sums are the same operations in the same
             order, so the numbers do not change.
         """
+        if isinstance(modulation, torch.Tensor):
+            modulation = self.modulation(modulation)
+        if drop_path_factors is not None:
+            modulation = scale_gates(modulation, drop_path_factors)
         shift_attn, scale_attn, gate_attn, shift_ff, scale_ff, gate_ff = modulation
         hidden_states, normed = self.residual_and_norm(self.norm1.norm, hidden_states, update, shift_attn, scale_attn)
         if kv_cache is None:
@@ -359,25 +369,16 @@ def sincos_position_grid(dim: int, size: int) -> torch.Tensor:
     grid = torch.empty(size, size, dim)
     grid[..., 0::2] = torch.sin(coords[:, None, None] * frequencies)
     grid[..., 1::2] = torch.cos(coords[None, :, None] * frequencies)
-    return grid.permute(2, 0, 1).unsqueeze(0)
+    return grid.permute(2, 0, 1).unsqueeze(0).contiguous()  # FSDP shards contiguous parameters only
 
 
-Modulations = list[tuple[torch.Tensor, ...]]
-
-
-def apply_drop_path(modulations: Modulations, factors: torch.Tensor) -> Modulations:
-    """`FlexVARTransformer2DModel.modulations` with each block's two AdaLN gates (B, 1, dim) multiplied by its
-    (2, B) stochastic-depth `factors` (in the gates' dtype); the head's terms are unchanged."""
-    num_blocks = len(modulations) - 1
-    if factors.shape[:2] != (num_blocks, 2):
-        raise ValueError(f"`drop_path_factors` must have shape ({num_blocks}, 2, B), got {tuple(factors.shape)}.")
-    scaled = []
-    for terms, block_factors in zip(modulations, factors):
-        terms = list(terms)
-        for chunk, factor in zip(ADALN_GATE_CHUNKS, block_factors):
-            terms[chunk] = terms[chunk] * factor.to(terms[chunk].dtype).view(-1, 1, 1)
-        scaled.append(tuple(terms))
-    return scaled + modulations[num_blocks:]
+def scale_gates(modulation: tuple[torch.Tensor, ...], factors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A block's six AdaLN terms with its two gates (B, 1, dim) multiplied by its (2, B) stochastic-depth
+    `factors` (in the gates' dtype)."""
+    terms = list(modulation)
+    for chunk, factor in zip(ADALN_GATE_CHUNKS, factors):
+        terms[chunk] = terms[chunk] * factor.to(terms[chunk].dtype).view(-1, 1, 1)
+    return tuple(terms)
 
 
 class FlexVARTransformer2DModel(FlexVARModelMixin, ConfigMixin):
@@ -615,9 +616,15 @@ class FlexVARTransformer2DModel(FlexVARModelMixin, ConfigMixin):
             attention_mask = block_causal_mask(scales, num_cached, hidden_states.device)
 
         if kv_cache is None:
-            modulations = self.modulations(conditioning)
-            if drop_path_factors is not None:
-                modulations = apply_drop_path(modulations, drop_path_factors)
+            # Teacher forcing: every module computes its AdaLN terms from the embedding inside its own forward, so
+            # that FSDP (which gathers a module's sharded weights around its forward) can wrap the blocks and the
+            # head's norm. Generation computes them once per sequence and keeps them in the cache.
+            modulations = [conditioning] * len(self.blocks)
+            if drop_path_factors is not None and drop_path_factors.shape[:2] != (len(self.blocks), 2):
+                raise ValueError(
+                    f"`drop_path_factors` must have shape ({len(self.blocks)}, 2, B), "
+                    f"got {tuple(drop_path_factors.shape)}."
+                )
         else:
             if kv_cache.modulations is None:
                 kv_cache.modulations = self.modulations(conditioning)
@@ -625,7 +632,10 @@ class FlexVARTransformer2DModel(FlexVARModelMixin, ConfigMixin):
 
         update = None
         for index, block in enumerate(self.blocks):
-            block_inputs = (hidden_states, modulations[index], attention_mask, kv_cache, index, update)
+            block_drop_path = None if drop_path_factors is None else drop_path_factors[index]
+            block_inputs = (
+                hidden_states, modulations[index], attention_mask, kv_cache, index, update, block_drop_path
+            )
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 hidden_states, update = self._gradient_checkpointing_func(block, *block_inputs)
             else:
@@ -634,8 +644,11 @@ class FlexVARTransformer2DModel(FlexVARModelMixin, ConfigMixin):
         if kv_cache is not None:
             kv_cache.advance(hidden_states.shape[1])
 
-        scale_out, shift_out = modulations[-1]
-        normed = modulated_layer_norm(self.norm_out.norm, hidden_states, shift_out, scale_out)
+        if kv_cache is None:
+            normed = self.norm_out(hidden_states, conditioning)
+        else:
+            scale_out, shift_out = modulations[-1]
+            normed = modulated_layer_norm(self.norm_out.norm, hidden_states, shift_out, scale_out)
         if guidance_scale is not None:
             normed = combine_guidance(normed, guidance_scale).to(normed.dtype)
         logits = self.proj_out(normed)
