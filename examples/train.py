@@ -58,7 +58,7 @@ from flexvar_hf.training.data import (
 from flexvar_hf.training.flexvar_loss import token_accuracy, training_loss
 from flexvar_hf.training.growth import grow_depth, init_config
 from flexvar_hf.training.optim import build_optimizer, clip_and_step
-from flexvar_hf.utils.io import atomic_directory
+from flexvar_hf.utils.io import atomic_directory, check_run_folder
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -311,6 +311,7 @@ def check_args(args: argparse.Namespace) -> tuple[int, int]:
     ):
         if value is not None and (value < 16 or value % 16):
             raise ValueError(f"{flag} must be a positive multiple of 16, got {value}.")
+    check_run_folder(args.output_dir, PIPELINE_SUBFOLDER)  # a folder, whose pipeline sub-folder the run may replace
     resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)  # ValueError if an explicit one is missing
     return resolution
 
@@ -526,6 +527,8 @@ def main(args: argparse.Namespace) -> dict:
             label_column=args.label_column,
             max_train_samples=args.max_train_samples,
             seed=args.seed,
+            image_check=args.image_check,
+            num_proc=args.dataloader_num_workers or None,
         )
     labels = label_info(dataset, args.label_column)
     transformer, vqvae, scheduler, pretrained_id2label = load_models(args, labels.num_classes)

@@ -108,6 +108,17 @@ def check_output_path(path: str | os.PathLike, overwrite: bool = False, folder: 
     return path
 
 
+def check_run_folder(output_dir: str | os.PathLike, final_folder: str) -> Path:
+    """Before a training run: ValueError unless `output_dir` is a folder or does not exist yet, and the folder the run
+    ends by replacing, `output_dir / final_folder`, is free or a flexvar-hf folder holding nothing else
+    (`check_output_path`). Returns `output_dir` as a Path."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"--output_dir {str(output_dir)!r} is a file, not a folder; choose a folder for the run.")
+    check_output_path(output_dir / final_folder, overwrite=True)
+    return output_dir
+
+
 def _staging_path(path: Path, kind: str) -> Path:
     return path.parent / f".{path.name}.{kind}-{uuid.uuid4().hex[:8]}"
 
