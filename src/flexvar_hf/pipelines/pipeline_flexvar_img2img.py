@@ -49,16 +49,17 @@ def pixel_values(values: np.ndarray | torch.Tensor, name: str = "image", mask: b
     what is accepted.
     """
     accepted = "uint8 values in 0..255 or floats in [0, 1]" + (" (or bools)" if mask else " (or [-1, 1])")
+    given_dtype = values.dtype
     if isinstance(values, np.ndarray):
         if values.dtype.kind not in "biuf":
-            raise ValueError(f"`{name}` has values of dtype {values.dtype}; pass {accepted}.")
+            raise ValueError(f"`{name}` has values of dtype {given_dtype}; pass {accepted}.")
         values = torch.from_numpy(np.array(values, dtype=np.float32 if values.dtype.kind == "f" else values.dtype))
     if values.dtype == torch.uint8:
         return values.float() / 255
     if mask and values.dtype == torch.bool:
         return values.float()
     if not values.dtype.is_floating_point:
-        raise ValueError(f"`{name}` has values of dtype {values.dtype}, whose range is ambiguous; pass {accepted}.")
+        raise ValueError(f"`{name}` has values of dtype {given_dtype}, whose range is ambiguous; pass {accepted}.")
     values = values.float()
     if values.numel() == 0:
         return values
