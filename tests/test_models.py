@@ -11,7 +11,7 @@ from flexvar_hf import FlexVARTransformer2DModel, FlexVQModel
 from flexvar_hf.models.transformer_flexvar import ResidualUpdate, feed_forward, linear_gelu, modulated_layer_norm
 from flexvar_hf.scales import as_hw_list, flatten_grid, resize_codes
 
-from conftest import PIXEL_TOLERANCE, RELATIVE_TOLERANCE, relative_error
+from conftest import PIXEL_TOLERANCE, RELATIVE_TOLERANCE, relative_error, requires_cuda
 
 TRAIN_SCALES = [1, 2, 3, 4]
 
@@ -253,7 +253,8 @@ def test_feed_forward_takes_the_fused_op_only_in_cuda_inference(monkeypatch):
         assert (linear_gelu(activation.proj, cpu) - activation(cpu)).abs().max() > 1e-6
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused GELU epilogue runs on CUDA only")
+@pytest.mark.gpu
+@requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_feed_forward_matches_the_module_on_cuda(dtype):
     block = tiny_transformer(num_layers=1).blocks[0].to("cuda", dtype)
