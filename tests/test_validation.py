@@ -21,6 +21,7 @@ from flexvar_hf import (
 from flexvar_hf.pipelines import pipeline_flexvar
 from flexvar_hf.utils.validation import check_agreement, check_flag, check_int, check_number
 
+from conftest import load_example
 from test_pipeline import make_tiny_pipe
 
 EDITING = (FlexVARImg2ImgPipeline, FlexVARInpaintPipeline, FlexVAROutpaintPipeline)
@@ -385,3 +386,21 @@ def test_return_dict_false_returns_the_same_images_in_a_tuple(pipes, cls):
     as_tuple = pipes[cls](**call, generator=torch.Generator().manual_seed(0), return_dict=False)
     assert isinstance(as_tuple, tuple) and len(as_tuple) == 1
     np.testing.assert_array_equal(as_tuple[0], as_dict.images)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Example scripts
+
+
+def test_example_scripts_stop_bad_inputs_with_a_message(tmp_path):
+    edit = load_example("edit")
+    with pytest.raises(SystemExit, match="--image .*missing.png' cannot be read as an image"):
+        edit.main(["--image", str(tmp_path / "missing.png"), "--output_dir", str(tmp_path / "out")])
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a picture")
+    with pytest.raises(SystemExit, match="--mask .*broken.png' cannot be read as an image"):
+        edit.main(["--mask", str(broken), "--output_dir", str(tmp_path / "out")])
+    generate = load_example("generate")
+    with pytest.raises(SystemExit, match=r"error: 100000x32, 3 steps, classes \[1\]: .*`max_tokens_per_image`"):
+        generate.main(["--sizes", "100000x32", "--steps", "3", "--classes", "1", "--output", str(tmp_path / "a.png")])
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["broken.png"]  # nothing written
