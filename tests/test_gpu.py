@@ -8,7 +8,6 @@ blocks), the kernels being compiled rather than interpreted, and float8 inferenc
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import pytest
@@ -29,24 +28,13 @@ SETTINGS = [
 ]
 
 
-@contextlib.contextmanager
-def without_tf32():
-    """Float32 products and convolutions in full float32, so that paths that choose other kernels compare closely."""
-    backends = (torch.backends.cuda.matmul, torch.backends.cudnn)
-    saved = [backend.allow_tf32 for backend in backends]
-    for backend in backends:
-        backend.allow_tf32 = False
-    try:
-        yield
-    finally:
-        for backend, allow in zip(backends, saved):
-            backend.allow_tf32 = allow
-
-
 @pytest.fixture
-def cuda_pipe():
-    with without_tf32():
-        yield make_tiny_pipe().to("cuda")
+def cuda_pipe(monkeypatch):
+    """The tiny random pipeline on CUDA, with float32 products and convolutions in full float32 (no TF32), so that
+    paths that choose other kernels (compiled ones) compare closely."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    return make_tiny_pipe().to("cuda")
 
 
 def generate(pipe, labels=LABELS, seed: int = 0, **kwargs):

@@ -252,23 +252,32 @@ class FlexVARImg2ImgPipeline(FlexVARPipeline):
 
     def prepare_outputs(
         self,
-        num_images: int,
+        image: PipelineImageInput,
         class_labels: int | str | Sequence[int | str] | torch.Tensor,
         num_images_per_prompt: int,
-        height: int,
-        width: int,
+        height: int | None,
+        width: int | None,
         num_inference_steps: int | None,
         guidance_scale: float,
         top_k: int,
-        device: torch.device,
-    ) -> tuple[torch.LongTensor, torch.LongTensor]:
-        """Everything that needs no pixels, before any image work: pair `num_images` input images with the labels
-        (`pair_images_with_labels`), set the scales of a `height` x `width` output (the size budget) and check the
-        memory budget of the outputs. Returns `(labels, image_index)` on `device`."""
+        round_to_multiple: bool,
+    ) -> tuple[torch.LongTensor, torch.LongTensor, tuple[int, int], torch.device]:
+        """
+        Everything that needs no pixels, before any image work: the output size (`output_size` of the input's size
+        and `height` / `width`), the input images paired with the labels (`pair_images_with_labels`), the scales of
+        that size (the size budget) and the memory budget of the outputs.
+
+        Returns:
+            `(labels, image_index, (height, width), device)`, the labels on the execution device `device` (read
+            once: each read walks every module).
+        """
+        num_images, image_height, image_width = image_batch_and_size(image)
+        size = self.output_size(image_height, image_width, height, width, round_to_multiple)
+        device = self._execution_device
         labels, image_index = self.pair_images_with_labels(class_labels, num_images, num_images_per_prompt, device)
-        self.scheduler.set_timesteps(num_inference_steps, height=height, width=width, device=device)
+        self.scheduler.set_timesteps(num_inference_steps, height=size[0], width=size[1], device=device)
         self.check_memory_budget(len(labels), guidance_scale != 1, top_k, device)
-        return labels, image_index
+        return labels, image_index, size, device
 
     # ------------------------------------------------------------------------------------------------------------
     # Strength
@@ -331,12 +340,9 @@ class FlexVARImg2ImgPipeline(FlexVARPipeline):
             temperature, generator, callback_on_step_end, return_dict,
         )
         self.num_kept_scales(strength, 1)  # checks strength before any work
-        num_images, image_height, image_width = image_batch_and_size(image)
-        height, width = self.output_size(image_height, image_width, height, width, round_to_multiple)
-        device = self._execution_device  # read once: each read walks every module
-        labels, image_index = self.prepare_outputs(
-            num_images, class_labels, num_images_per_prompt, height, width, num_inference_steps, guidance_scale,
-            top_k, device,
+        labels, image_index, (height, width), device = self.prepare_outputs(
+            image, class_labels, num_images_per_prompt, height, width, num_inference_steps, guidance_scale, top_k,
+            round_to_multiple,
         )
         pixels = self.prepare_image(image, height, width, round_to_multiple, device)
         scales = self.scheduler.scales

@@ -291,14 +291,11 @@ class FlexVARInpaintPipeline(FlexVARImg2ImgPipeline):
             temperature, generator, callback_on_step_end, return_dict,
         )
         self.check_editing_args(mask_threshold, preserve_unmasked, output_type)
-        num_images, image_height, image_width = image_batch_and_size(image)
-        height, width = self.output_size(image_height, image_width, height, width, round_to_multiple)
-        device = self._execution_device  # read once: each read walks every module
-        labels, image_index = self.prepare_outputs(
-            num_images, class_labels, num_images_per_prompt, height, width, num_inference_steps, guidance_scale,
-            top_k, device,
+        labels, image_index, (height, width), device = self.prepare_outputs(
+            image, class_labels, num_images_per_prompt, height, width, num_inference_steps, guidance_scale, top_k,
+            round_to_multiple,
         )
-        mask = self.prepare_mask(mask_image, num_images, height, width, device=device)
+        mask = self.prepare_mask(mask_image, image_batch_and_size(image)[0], height, width, device=device)
         regenerate = self.regenerate_mask(mask)
         pixels = self.prepare_image(image, height, width, round_to_multiple, device)
         sampling = dict(
@@ -450,17 +447,13 @@ class FlexVAROutpaintPipeline(FlexVARInpaintPipeline):
             temperature, generator, callback_on_step_end, return_dict,
         )
         self.check_editing_args(mask_threshold, preserve_unmasked, output_type)
-        num_images, image_height, image_width = image_batch_and_size(image)
-        image_size = self.output_size(image_height, image_width, None, None, round_to_multiple)
-        height = image_size[0] if height is None else height
-        width = image_size[1] if width is None else width
-        self.scheduler.token_grid(height, width)  # positive multiples of 16 within the size budget, else ValueError
-        self.canvas_offset(image_size, (height, width), offset)  # the image fits, before any image work
-        device = self._execution_device  # read once: each read walks every module
-        labels, image_index = self.prepare_outputs(
-            num_images, class_labels, num_images_per_prompt, height, width, num_inference_steps, guidance_scale,
-            top_k, device,
+        # The canvas: `height` / `width`, a missing side the image's (as the output size of the other pipelines).
+        labels, image_index, (height, width), device = self.prepare_outputs(
+            image, class_labels, num_images_per_prompt, height, width, num_inference_steps, guidance_scale, top_k,
+            round_to_multiple,
         )
+        image_size = self.output_size(*image_batch_and_size(image)[1:], None, None, round_to_multiple)
+        self.canvas_offset(image_size, (height, width), offset)  # the image fits, before any image work
         pixels = self.prepare_image(image, None, None, round_to_multiple, device)
         canvas, mask, (top, left) = self.prepare_canvas(pixels, height, width, offset)
 
