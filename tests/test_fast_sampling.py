@@ -80,9 +80,15 @@ def test_callbacks_take_the_plain_path(tiny_pipe):
     assert len(tiny_pipe.fast_token_generator.loops) == 0
 
 
-def test_cuda_graphs_need_a_cuda_pipeline(tiny_pipe):
+def test_cuda_graphs_need_a_cuda_pipeline_and_the_arguments_are_checked(tiny_pipe):
     with pytest.raises(ValueError, match="CUDA"):
         tiny_pipe.enable_fast_sampling(use_cuda_graph=True)
+    for kwargs, match in [(dict(max_graphs=0), "`max_graphs` must be a positive int"),
+                          (dict(max_graphs=True), "`max_graphs`"), (dict(torch_compile="yes"), "`torch_compile`"),
+                          (dict(use_cuda_graph=1), "`use_cuda_graph` must be True or False")]:
+        with pytest.raises(ValueError, match=match):
+            tiny_pipe.enable_fast_sampling(**kwargs)
+    assert tiny_pipe.fast_token_generator is None
 
 
 def test_fast_calls_do_not_walk_the_modules_for_their_device(tiny_pipe, monkeypatch):

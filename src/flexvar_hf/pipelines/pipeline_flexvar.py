@@ -423,6 +423,10 @@ class FlexVARPipeline(DiffusionPipeline):
                 an H100: 57.6 against 33.0 ms in benchmarks/RESULTS.md, run 8b). Modes that capture their own CUDA
                 graphs are refused: the whole generation is already captured as one.
         """
+        max_graphs = check_int("max_graphs", max_graphs, minimum=1)
+        torch_compile = check_flag("torch_compile", torch_compile)
+        if use_cuda_graph is not None:
+            check_flag("use_cuda_graph", use_cuda_graph)
         if compile_mode not in FAST_SAMPLING_COMPILE_MODES:
             raise ValueError(
                 f"`compile_mode` must be one of {FAST_SAMPLING_COMPILE_MODES}, got {compile_mode!r} (modes with their "
