@@ -206,16 +206,18 @@ class FlexVARPipeline(DiffusionPipeline):
         config, vq_config = self.transformer.config, self.vqvae.config
         scales = self.scheduler.scales
         rows = num_images * (2 if guided else 1)
-        itemsize = self.transformer.dtype.itemsize
+        # Element sizes read off one weight each: `ModelMixin.dtype` walks every module (fast calls avoid that).
+        itemsize = self.transformer.proj_out.weight.element_size()
         last = scales[-1][0] * scales[-1][1]
         kept = config.vocab_size if top_k <= 0 else min(top_k, config.vocab_size)
         pixels = last * self.vae_scale_factor**2
         channels = vq_config.base_channels * vq_config.channel_multipliers[0]
+        vq_itemsize = self.vqvae.quant_conv.weight.element_size()
         return {
             "key/value cache": config.num_layers * rows * num_tokens(scales) * 2 * config.hidden_size * itemsize,
             "transformer activations": rows * last * config.hidden_size * int(config.mlp_ratio + 3) * itemsize,
             "logits and sampling": num_images * last * (config.vocab_size * 4 + kept * 20),
-            "image encoding/decoding": num_images * pixels * channels * 3 * self.vqvae.dtype.itemsize,
+            "image encoding/decoding": num_images * pixels * channels * 3 * vq_itemsize,
         }
 
     def check_memory_budget(self, num_images: int, guided: bool, top_k: int, device: torch.device) -> None:
