@@ -410,3 +410,24 @@ def test_back_conversion_refuses_existing_and_equal_outputs(tmp_path, converted_
     assert convert(var_out, vq_out, "--overwrite") == 0 and "Wrote" in capsys.readouterr().out
     assert torch.load(var_out, weights_only=True)["attn_bias_for_masking"].shape == (1, 1, 30, 30)
     assert set(torch.load(vq_out, weights_only=True)) == {"model"}
+
+
+def test_only_folders_written_by_flexvar_hf_count_as_ours(tmp_path):
+    from flexvar_hf.utils.io import check_output_path, foreign_entries
+
+    model = tmp_path / "vqvae"
+    FlexVQModel(**SMALL_VQS[0]).save_pretrained(model)
+    (model / "training_summary.json").write_text("{}")  # examples/train_vq.py's summary
+    (model / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"")  # weight variants and shards
+    assert foreign_entries(model) == [] and check_output_path(model, overwrite=True) == model
+    (model / "notes.md").write_text("mine")
+    assert foreign_entries(model) == ["notes.md"]
+    other = tmp_path / "unet"
+    other.mkdir()
+    (other / "config.json").write_text('{"_class_name": "UNet2DModel"}')  # a diffusers folder, not ours
+    assert foreign_entries(other) is None and foreign_entries(tmp_path / "missing") is None
+    link = tmp_path / "link"
+    link.symlink_to(model)
+    with pytest.raises(ValueError, match="symbolic link"):
+        check_output_path(link, overwrite=True)
+    assert check_output_path(tmp_path / "new", overwrite=False) == tmp_path / "new"

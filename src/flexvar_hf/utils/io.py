@@ -31,7 +31,7 @@ OUR_CLASSES = frozenset(
 )
 CONFIG_FILES = ("model_index.json", "config.json", "scheduler_config.json")
 WEIGHTS_PREFIX = "diffusion_pytorch_model"  # weights, shards, their index and variants (".fp16")
-MODEL_CARD = "README.md"
+WRITTEN_BESIDE = ("README.md", "training_summary.json")  # model cards and examples/train_vq.py's summary
 OVERWRITE = "`overwrite=True` (`--overwrite` in the scripts)"
 
 
@@ -48,9 +48,10 @@ def foreign_entries(folder: str | os.PathLike) -> list[str] | None:
     when `folder` is not such a folder at all.
 
     Ours is a folder whose `model_index.json` (a pipeline), `config.json` (a model) or `scheduler_config.json` names
-    one of `OUR_CLASSES`. A pipeline folder holds that file, a model card `README.md` and its component sub-folders;
-    a model or scheduler folder holds its config and `diffusion_pytorch_model*` weight files. Anything else is
-    foreign: a user's file that replacing the folder would delete.
+    one of `OUR_CLASSES`. A pipeline folder holds that file and its component sub-folders; a model or scheduler
+    folder holds its config and `diffusion_pytorch_model*` weight files; either may hold the files our scripts write
+    beside them (`WRITTEN_BESIDE`: a model card, a training summary). Anything else is foreign: a user's file that
+    replacing the folder would delete.
     """
     folder = Path(folder)
     config = next((folder / name for name in CONFIG_FILES if (folder / name).is_file()), None)
@@ -58,7 +59,7 @@ def foreign_entries(folder: str | os.PathLike) -> list[str] | None:
         return None
     foreign = []
     for entry in sorted(folder.iterdir()):
-        if entry.name in (config.name, MODEL_CARD) and entry.is_file() and not entry.is_symlink():
+        if entry.name in (config.name, *WRITTEN_BESIDE) and entry.is_file() and not entry.is_symlink():
             continue
         if config.name == "model_index.json" and entry.is_dir():
             inner = foreign_entries(entry)
