@@ -30,10 +30,10 @@ DIGITS = REPO_ROOT / "models" / "flexvar-digits"
 FACTOR = 8  # the digits model's pixels per token
 VOCAB_SIZE = 4096
 OMIT = object()  # the argument is left out of the call
-# CI: 15 fixed examples per pipeline. FLEXVAR_PROPERTY_EXAMPLES=500 explores that many fresh random ones instead.
+# CI: 12 fixed examples per pipeline. FLEXVAR_PROPERTY_EXAMPLES=500 explores that many fresh random ones instead.
 EXPLORE = int(os.environ.get("FLEXVAR_PROPERTY_EXAMPLES", "0"))
 EXAMPLES = settings(
-    max_examples=EXPLORE or 15,
+    max_examples=EXPLORE or 12,
     deadline=None,
     derandomize=not EXPLORE,
     database=None,
@@ -232,7 +232,7 @@ def test_inpainting(pipes, drawn):
 
 
 @EXAMPLES
-@given(drawn=strategy(image=IMAGE, height=([OMIT, 32], [8, 16, 10**6]), width=([32, 40], [13, 16, 10**6]),
+@given(drawn=strategy(image=IMAGE, height=([OMIT, 24], [8, 16, 10**6]), width=([32], [13, 16, 10**6]),
                       offset=([OMIT, None, (0, 8)], [(3, 0), (0, 64), "ab", (64, 0)]), **EDITING, **SAMPLING))
 def test_outpainting(pipes, drawn):
     call = drawn[0]
