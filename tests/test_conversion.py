@@ -426,6 +426,15 @@ def test_only_folders_written_by_flexvar_hf_count_as_ours(tmp_path):
     other.mkdir()
     (other / "config.json").write_text('{"_class_name": "UNet2DModel"}')  # a diffusers folder, not ours
     assert foreign_entries(other) is None and foreign_entries(tmp_path / "missing") is None
+    # A pipeline saved for diffusers' generic loading names its class as [module, class] and holds module.py.
+    pipeline = tmp_path / "pipeline"
+    pipeline.mkdir()
+    (pipeline / "model_index.json").write_text('{"_class_name": ["flexvar_pipeline", "FlexVARPipeline"]}')
+    (pipeline / "flexvar_pipeline.py").write_text("from flexvar_hf import FlexVARPipeline  # noqa: F401\n")
+    shutil.copytree(model, pipeline / "vqvae", ignore=shutil.ignore_patterns("notes.md"))
+    assert foreign_entries(pipeline) == []
+    (pipeline / "other.py").write_text("")
+    assert foreign_entries(pipeline) == ["other.py"]
     link = tmp_path / "link"
     link.symlink_to(model)
     with pytest.raises(ValueError, match="symbolic link"):

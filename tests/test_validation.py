@@ -291,8 +291,8 @@ def test_preserve_unmasked_with_latent_output_is_a_conflict(pipes):
         (dict(class_labels=np.zeros((2, 2), dtype=int)), "`class_labels` must be an int, a class name"),
         (dict(class_labels=torch.tensor([1.5])), r"`class_labels` must be ints"),
         (dict(class_labels=["no such class"]), r"Unknown class names \['no such class'\] \(`class_labels`\)"),
-        (dict(generator=0), "`generator` must be a torch.Generator"),
-        (dict(generator=np.random.default_rng(0)), "`generator` must be a torch.Generator"),
+        (dict(generator=0), "`generator` must be"),
+        (dict(generator=np.random.default_rng(0)), "`generator` must be"),
         (dict(callback_on_step_end=3), "`callback_on_step_end` must be a function"),
         (dict(callback_on_step_end_tensor_inputs="indices"), "`callback_on_step_end_tensor_inputs` must be a list"),
         (dict(callback_on_step_end_tensor_inputs=None), "`callback_on_step_end_tensor_inputs` must be a list"),
@@ -308,7 +308,7 @@ def test_argument_types(pipes, kwargs, match):
     if match is None:
         assert pipes[FlexVARPipeline](**call | dict(num_inference_steps=None)).images.shape == (1, 2, 2)
         return
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((ValueError, TypeError), match=match):
         pipes[FlexVARPipeline](**call)
 
 

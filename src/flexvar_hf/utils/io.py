@@ -35,11 +35,16 @@ WRITTEN_BESIDE = ("README.md", "training_summary.json")  # model cards and examp
 OVERWRITE = "`overwrite=True` (`--overwrite` in the scripts)"
 
 
-def _class_name(config_file: Path) -> str | None:
+def _class_and_module(config_file: Path) -> tuple[str | None, str | None]:
+    """The `_class_name` of a config file and, for the list form `[module, class name]` (a pipeline loadable by
+    diffusers' generic `DiffusionPipeline.from_pretrained`), the file `module.py` that the folder holds for it."""
     try:
-        return json.loads(config_file.read_text()).get("_class_name")
+        name = json.loads(config_file.read_text()).get("_class_name")
     except (OSError, ValueError, AttributeError):
-        return None
+        return None, None
+    if isinstance(name, list) and len(name) == 2 and all(isinstance(part, str) for part in name):
+        return name[1], f"{name[0]}.py"
+    return (name, None) if isinstance(name, str) else (None, None)
 
 
 def foreign_entries(folder: str | os.PathLike) -> list[str] | None:
@@ -48,18 +53,20 @@ def foreign_entries(folder: str | os.PathLike) -> list[str] | None:
     when `folder` is not such a folder at all.
 
     Ours is a folder whose `model_index.json` (a pipeline), `config.json` (a model) or `scheduler_config.json` names
-    one of `OUR_CLASSES`. A pipeline folder holds that file and its component sub-folders; a model or scheduler
+    one of `OUR_CLASSES` (plain, or as `[module, class name]` with the folder's `module.py` that names it for
+    diffusers' generic loading). A pipeline folder holds that file and its component sub-folders; a model or scheduler
     folder holds its config and `diffusion_pytorch_model*` weight files; either may hold the files our scripts write
     beside them (`WRITTEN_BESIDE`: a model card, a training summary). Anything else is foreign: a user's file that
     replacing the folder would delete.
     """
     folder = Path(folder)
     config = next((folder / name for name in CONFIG_FILES if (folder / name).is_file()), None)
-    if not folder.is_dir() or folder.is_symlink() or config is None or _class_name(config) not in OUR_CLASSES:
+    class_name, module_file = _class_and_module(config) if config is not None else (None, None)
+    if not folder.is_dir() or folder.is_symlink() or class_name not in OUR_CLASSES:
         return None
     foreign = []
     for entry in sorted(folder.iterdir()):
-        if entry.name in (config.name, *WRITTEN_BESIDE) and entry.is_file() and not entry.is_symlink():
+        if entry.name in (config.name, module_file, *WRITTEN_BESIDE) and entry.is_file() and not entry.is_symlink():
             continue
         if config.name == "model_index.json" and entry.is_dir():
             inner = foreign_entries(entry)
