@@ -22,7 +22,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--vq_ckpt", required=True, help="Original FlexVAE.pth.")
     parser.add_argument("--output_dir", required=True, help="Folder to write; must not exist unless --overwrite.")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="Dtype of the saved weights.")
-    parser.add_argument("--overwrite", action="store_true", help="Replace an existing output folder.")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Replace an existing output folder, if it is a pipeline folder written by flexvar-hf holding nothing "
+        "else (never a folder with other files, a regular file or the working directory).",
+    )
     parser.add_argument("--push_to_hub", metavar="REPO_ID", default=None, help="Also upload the folder to the Hub.")
     parser.add_argument(
         "--allow_unsafe_pickle",
@@ -44,7 +49,7 @@ def main(argv=None) -> int:
             overwrite=args.overwrite,
             model_id=args.push_to_hub,
         )
-    except (CheckpointError, ValueError) as error:
+    except (CheckpointError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     config = pipeline.transformer.config

@@ -63,8 +63,21 @@ def as_class(value: str) -> int | str:
     return int(value) if value.isdigit() else value
 
 
+def read_picture(path: str | None, flag: str, mode: str) -> Image.Image | None:
+    """The picture at `path` decoded in `mode` (None without a path); SystemExit naming `flag` if it cannot be read,
+    before any model is loaded."""
+    if path is None:
+        return None
+    try:
+        with Image.open(path) as image:
+            return image.convert(mode)
+    except (OSError, SyntaxError, ValueError) as error:  # PIL's errors for missing, foreign or broken files
+        raise SystemExit(f"{flag} {path!r} cannot be read as an image: {error}") from None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    picture, mask_picture = read_picture(args.image, "--image", "RGB"), read_picture(args.mask, "--mask", "L")
     model = args.model or SHIPPED_MODEL
     if args.model is None and not SHIPPED_MODEL.is_dir():
         print(f"No model at {SHIPPED_MODEL}; pass --model (a converted FlexVAR folder or Hub id).", file=sys.stderr)
@@ -87,12 +100,12 @@ def main(argv=None) -> int:
     if args.image is None:
         source = pipe(source_class, height=size, width=size, generator=generator(), **common).images[0]
     else:
-        source = Image.open(args.image).convert("RGB").resize((size, size), Image.LANCZOS)
+        source = picture.resize((size, size), Image.LANCZOS)
     if args.mask is None:
         mask = Image.new("L", (size, size), 0)
         mask.paste(255, (size // 2, 0, size, size))
     else:
-        mask = Image.open(args.mask).convert("L")
+        mask = mask_picture
 
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

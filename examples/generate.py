@@ -114,8 +114,11 @@ def main(argv=None) -> int:
     rows, captions, num_images = [], [], 0
     for height, width, steps, classes in plan_rows(args, shipped, default_classes):
         generator = torch.Generator(args.device).manual_seed(args.seed)
-        images = pipe(classes, height=height, width=width, num_inference_steps=steps, generator=generator,
-                      **extra).images
+        try:
+            images = pipe(classes, height=height, width=width, num_inference_steps=steps, generator=generator,
+                          **extra).images
+        except ValueError as error:  # the pipeline's message says which argument and what it accepts
+            raise SystemExit(f"error: {height}x{width}, {steps} steps, classes {classes}: {error}") from None
         used_steps = len(pipe.scheduler.scales)
         rows.append(images)
         captions.append(f"{height}x{width}\n{used_steps} steps")

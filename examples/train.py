@@ -67,7 +67,7 @@ from flexvar_hf.training.latent_cache import (
     prepare_latent_cache,
 )
 from flexvar_hf.training.optim import build_optimizer, clip_and_step, flexvar_lr_factor, flexvar_warmup_steps
-from flexvar_hf.utils.io import atomic_directory
+from flexvar_hf.utils.io import atomic_directory, check_run_folder
 from flexvar_hf.utils.model_card import flexvar_model_card
 
 logger = get_logger(__name__, log_level="INFO")
@@ -398,6 +398,7 @@ def check_args(args: argparse.Namespace) -> tuple[int, int]:
     ):
         if value is not None and (value < 16 or value % 16):
             raise ValueError(f"{flag} must be a positive multiple of 16, got {value}.")
+    check_run_folder(args.output_dir, PIPELINE_SUBFOLDER)  # a folder, whose pipeline sub-folder the run may replace
     resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)  # ValueError if an explicit one is missing
     return resolution
 
@@ -691,6 +692,8 @@ def main(args: argparse.Namespace) -> dict:
             label_column=args.label_column,
             max_train_samples=args.max_train_samples,
             seed=args.seed,
+            image_check=args.image_check,
+            num_proc=args.dataloader_num_workers or None,
         )
     labels = label_info(dataset, args.label_column)
     transformer, vqvae, scheduler, pretrained_id2label = load_models(args, labels.num_classes)

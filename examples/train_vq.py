@@ -68,7 +68,7 @@ from flexvar_hf.training.vq_losses import (
     restart_dead_codes,
     sample_extra_scales,
 )
-from flexvar_hf.utils.io import atomic_directory
+from flexvar_hf.utils.io import atomic_directory, check_run_folder
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -236,7 +236,7 @@ def load_validation_pixels(args, resolution: tuple[int, int]) -> torch.Tensor | 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    output_dir = Path(args.output_dir)
+    output_dir = check_run_folder(args.output_dir, "vqvae")  # a folder, whose vqvae sub-folder the run may replace
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
@@ -260,7 +260,8 @@ def main(argv=None) -> int:
 
     dataset = load_image_dataset(args.dataset_name, args.dataset_config_name, args.train_data_dir, args.cache_dir,
                                  image_column=args.image_column, max_train_samples=args.max_train_samples,
-                                 seed=args.seed)
+                                 seed=args.seed, image_check=args.image_check,
+                                 num_proc=args.dataloader_num_workers or None)
     transform = ImageTransform(resolution, crop=crop_mode(args), random_flip=args.random_flip,
                                min_crop_fraction=args.random_crop_min_fraction)
     train_dataset = ImageDataset(dataset, transform, args.image_column, seed=args.seed)

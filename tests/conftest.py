@@ -26,6 +26,14 @@ RELATIVE_TOLERANCE = 1e-4
 PIXEL_TOLERANCE = 1e-3
 
 
+# GPU tests (`@pytest.mark.gpu` with this) skip on machines without CUDA, saying how to run them.
+requires_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="needs a CUDA GPU: part of the GPU suite, run on a GPU machine with `python -m pytest -q -m gpu` "
+    "(docs/testing.md)",
+)
+
+
 def load_example(name: str):
     """The module `examples/{name}.py` (the examples are scripts, not a package)."""
     spec = importlib.util.spec_from_file_location(f"flexvar_example_{name}", REPO_ROOT / "examples" / f"{name}.py")

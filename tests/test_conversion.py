@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -268,3 +271,172 @@ def test_command_line_round_trip(tmp_path, transformer_ckpt, vq_ckpt, original_t
     restored = torch.load(tmp_path / "var.pth", weights_only=True)
     assert restored["attn_bias_for_masking"].shape == (1, 1, 680, 680)  # the original's default training scales
     assert torch.equal(restored["head.weight"], original_transformer_sd["head.weight"].bfloat16())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Nothing a user owns is deleted or overwritten
+
+
+def load_converter(name: str):
+    """The module `convert/{name}.py` (a script, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"flexvar_convert_{name}", REPO_ROOT / "convert" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def snapshot(folder) -> dict[str, bytes]:
+    """Every file under `folder` (relative path -> bytes)."""
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def test_overwrite_replaces_only_a_pipeline_folder_of_ours(tmp_path, converted_dir, transformer_ckpt, vq_ckpt,
+                                                           monkeypatch, capsys):
+    to_diffusers = load_converter("convert_flexvar_to_diffusers").main
+    ours = tmp_path / "ours"
+    shutil.copytree(converted_dir, ours)
+    (ours / "README.md").write_text("model card")  # a pipeline folder of ours may hold its model card
+
+    def convert(output, *extra) -> int:
+        return to_diffusers(["--transformer_ckpt", str(transformer_ckpt), "--vq_ckpt", str(vq_ckpt),
+                             "--output_dir", str(output), *extra])
+
+    # Without --overwrite nothing existing is touched.
+    before = snapshot(ours)
+    assert convert(ours) == 1 and "already exists" in capsys.readouterr().err
+    assert snapshot(ours) == before
+    # A folder of ours holding a user's file, a folder of someone else, a regular file, the working directory.
+    mixed = tmp_path / "mixed"
+    shutil.copytree(converted_dir, mixed)
+    (mixed / "transformer" / "notes.txt").write_text("mine")
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "cat.jpg").write_bytes(b"jpeg")
+    regular = tmp_path / "model.pth"
+    regular.write_bytes(b"weights")
+    workdir = tmp_path / "workdir"
+    workdir.mkdir()
+    (workdir / "draft.txt").write_text("mine")
+    monkeypatch.chdir(workdir)
+    for output, message in [
+        (mixed, r"holds files flexvar-hf did not write \(transformer/notes\.txt\)"),
+        (foreign, "not a diffusers folder written by flexvar-hf"),
+        (regular, "is a file, not a folder"),
+        (".", "is the working directory or holds it"),
+        (tmp_path, "is the working directory or holds it"),
+    ]:
+        contents = snapshot(tmp_path)
+        assert convert(output, "--overwrite") == 1
+        assert re.search(message, capsys.readouterr().err), message
+        assert snapshot(tmp_path) == contents  # nothing changed, no temporary folder left anywhere
+
+    # --overwrite replaces a pipeline folder of ours, and only once the new one is complete.
+    (ours / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"stale")
+    assert convert(ours, "--overwrite") == 0
+    assert FlexVARPipeline.from_pretrained(ours).transformer.config.num_layers == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mixed", "model.pth", "ours", "photos", "workdir"]
+
+
+def test_a_failed_conversion_leaves_no_temporary_files(tmp_path, converted_dir, transformer_ckpt, vq_ckpt,
+                                                      monkeypatch):
+    output = tmp_path / "out"
+    shutil.copytree(converted_dir, output)
+    before = snapshot(output)
+
+    def broken_save(self, folder, **kwargs):
+        (Path(folder) / "model_index.json").write_text("{}")
+        raise OSError("disk full")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(FlexVARPipeline, "save_pretrained", broken_save)
+        with pytest.raises(OSError, match="disk full"):
+            convert_original_to_diffusers(transformer_ckpt, vq_ckpt, output, overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and snapshot(output) == before
+
+    # The final rename failing (as renaming onto a busy folder does) restores the old folder and removes the new one.
+    rename = Path.rename
+
+    def busy(self, target):
+        if Path(target) == output and ".tmp-" in self.name:
+            raise OSError(16, "Device or resource busy")
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", busy)
+    with pytest.raises(OSError, match="busy"):
+        convert_original_to_diffusers(transformer_ckpt, vq_ckpt, output, overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and snapshot(output) == before
+
+
+def test_back_conversion_refuses_existing_and_equal_outputs(tmp_path, converted_dir, monkeypatch, capsys):
+    to_original = load_converter("convert_diffusers_to_flexvar").main
+
+    def convert(transformer_out, vq_out, *extra) -> int:
+        return to_original(["--pipeline_dir", str(converted_dir), "--transformer_out", str(transformer_out),
+                            "--vq_out", str(vq_out), "--train_patch_nums", "1_2_3_4", *extra])
+
+    same = tmp_path / "same.pth"
+    assert convert(same, same) == 1 and "must be distinct" in capsys.readouterr().err
+    assert convert(same, tmp_path / "." / "same.pth", "--overwrite") == 1
+    assert "must be distinct" in capsys.readouterr().err and not same.exists()
+
+    var_out, vq_out = tmp_path / "var.pth", tmp_path / "vae.pth"
+    var_out.write_bytes(b"my weights")
+    assert convert(var_out, vq_out) == 1 and "already exists" in capsys.readouterr().err
+    assert var_out.read_bytes() == b"my weights" and not vq_out.exists()  # neither output was written
+    folder = tmp_path / "folder.pth"
+    folder.mkdir()
+    assert convert(folder, vq_out, "--overwrite") == 1 and "not a regular file" in capsys.readouterr().err
+    assert convert(var_out, vq_out, "--train_patch_nums", "1_x") == 1
+    assert "--train_patch_nums" in capsys.readouterr().err
+
+    # A failure while writing the second file replaces neither and leaves no temporary file.
+    save = torch.save
+    calls = []
+
+    def failing_second_save(obj, path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        save(obj, path)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "save", failing_second_save)
+        assert convert(var_out, vq_out, "--overwrite") == 1
+    assert var_out.read_bytes() == b"my weights" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "folder.pth", "var.pth"]
+
+    assert convert(var_out, vq_out, "--overwrite") == 0 and "Wrote" in capsys.readouterr().out
+    assert torch.load(var_out, weights_only=True)["attn_bias_for_masking"].shape == (1, 1, 30, 30)
+    assert set(torch.load(vq_out, weights_only=True)) == {"model"}
+
+
+def test_only_folders_written_by_flexvar_hf_count_as_ours(tmp_path):
+    from flexvar_hf.utils.io import check_output_path, foreign_entries
+
+    model = tmp_path / "vqvae"
+    FlexVQModel(**SMALL_VQS[0]).save_pretrained(model)
+    (model / "training_summary.json").write_text("{}")  # examples/train_vq.py's summary
+    (model / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"")  # weight variants and shards
+    assert foreign_entries(model) == [] and check_output_path(model, overwrite=True) == model
+    (model / "notes.md").write_text("mine")
+    assert foreign_entries(model) == ["notes.md"]
+    other = tmp_path / "unet"
+    other.mkdir()
+    (other / "config.json").write_text('{"_class_name": "UNet2DModel"}')  # a diffusers folder, not ours
+    assert foreign_entries(other) is None and foreign_entries(tmp_path / "missing") is None
+    # A pipeline saved for diffusers' generic loading names its class as [module, class] and holds module.py.
+    pipeline = tmp_path / "pipeline"
+    pipeline.mkdir()
+    (pipeline / "model_index.json").write_text('{"_class_name": ["flexvar_pipeline", "FlexVARPipeline"]}')
+    (pipeline / "flexvar_pipeline.py").write_text("from flexvar_hf import FlexVARPipeline  # noqa: F401\n")
+    shutil.copytree(model, pipeline / "vqvae", ignore=shutil.ignore_patterns("notes.md"))
+    assert foreign_entries(pipeline) == []
+    (pipeline / "other.py").write_text("")
+    assert foreign_entries(pipeline) == ["other.py"]
+    link = tmp_path / "link"
+    link.symlink_to(model)
+    with pytest.raises(ValueError, match="symbolic link"):
+        check_output_path(link, overwrite=True)
+    assert check_output_path(tmp_path / "new", overwrite=False) == tmp_path / "new"

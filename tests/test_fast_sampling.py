@@ -55,6 +55,23 @@ def test_loops_are_reused_per_setting_and_bounded(tiny_pipe):
     assert tiny_pipe.fast_token_generator is None
 
 
+def test_a_reused_loop_samples_for_the_new_labels(tiny_pipe):
+    """The second call of a setting replays the first call's loop with new class labels of the same batch size: its
+    tokens are the plain path's for those labels, not the labels the loop was built with."""
+
+    def tokens(labels, seed):
+        generator = torch.Generator().manual_seed(seed)
+        return tiny_pipe(labels, height=64, width=64, generator=generator, output_type="latent").images
+
+    plain = [tokens([1, 4, 7], 0), tokens([2, 3, 9], 1), tokens([9, 9, 0], 2)]
+    assert not torch.equal(plain[1], tokens([1, 4, 7], 1))  # the labels decide the tokens
+    tiny_pipe.enable_fast_sampling(use_cuda_graph=False)
+    fast = [tokens([1, 4, 7], 0), tokens([2, 3, 9], 1), tokens([9, 9, 0], 2)]
+    assert len(tiny_pipe.fast_token_generator.loops) == 1
+    for got, expected in zip(fast, plain):
+        assert torch.equal(got, expected)
+
+
 def test_callbacks_take_the_plain_path(tiny_pipe):
     tiny_pipe.enable_fast_sampling(use_cuda_graph=False)
     seen = []
@@ -63,9 +80,15 @@ def test_callbacks_take_the_plain_path(tiny_pipe):
     assert len(tiny_pipe.fast_token_generator.loops) == 0
 
 
-def test_cuda_graphs_need_a_cuda_pipeline(tiny_pipe):
+def test_cuda_graphs_need_a_cuda_pipeline_and_the_arguments_are_checked(tiny_pipe):
     with pytest.raises(ValueError, match="CUDA"):
         tiny_pipe.enable_fast_sampling(use_cuda_graph=True)
+    for kwargs, match in [(dict(max_graphs=0), "`max_graphs` must be a positive int"),
+                          (dict(max_graphs=True), "`max_graphs`"), (dict(torch_compile="yes"), "`torch_compile`"),
+                          (dict(use_cuda_graph=1), "`use_cuda_graph` must be True or False")]:
+        with pytest.raises(ValueError, match=match):
+            tiny_pipe.enable_fast_sampling(**kwargs)
+    assert tiny_pipe.fast_token_generator is None
 
 
 def test_fast_calls_do_not_walk_the_modules_for_their_device(tiny_pipe, monkeypatch):

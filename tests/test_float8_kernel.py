@@ -1,7 +1,8 @@
 """The Triton kernels of float8 inference (GELU and quantisation, AdaLN and quantisation) against the PyTorch
 operations they replace.
 
-Without CUDA the kernel runs in Triton's interpreter on CPU tensors (conftest.py sets `TRITON_INTERPRET=1`).
+Without CUDA the kernel runs in Triton's interpreter on CPU tensors (conftest.py sets `TRITON_INTERPRET=1`); on a GPU
+machine the same tests run the compiled kernels on CUDA tensors, as part of the GPU suite (`pytest -m gpu`).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HARDWARE_TANH = DEVICE == "cuda" and torch.version.hip is None
 GELU_RTOL = 1e-3 if HARDWARE_TANH else 1e-6
 # The interpreter evaluates exp in NumPy, which warns where it overflows to inf (GELU of inputs below about -9: 0).
-pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+pytestmark = [pytest.mark.gpu, pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")]
 
 
 def kernel(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,6 +1,8 @@
 """The Triton norm-and-cache-write kernel against the PyTorch norm and copy it replaces.
 
-Without CUDA the kernel runs in Triton's interpreter on CPU tensors (conftest.py sets `TRITON_INTERPRET=1`).
+Without CUDA the kernel runs in Triton's interpreter on CPU tensors (conftest.py sets `TRITON_INTERPRET=1`); on a GPU
+machine the same tests run the compiled kernel on CUDA tensors, as part of the GPU suite (`pytest -m gpu`,
+tests/test_gpu.py checks that it is compiled).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ pytest.importorskip("triton")
 from flexvar_hf.models.kv_cache_kernel import normalize_and_cache  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.gpu
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -11,7 +11,7 @@ from flexvar_hf import FlexVARTransformer2DModel, FlexVQModel
 from flexvar_hf.models.transformer_flexvar import ResidualUpdate, feed_forward, linear_gelu, modulated_layer_norm
 from flexvar_hf.scales import as_hw_list, flatten_grid, resize_codes
 
-from conftest import PIXEL_TOLERANCE, RELATIVE_TOLERANCE, relative_error
+from conftest import PIXEL_TOLERANCE, RELATIVE_TOLERANCE, relative_error, requires_cuda
 
 TRAIN_SCALES = [1, 2, 3, 4]
 
@@ -210,19 +210,51 @@ def test_linear_gelu_is_the_projection_then_gelu():
     torch.testing.assert_close(linear_gelu(projection, hidden_states), expected)
 
 
-def test_feed_forward_takes_the_module_where_the_fused_op_does_not_apply():
-    """Training (autograd), the CPU and autocast take diffusers' module: the fused op has no backward, applies the
-    exact GELU on the CPU and is not cast by autocast."""
+class LooksLikeCuda(torch.Tensor):
+    """A CPU tensor that reports `is_cuda`, to drive `feed_forward`'s choice of path on a machine without a GPU."""
+
+    @property
+    def is_cuda(self) -> bool:
+        return True
+
+
+def test_feed_forward_takes_the_fused_op_only_in_cuda_inference(monkeypatch):
+    """The fused op (`linear_gelu`) runs exactly for CUDA tensors without autograd or autocast; training (autograd),
+    the CPU and autocast take diffusers' module: the fused op has no backward, applies the exact GELU on the CPU
+    (so taking it there would change the numbers, as checked here) and is not cast by autocast."""
+    from flexvar_hf.models import transformer_flexvar
+
     block = tiny_transformer(num_layers=1).blocks[0]
-    hidden_states = torch.randn(2, 3, 32, requires_grad=True)
-    out = feed_forward(block.ff, hidden_states)
-    out.square().sum().backward()
-    assert hidden_states.grad is not None
+    fused_calls = []
+
+    def fused(projection, hidden_states):
+        fused_calls.append(type(hidden_states))
+        return block.ff.net[0](hidden_states.as_subclass(torch.Tensor))
+
+    monkeypatch.setattr(transformer_flexvar, "linear_gelu", fused)
+    cpu = torch.randn(2, 3, 32)
+    cuda_like = cpu.clone().as_subclass(LooksLikeCuda)
     with torch.no_grad():
-        torch.testing.assert_close(feed_forward(block.ff, hidden_states), block.ff(hidden_states), rtol=0, atol=0)
+        expected = block.ff(cpu)
+        torch.testing.assert_close(feed_forward(block.ff, cuda_like).as_subclass(torch.Tensor), expected)
+        assert fused_calls == [LooksLikeCuda]  # CUDA inference: the fused op
+        torch.testing.assert_close(feed_forward(block.ff, cpu), expected, rtol=0, atol=0)
+        with monkeypatch.context() as patch:
+            patch.setattr(torch, "is_autocast_enabled", lambda *args: True)
+            feed_forward(block.ff, cuda_like)
+    training = cuda_like.clone().requires_grad_(True)
+    feed_forward(block.ff, training).square().sum().backward()
+    assert training.grad is not None and fused_calls == [LooksLikeCuda]  # CPU, autocast, autograd: the module
+
+    # On the CPU the fused op is the exact GELU and the module the tanh one: the CPU path above is observable.
+    monkeypatch.undo()
+    with torch.no_grad():
+        activation = block.ff.net[0]
+        assert (linear_gelu(activation.proj, cpu) - activation(cpu)).abs().max() > 1e-6
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused GELU epilogue runs on CUDA only")
+@pytest.mark.gpu
+@requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_feed_forward_matches_the_module_on_cuda(dtype):
     block = tiny_transformer(num_layers=1).blocks[0].to("cuda", dtype)

@@ -392,6 +392,8 @@ def test_untrained_scales_are_greedy(scheduler, scales, step):
 
 
 def test_trained_scales_and_disabled_policy_sample():
+    """At trained sides, and at every side with the policy off, `step` draws from the top-k candidates: the draw of
+    `argmax(probs / noise)` with the noise given, which is not the greedy choice."""
     torch.manual_seed(0)
     policy_off = FlexVARScaleScheduler(greedy_untrained_scales=False)
     for scheduler, scales in [(FlexVARScaleScheduler(), [1, 8]), (policy_off, [1, 7]), (policy_off, [1, 20])]:
@@ -399,7 +401,11 @@ def test_trained_scales_and_disabled_policy_sample():
         side = scales[-1]
         logits = torch.randn(2, side * side, 1000) * 0.1
         assert not scheduler.is_greedy_scale((side, side))
-        indices = scheduler.step(logits, 1, top_k=900, generator=torch.Generator().manual_seed(0)).indices
+        noise = exponential_noise((2, side * side, 900), torch.Generator().manual_seed(0), "cpu")
+        indices = scheduler.step(logits, 1, top_k=900, noise=noise).indices
+        probs, token_ids = top_k_top_p_candidates(logits, top_k=900)
+        drawn = token_ids.gather(-1, (probs / noise).argmax(-1, keepdim=True)).view(2, side, side)
+        assert torch.equal(indices, drawn)
         assert not torch.equal(indices, logits.argmax(-1).view(2, side, side))
     original_greedy = [side for side in range(1, 40) if side > 16 or side not in ORIGINAL_TRAINED_SIDES]
     ours_greedy = [side for side in range(1, 40) if FlexVARScaleScheduler().is_greedy_scale((side, side))]
@@ -551,3 +557,30 @@ def test_config_defaults():
 def test_bad_config_is_rejected(kwargs):
     with pytest.raises(ValueError):
         FlexVARScaleScheduler(**kwargs)
+
+
+def test_non_default_config_options_do_what_they_say():
+    scheduler = FlexVARScaleScheduler(
+        vae_scale_factor=8, trained_sides=(1, 2, 4, 6), max_sampled_side=4, train_side=8, train_max_tokens=100
+    )
+    # vae_scale_factor: pixels per token side
+    assert scheduler.token_grid(64, 48) == (8, 6)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        scheduler.token_grid(60, 64)
+    scheduler.set_timesteps(3, height=64, width=64)
+    assert scheduler.scales[-1] == (8, 8) and len(scheduler.scales) == 3
+    # trained_sides and max_sampled_side: where the original's policy takes the best token (6 is trained but above
+    # the largest sampled side)
+    assert [side for side in range(1, 9) if scheduler.is_greedy_scale((side, side))] == [3, 5, 6, 7, 8]
+    # max_sampled_side: the linear guidance ramp uses the full scale above it
+    scheduler.set_timesteps(scales=[1, 2, 6, 7])
+    ramp = [scheduler.guidance_scale_at(step, 3.0, "linear") for step in range(4)]
+    assert ramp == pytest.approx([1.0, 1 + 2 / 3, 3.0, 3.0])
+    default_ramp = FlexVARScaleScheduler(vae_scale_factor=8)
+    default_ramp.set_timesteps(scales=[1, 2, 6, 7])
+    assert default_ramp.guidance_scale_at(2, 3.0, "linear") == pytest.approx(1 + 2 * 2 / 3)
+    # train_side and train_max_tokens: the training cap, train_max_tokens * area / train_side**2 tokens
+    sums = [sum(h * w for h, w in scales) for scales in draw_training_scales(scheduler, 300, 0, height=128, width=128)]
+    assert max(sums) <= 100 * 16 * 16 // 8**2
+    uncapped = draw_training_scales(FlexVARScaleScheduler(vae_scale_factor=8), 300, 0, height=128, width=128)
+    assert max(sum(h * w for h, w in scales) for scales in uncapped) > 400  # the cap bound the draws above

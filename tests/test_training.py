@@ -22,6 +22,7 @@ import torch.nn as nn
 from huggingface_hub import ModelCard
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from flexvar_hf import FlexVARPipeline, FlexVARScaleScheduler, FlexVARTransformer2DModel, FlexVQModel
 from flexvar_hf.training import checkpointing as ckpt
@@ -33,6 +34,7 @@ from flexvar_hf.training.data import (
     build_dataloader,
     check_data_args,
     check_labels,
+    image_problem,
     label_info,
     load_image_dataset,
     parse_resolution,
@@ -53,6 +55,7 @@ from flexvar_hf.training.optim import (
     no_decay_parameter_names,
     parameter_groups,
 )
+from flexvar_hf.utils.io import check_output_path
 
 from conftest import RELATIVE_TOLERANCE, REPO_ROOT, load_example, relative_error
 
@@ -224,6 +227,52 @@ def test_load_dataset_labels_and_errors(assets, tmp_path):
     args.random_crop = args.center_crop = True
     with pytest.raises(ValueError, match="at most one"):
         check_data_args(args)
+
+
+def test_folders_without_two_classes_get_the_right_message(assets, tmp_path):
+    """imagefolder drops the label column of a folder with one class: the message says so, not that a
+    --label_column the user never set is missing."""
+    one_class, flat = tmp_path / "one", tmp_path / "flat"
+    shutil.copytree(assets["data"] / "circle", one_class / "circle")
+    shutil.copytree(assets["data"] / "circle", flat)
+    with pytest.raises(ValueError, match=r"only one class sub-folder \('circle'\).*at least two") as error:
+        load_image_dataset(train_data_dir=one_class, label_column="label")
+    assert "--label_column" not in str(error.value)
+    with pytest.raises(ValueError, match="has no class sub-folders"):
+        load_image_dataset(train_data_dir=flat, label_column="label")
+    assert len(load_image_dataset(train_data_dir=one_class)) == 4  # without labels (train_vq.py) it is fine
+
+
+def broken_image_folder(assets, root: Path) -> Path:
+    """The shapes folder with two unreadable files: one that is no image at all, one PNG cut in half."""
+    data = root / "shapes"
+    shutil.copytree(assets["data"], data)
+    (data / "circle" / "garbage.png").write_bytes(b"this is not an image")
+    whole = (data / "square" / "0.png").read_bytes()
+    (data / "square" / "truncated.png").write_bytes(whole[: len(whole) // 2])
+    return data
+
+
+def test_unreadable_images_are_found_before_training(assets, tmp_path, caplog):
+    data = broken_image_folder(assets, tmp_path)
+    with pytest.raises(ValueError, match=r"2 of the 14 images cannot be read: .*garbage\.png.*truncated\.png"):
+        load_image_dataset(train_data_dir=data, label_column="label")
+    with caplog.at_level("WARNING"):
+        kept = load_image_dataset(train_data_dir=data, label_column="label", image_check="skip")
+    assert len(kept) == 12 and "Leaving out 2 unreadable images" in caplog.text
+    train = ImageDataset(kept, ImageTransform(64), "image", "label")
+    assert all(torch.isfinite(train[index]["pixel_values"]).all() for index in range(len(kept)))
+
+    import datasets
+
+    unchecked = load_image_dataset(train_data_dir=data, label_column="label", image_check="off")
+    assert len(unchecked) == 14
+    train = ImageDataset(unchecked, ImageTransform(64), "image", "label")
+    undecoded = unchecked.cast_column("image", datasets.Image(decode=False))
+    bad = [index for index in range(len(unchecked)) if image_problem(undecoded[index]["image"])]
+    assert len(bad) == 2
+    with pytest.raises(ValueError, match=f"Image {bad[0]} of column 'image' cannot be read"):
+        train[bad[0]]
 
 
 def test_integer_label_column_without_names():
@@ -803,8 +852,83 @@ def test_bad_input_is_rejected_before_training(assets, tmp_path, train_script, f
     assert not (out / "pipeline").exists() and not list(out.glob("*checkpoint-*"))
 
 
-def test_two_processes_agree(assets, tmp_path):
-    """`examples/train.py` under torchrun with 2 CPU processes: both end with the same weights."""
+def test_bad_data_and_output_folders_stop_the_run_before_training(assets, tmp_path, train_script, fresh_accelerate):
+    def fails(match: str, out: Path, *extra: str) -> None:
+        reset_accelerate()
+        with pytest.raises(ValueError, match=match):
+            train_script.main(train_script.parse_args(scratch_args(assets, out, "--max_train_steps", "1", *extra)))
+        assert not list(out.glob("checkpoint-*")) and not (out / "pipeline" / "model_index.json").exists()
+
+    one_class = tmp_path / "one"
+    shutil.copytree(assets["data"] / "circle", one_class / "circle")
+    fails(r"only one class sub-folder \('circle'\)", tmp_path / "a", "--train_data_dir", str(one_class))
+    broken = broken_image_folder(assets, tmp_path)
+    fails(r"2 of the 14 images cannot be read.*--image_check skip", tmp_path / "b", "--train_data_dir", str(broken))
+
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    fails("--output_dir .*notes.txt' is a file", a_file)
+    assert a_file.read_text() == "mine"
+    # The run ends by replacing OUTPUT_DIR/pipeline: a folder there that is not a pipeline of ours stays untouched.
+    user_folder = tmp_path / "c" / "pipeline"
+    user_folder.mkdir(parents=True)
+    (user_folder / "thesis.tex").write_text("mine")
+    fails("not a diffusers folder written by flexvar-hf", tmp_path / "c")
+    assert (user_folder / "thesis.tex").read_text() == "mine"
+
+    reset_accelerate()  # skipping the unreadable images trains on the other 12
+    result = train_script.main(train_script.parse_args(scratch_args(
+        assets, tmp_path / "d", "--max_train_steps", "1", "--train_data_dir", str(broken), "--image_check", "skip")))
+    assert result["global_step"] == 1 and (tmp_path / "d" / "pipeline" / "model_index.json").is_file()
+    check_output_path(tmp_path / "d" / "pipeline", overwrite=True)  # a folder of ours: a later run may replace it
+
+
+def test_max_grad_norm_clips_the_gradients_the_optimizer_sees(assets, tmp_path, train_script, fresh_accelerate):
+    """Every optimizer step (a global pre-hook, whatever optimizer or clipping code runs) sees gradients of total norm
+    --max_grad_norm where the raw gradients are larger, and the raw ones with --max_grad_norm 0."""
+    norms = []
+
+    def record(optimizer, args, kwargs):
+        grads = [p.grad.flatten() for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norms.append(torch.linalg.vector_norm(torch.cat(grads)).item())
+
+    def run(name: str, max_grad_norm: str) -> list[float]:
+        reset_accelerate()
+        norms.clear()
+        arguments = scratch_args(assets, tmp_path / name, "--max_train_steps", "2", "--max_grad_norm", max_grad_norm)
+        losses = train_script.main(train_script.parse_args(arguments))["losses"]
+        return list(norms), losses
+
+    handle = register_optimizer_step_pre_hook(record)
+    try:
+        raw, raw_losses = run("off", "0")
+        clipped, clipped_losses = run("on", "0.05")
+    finally:
+        handle.remove()
+    assert len(raw) == len(clipped) == 2 and min(raw) > 0.2, raw  # the raw gradients are larger than the bound
+    assert clipped == pytest.approx([0.05, 0.05], rel=1e-4)
+    assert clipped_losses[0] == raw_losses[0]  # the same first batch and weights; only the update differed
+
+
+def test_label_smoothing_reaches_the_loss(assets, tmp_path, train_script, fresh_accelerate):
+    """The smoothed cross-entropy is `(1 - eps) * CE + eps * mean over the vocabulary of -log p`: for the same first
+    batch and weights the first loss moves linearly with --label_smoothing, by `eps * (that mean - CE)`."""
+
+    def first_loss(smoothing: str) -> float:
+        reset_accelerate()
+        arguments = scratch_args(assets, tmp_path / smoothing, "--max_train_steps", "1")
+        return train_script.main(train_script.parse_args([*arguments, "--label_smoothing", smoothing]))["losses"][0]
+
+    plain, tenth, fifth = first_loss("0"), first_loss("0.1"), first_loss("0.2")
+    assert abs(tenth - plain) > 1e-4
+    assert fifth - plain == pytest.approx(2 * (tenth - plain), rel=1e-2)
+
+
+def test_two_processes_agree(assets, tmp_path, train_script, fresh_accelerate):
+    """`examples/train.py` under torchrun with 2 CPU processes of 2 images each: both end with the same weights, and
+    with those of one process trained on the same global batches of 4 (so the batches are sharded, not repeated, and
+    the losses and gradients averaged over processes as over one batch). Class-label dropout is off: its draws
+    depend on the process."""
     wrapper = tmp_path / "run_and_dump.py"
     wrapper.write_text(
         "import importlib.util, sys, torch\n"
@@ -820,7 +944,7 @@ def test_two_processes_agree(assets, tmp_path):
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         str(wrapper), str(tmp_path),
         *scratch_args(assets, tmp_path / "ddp", "--max_train_steps", "3", "--train_batch_size", "2",
-                      "--checkpointing_steps", "2", "--use_ema"),
+                      "--checkpointing_steps", "2", "--use_ema", "--class_dropout_prob", "0"),
     ]
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -828,6 +952,13 @@ def test_two_processes_agree(assets, tmp_path):
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
     assert ranks[0]["losses"] == ranks[1]["losses"] and len(ranks[0]["losses"]) == 3
     assert all(torch.equal(ranks[0]["state"][name], ranks[1]["state"][name]) for name in ranks[0]["state"])
+    single = train_script.main(train_script.parse_args(scratch_args(
+        assets, tmp_path / "single", "--max_train_steps", "3", "--train_batch_size", "4", "--use_ema",
+        "--class_dropout_prob", "0")))
+    assert ranks[0]["losses"] == pytest.approx(single["losses"], rel=1e-5)
+    assert len(set(single["losses"])) == 3  # three different batches
+    for name, tensor in single["transformer"].state_dict().items():
+        torch.testing.assert_close(ranks[0]["state"][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
     assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoint-2").iterdir()) == [
         "custom_checkpoint_0.pkl", "model.safetensors", "optimizer.bin", "random_states_0.pkl",
         "random_states_1.pkl", "scheduler.bin", "training_state.json"]

@@ -449,11 +449,19 @@ def convert_original_to_diffusers(
     overwrite: bool = False,
     model_id: str | None = None,
 ):
-    """Convert the original checkpoints into a diffusers pipeline folder with a model card (`README.md`, whose usage
-    snippet loads `model_id`, by default `output_dir`), written atomically. Returns the pipeline."""
-    from .utils import atomic_directory
+    """
+    Convert the original checkpoints into a diffusers pipeline folder with a model card (`README.md`, whose usage
+    snippet loads `model_id`, by default `output_dir`), written atomically (a temporary folder beside `output_dir`,
+    removed on failure, renamed into place when complete). Returns the pipeline.
+
+    An existing `output_dir` is refused unless `overwrite`, and even then replaced only when it is a pipeline folder
+    written by flexvar-hf with nothing else in it (`utils.io.check_output_path`): never a folder holding other files,
+    a regular file or the working directory.
+    """
+    from .utils.io import atomic_directory, check_output_path
     from .utils.model_card import converted_model_card
 
+    check_output_path(output_dir, overwrite, folder=True)  # before the slow loading
     pipeline = pipeline_from_original(transformer_ckpt, vq_ckpt, dtype, allow_unsafe_pickle)
     card = converted_model_card(pipeline, model_id or str(output_dir), Path(transformer_ckpt).name, Path(vq_ckpt).name)
     with atomic_directory(output_dir, overwrite=overwrite) as staging:
@@ -467,14 +475,21 @@ def convert_diffusers_to_original(
     transformer_out: str | Path,
     vq_out: str | Path,
     train_patch_nums: Sequence[int] = DEFAULT_TRAIN_PATCH_NUMS,
+    overwrite: bool = False,
 ) -> None:
-    """Write a diffusers FlexVAR folder back as the original `FlexVARd*.pth` (raw state dict) and `FlexVAE.pth`
-    (`{"model": state_dict}`) files, each to a temporary name renamed into place."""
-    from .pipelines import FlexVARPipeline
-    from .utils import atomic_save
+    """
+    Write a diffusers FlexVAR folder back as the original `FlexVARd*.pth` (raw state dict) and `FlexVAE.pth`
+    (`{"model": state_dict}`) files. Both are written to temporary names and renamed into place only when both are
+    complete; on failure the temporary files are removed and nothing is replaced.
 
-    pipeline = FlexVARPipeline.from_pretrained(pipeline_dir)
-    transformer_sd = transformer_state_dict_to_original(pipeline.transformer.state_dict(), train_patch_nums)
-    vq_checkpoint = vq_state_dict_to_original(pipeline.vqvae.state_dict())
-    atomic_save(lambda tmp: torch.save(transformer_sd, tmp), transformer_out)
-    atomic_save(lambda tmp: torch.save(vq_checkpoint, tmp), vq_out)
+    Existing outputs are refused unless `overwrite` (then only regular files are replaced), and so are two equal
+    output paths.
+    """
+    from .pipelines import FlexVARPipeline
+    from .utils.io import atomic_files
+
+    with atomic_files(transformer_out, vq_out, overwrite=overwrite) as (transformer_tmp, vq_tmp):
+        pipeline = FlexVARPipeline.from_pretrained(pipeline_dir)
+        transformer_sd = transformer_state_dict_to_original(pipeline.transformer.state_dict(), train_patch_nums)
+        torch.save(transformer_sd, transformer_tmp)
+        torch.save(vq_state_dict_to_original(pipeline.vqvae.state_dict()), vq_tmp)

@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from numbers import Integral
 
 import torch
 
+from .utils.validation import is_int
+
 ScaleLike = int | Sequence[int]
-
-
-def is_int(value) -> bool:
-    """An integer (Python or numpy), not a bool."""
-    return isinstance(value, Integral) and not isinstance(value, bool)
 
 
 def round_half_up_ratio(numerator: int, denominator: int) -> int:

@@ -6,6 +6,7 @@ import json
 import os
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
@@ -14,12 +15,32 @@ from ..models import FlexVARKVCache, FlexVARTransformer2DModel, FlexVQModel
 from ..scales import ScaleLike, flatten_grid, is_int, num_tokens, resize_codes
 from ..schedulers import FlexVARScaleScheduler
 from ..schedulers.scheduling_flexvar import GeneratorLike, check_generator
+from ..utils.validation import check_callable, check_choice, check_flag, check_int, shown
 from .fast_sampling import FastTokenGenerator, loop_device
 from .generic_loading import class_name_entry, plain_class_name, write_pipeline_module
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # `torch.compile` modes that leave CUDA graphs to fast sampling, which captures the whole generation as one.
 FAST_SAMPLING_COMPILE_MODES = (None, "default", "max-autotune-no-cudagraphs")
+GIB = 2**30
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes a new allocation on `device` can still take: the free CUDA memory plus what PyTorch's caching allocator
+    holds unused, or the host's `MemAvailable` for the CPU; None where unknown (other devices, no /proc/meminfo)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 class FlexVARPipeline(DiffusionPipeline):
@@ -81,10 +102,15 @@ class FlexVARPipeline(DiffusionPipeline):
         names = [label] if isinstance(label, str) else list(label)
         labels = self.labels
         if not labels:
-            raise ValueError("This pipeline has no class names (id2label); pass class ids as ints.")
+            raise ValueError(
+                f"This pipeline has no class names (id2label), got {names}; pass class ids as ints (`class_labels`)."
+            )
         unknown = [name for name in names if name not in labels]
         if unknown:
-            raise ValueError(f"Unknown class names {unknown}; see `pipe.labels` for the {len(labels)} accepted names.")
+            raise ValueError(
+                f"Unknown class names {unknown} (`class_labels`); see `pipe.labels` for the {len(labels)} accepted "
+                "names."
+            )
         return [labels[name] for name in names]
 
     @classmethod
@@ -130,35 +156,33 @@ class FlexVARPipeline(DiffusionPipeline):
     def prepare_class_labels(
         self, class_labels, num_images_per_prompt: int = 1, device: torch.device | None = None
     ) -> torch.LongTensor:
-        """int, list of ints or names, or a 1-D tensor -> LongTensor (B * num_images_per_prompt,) on `device`
-        (default: the execution device)."""
-        if isinstance(class_labels, torch.Tensor):
-            labels = class_labels.flatten().tolist() if class_labels.ndim <= 1 else None
-            if labels is None or class_labels.is_floating_point():
-                raise ValueError(f"`class_labels` tensor must be a 1-D integer tensor, got {class_labels.dtype} "
-                                 f"of shape {tuple(class_labels.shape)}.")
-        elif isinstance(class_labels, (int, str)):
+        """int (Python or numpy), class name, list of them, or a 1-D integer tensor or array -> LongTensor
+        (B * num_images_per_prompt,) on `device` (default: the execution device)."""
+        num_images_per_prompt = check_int("num_images_per_prompt", num_images_per_prompt, minimum=1)
+        labels = None
+        if isinstance(class_labels, (torch.Tensor, np.ndarray)) and class_labels.ndim <= 1:
+            labels = class_labels.reshape(-1).tolist()
+        elif is_int(class_labels) or isinstance(class_labels, str):
             labels = [class_labels]
-        elif isinstance(class_labels, Sequence) and len(class_labels) > 0:
+        elif isinstance(class_labels, Sequence):
             labels = list(class_labels)
-        else:
+        if not labels:
             raise ValueError(
-                f"`class_labels` must be an int, a class name, or a non-empty list of them, got {class_labels!r}."
+                "`class_labels` must be an int, a class name, or a non-empty list (or 1-D tensor) of them, got "
+                f"{shown(class_labels)}."
             )
         labels = [self.get_label_ids(label)[0] if isinstance(label, str) else label for label in labels]
         num_classes = self.transformer.config.num_classes
         bad = [label for label in labels if not is_int(label) or not 0 <= label < num_classes]
         if bad:
-            raise ValueError(f"Class labels must be ints in [0, {num_classes}) or known class names, got {bad}.")
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"`num_images_per_prompt` must be a positive int, got {num_images_per_prompt!r}.")
+            bad = bad[:10] + (["..."] if len(bad) > 10 else [])
+            raise ValueError(f"`class_labels` must be ints in [0, {num_classes}) or known class names, got {bad}.")
         labels = torch.tensor(labels, dtype=torch.long, device=self._execution_device if device is None else device)
         return labels.repeat_interleave(num_images_per_prompt)
 
     @staticmethod
     def check_output_type(output_type: str) -> None:
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        check_choice("output_type", output_type, OUTPUT_TYPES)
 
     def check_inputs(
         self,
@@ -169,15 +193,68 @@ class FlexVARPipeline(DiffusionPipeline):
         top_k: int,
         top_p: float,
         temperature: float,
+        generator: GeneratorLike = None,
+        callback_on_step_end: Callable | None = None,
+        return_dict: bool = True,
     ) -> None:
-        """Raise ValueError for an unknown output type or callback tensor name, or bad sampling arguments."""
+        """Raise ValueError for an unknown output type, a bad callback, callback tensor name, generator or
+        `return_dict`, or bad sampling arguments."""
         self.check_output_type(output_type)
-        unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
-        if unknown:
+        check_callable("callback_on_step_end", callback_on_step_end)
+        names = callback_on_step_end_tensor_inputs
+        if (
+            isinstance(names, str)
+            or not isinstance(names, Sequence)
+            or not all(isinstance(name, str) and name in self._callback_tensor_inputs for name in names)
+        ):
             raise ValueError(
-                f"`callback_on_step_end_tensor_inputs` may name {self._callback_tensor_inputs}, got {unknown}."
+                f"`callback_on_step_end_tensor_inputs` must be a list of names from {self._callback_tensor_inputs}, "
+                f"got {shown(names)}."
             )
+        check_flag("return_dict", return_dict)
+        check_generator(generator)
         self.scheduler.check_sampling_args(guidance_scale, guidance_schedule, top_k, top_p, temperature)
+
+    def memory_estimate(self, num_images: int, guided: bool, top_k: int) -> dict[str, int]:
+        """
+        Bytes of the largest allocations of generating `num_images` images at the scheduler's current scales: the
+        key/value cache (exactly what `init_kv_cache` allocates, for `2 * num_images` rows with guidance), the
+        transformer's activations, float32 logits and sampling candidates and noise (`top_k` kept per token) at the
+        last (largest) scale, and a few full-resolution activations of the VQ decoder (or encoder). A lower bound of
+        the peak, not a measurement.
+        """
+        config, vq_config = self.transformer.config, self.vqvae.config
+        scales = self.scheduler.scales
+        rows = num_images * (2 if guided else 1)
+        # Element sizes read off one weight each: `ModelMixin.dtype` walks every module (fast calls avoid that).
+        itemsize = self.transformer.proj_out.weight.element_size()
+        last = scales[-1][0] * scales[-1][1]
+        kept = config.vocab_size if top_k <= 0 else min(top_k, config.vocab_size)
+        pixels = last * self.vae_scale_factor**2
+        channels = vq_config.base_channels * vq_config.channel_multipliers[0]
+        vq_itemsize = self.vqvae.quant_conv.weight.element_size()
+        return {
+            "key/value cache": config.num_layers * rows * num_tokens(scales) * 2 * config.hidden_size * itemsize,
+            "transformer activations": rows * last * config.hidden_size * int(config.mlp_ratio + 3) * itemsize,
+            "logits and sampling": num_images * last * (config.vocab_size * 4 + kept * 20),
+            "image encoding/decoding": num_images * pixels * channels * 3 * vq_itemsize,
+        }
+
+    def check_memory_budget(self, num_images: int, guided: bool, top_k: int, device: torch.device) -> None:
+        """ValueError, saying why, when `memory_estimate` exceeds the memory available on `device`
+        (`available_memory`); nothing is checked where that is unknown."""
+        available = available_memory(torch.device(device))
+        estimate = self.memory_estimate(num_images, guided, top_k)
+        needed = sum(estimate.values())
+        if available is not None and needed > available:
+            height, width = (side * self.vae_scale_factor for side in self.scheduler.scales[-1])
+            parts = ", ".join(f"{name} {size / GIB:.2f}" for name, size in estimate.items())
+            raise ValueError(
+                f"Generating {num_images} image(s) of {height}x{width} pixels needs at least {needed / GIB:.1f} GiB "
+                f"on {device} ({parts} GiB), but about {available / GIB:.1f} GiB are available there: generate fewer "
+                "images per call (`class_labels`, `num_images_per_prompt`, `image`) or smaller ones (`height`, "
+                "`width`)."
+            )
 
     # ------------------------------------------------------------------------------------------------------------
     # Generation
@@ -262,13 +339,42 @@ class FlexVARPipeline(DiffusionPipeline):
                     callback_outputs = callback_on_step_end(
                         self, step_index, self.scheduler.timesteps[step_index], callback_kwargs
                     )
-                    indices = (callback_outputs or {}).get("indices", indices)
+                    indices = self.callback_indices(callback_outputs, indices)
                 if step_index < last_sampled:
                     scale_inputs = self.next_scale_inputs(indices, scales[step_index + 1])
                     if guided:
                         scale_inputs = torch.cat((scale_inputs, scale_inputs))
                 progress_bar.update()
         return indices
+
+    def callback_indices(self, callback_outputs, indices: torch.LongTensor) -> torch.LongTensor:
+        """The tokens of a step after `callback_on_step_end` returned `callback_outputs`: its "indices" when it returns
+        a dict with them (checked: an integer tensor of the step's shape `(B, h, w)` with ids in [0, vocab_size)),
+        else `indices`."""
+        if callback_outputs is None:
+            return indices
+        if not isinstance(callback_outputs, dict):
+            raise ValueError(f"`callback_on_step_end` must return a dict (or None), got {shown(callback_outputs)}.")
+        replaced = callback_outputs.get("indices", indices)
+        if replaced is indices:
+            return indices
+        vocab_size = self.transformer.config.vocab_size
+        if (
+            not isinstance(replaced, torch.Tensor)
+            or replaced.dtype.is_floating_point
+            or replaced.dtype in (torch.bool, torch.complex64, torch.complex128)
+            or replaced.shape != indices.shape
+            or (replaced.numel() and not 0 <= int(replaced.min()) <= int(replaced.max()) < vocab_size)
+        ):
+            if isinstance(replaced, torch.Tensor):
+                described = f"{replaced.dtype} {tuple(replaced.shape)}"
+            else:
+                described = shown(replaced)
+            raise ValueError(
+                f"`callback_on_step_end` returned \"indices\" that are not token ids of this step: expected an "
+                f"integer tensor of shape {tuple(indices.shape)} with values in [0, {vocab_size}), got {described}."
+            )
+        return replaced.to(device=indices.device, dtype=torch.long)
 
     @staticmethod
     def check_known_tokens(
@@ -340,6 +446,10 @@ class FlexVARPipeline(DiffusionPipeline):
                 default at d24 batch 1 on an H100). Modes that capture their own CUDA graphs are refused: the whole
                 generation is already captured as one.
         """
+        max_graphs = check_int("max_graphs", max_graphs, minimum=1)
+        torch_compile = check_flag("torch_compile", torch_compile)
+        if use_cuda_graph is not None:
+            check_flag("use_cuda_graph", use_cuda_graph)
         if compile_mode not in FAST_SAMPLING_COMPILE_MODES:
             raise ValueError(
                 f"`compile_mode` must be one of {FAST_SAMPLING_COMPILE_MODES}, got {compile_mode!r} (modes with their "
@@ -414,13 +524,18 @@ class FlexVARPipeline(DiffusionPipeline):
             height (`int`, *optional*):
                 Image height in pixels, a positive multiple of the scheduler's `vae_scale_factor` (16 for the
                 released models). Default: the size the model was trained at, `transformer.config.sample_size *
-                vae_scale_factor` (256 for the released models); any other size and aspect ratio works too.
+                vae_scale_factor` (256 for the released models); any other size and aspect ratio works too, within
+                the scheduler's size budget `max_tokens_per_image` (tokens of one image over all scales: 32768 by
+                default, e.g. 1024x1024 with up to about 30 steps). A call whose estimated memory
+                (`memory_estimate`: key/value cache, logits, decoding) exceeds what the device has available is
+                refused at once as well (ValueError).
             width (`int`, *optional*):
                 Image width in pixels, as `height`.
             num_inference_steps (`int`, *optional*): Number of scales. None picks the published schedule for the
                 size (10 steps at 256x256, 15 at 512x512) or the scheduler's rule elsewhere.
-            scales (`list`, *optional*): Explicit scales (int sides or (h, w) token-grid pairs); overrides height,
-                width and num_inference_steps.
+            scales (`list`, *optional*): Explicit scales (int sides or (h, w) token-grid pairs). They set the
+                image size (the last scale times `vae_scale_factor`) and the number of steps: `height`, `width` and
+                `num_inference_steps` must then be left out or agree with them (ValueError otherwise).
             guidance_scale (`float`, defaults to 3.5): Classifier-free guidance `uncond + g * (cond - uncond)`; 1
                 disables it. 3.5 with the linear schedule is the paper's ImageNet setting (the original's cfg 2.5).
             guidance_schedule (`str`, *optional*): "linear" ramps g from 1 at the first step to `guidance_scale`
@@ -449,15 +564,17 @@ class FlexVARPipeline(DiffusionPipeline):
         """
         self.check_inputs(
             output_type, callback_on_step_end_tensor_inputs, guidance_scale, guidance_schedule, top_k, top_p,
-            temperature,
+            temperature, generator, callback_on_step_end, return_dict,
         )
         fast = self.fast_token_generator is not None and callback_on_step_end is None
         device = self.fast_token_generator.device if fast else self._execution_device
         labels = self.prepare_class_labels(class_labels, num_images_per_prompt, device)
         check_generator(generator, len(labels))
-        height = self.default_sample_size if height is None else height
-        width = self.default_sample_size if width is None else width
+        if scales is None:  # explicit scales set the size; given sides must then agree (set_timesteps checks)
+            height = self.default_sample_size if height is None else height
+            width = self.default_sample_size if width is None else width
         self.scheduler.set_timesteps(num_inference_steps, height=height, width=width, scales=scales, device=device)
+        self.check_memory_budget(len(labels), guidance_scale != 1, top_k, device)
 
         sampling = (guidance_scale, guidance_schedule, top_k, top_p, temperature)
         pixels = None

@@ -20,7 +20,6 @@ The kept final-scale tokens are therefore exactly the input's tokens `quantize(e
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from numbers import Real
 
 import numpy as np
 import PIL.Image
@@ -33,7 +32,8 @@ from ..models import FlexVARTransformer2DModel, FlexVQModel
 from ..scales import ScaleLike, is_int
 from ..schedulers import FlexVARScaleScheduler
 from ..schedulers.scheduling_flexvar import GeneratorLike
-from .pipeline_flexvar_img2img import FlexVARImg2ImgPipeline
+from ..utils.validation import check_agreement, check_flag, check_number
+from .pipeline_flexvar_img2img import FlexVARImg2ImgPipeline, image_batch_and_size, pixel_values
 
 MASK_SHAPES = (
     "PIL image(s), a numpy array (H, W), (H, W, 1), (B, H, W) or (B, H, W, 1), or a tensor (H, W), (B, H, W) or "
@@ -43,8 +43,9 @@ MASK_SHAPES = (
 
 def mask_to_tensor(mask_image) -> torch.Tensor | list[PIL.Image.Image]:
     """
-    A mask input -> a float tensor `(B, 1, H, W)` (uint8 arrays divided by 255, bools as 0/1), or a list of PIL
-    images left to the mask processor. Raises ValueError for an empty or multi-channel mask.
+    A mask input -> a float tensor `(B, 1, H, W)` in [0, 1] (values read by `pixel_values`: uint8 as 0..255, bools as
+    0/1, floats in [0, 1]), or a list of PIL images left to the mask processor. Raises ValueError for an empty,
+    multi-channel or out-of-range mask.
     """
     if isinstance(mask_image, PIL.Image.Image):
         mask_image = [mask_image]
@@ -60,7 +61,7 @@ def mask_to_tensor(mask_image) -> torch.Tensor | list[PIL.Image.Image]:
         array = mask_image
         if array.ndim == 3 and array.shape[-1] in (3, 4) or array.ndim == 4 and array.shape[-1] != 1:
             raise ValueError(f"`mask_image` must be single-channel ({MASK_SHAPES}); got an array {array.shape}.")
-        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        tensor = pixel_values(array, "mask_image", mask=True)
         if tensor.ndim == 3 and tensor.shape[-1] == 1 or tensor.ndim == 4:  # (H, W, 1) / (B, H, W, 1): channels last
             tensor = tensor.movedim(-1, -3)
     elif isinstance(mask_image, torch.Tensor):
@@ -79,9 +80,7 @@ def mask_to_tensor(mask_image) -> torch.Tensor | list[PIL.Image.Image]:
         raise ValueError(f"`mask_image` must be {MASK_SHAPES}; got shape {tuple(mask_image.shape)}.")
     if tensor.numel() == 0:
         raise ValueError(f"`mask_image` is empty: shape {tuple(mask_image.shape)}.")
-    if tensor.dtype == torch.uint8:
-        return tensor.float() / 255
-    return tensor.float()
+    return pixel_values(tensor, "mask_image", mask=True)
 
 
 class FlexVARInpaintPipeline(FlexVARImg2ImgPipeline):
@@ -157,9 +156,14 @@ class FlexVARInpaintPipeline(FlexVARImg2ImgPipeline):
         return regenerate
 
     @staticmethod
-    def check_mask_threshold(mask_threshold: float) -> None:
-        if isinstance(mask_threshold, bool) or not isinstance(mask_threshold, Real) or not 0 < mask_threshold <= 1:
-            raise ValueError(f"`mask_threshold` must be in (0, 1], got {mask_threshold!r}.")
+    def check_editing_args(mask_threshold: float, preserve_unmasked: bool, output_type: str) -> None:
+        """ValueError for a `mask_threshold` outside (0, 1], a non-bool `preserve_unmasked`, or `preserve_unmasked`
+        with `output_type="latent"` (tokens have no pixels to paste back)."""
+        check_number("mask_threshold", mask_threshold, 0, 1, open_minimum=True)
+        check_flag("preserve_unmasked", preserve_unmasked)
+        if output_type == "latent":
+            given = {"preserve_unmasked": preserve_unmasked}
+            check_agreement("output_type='latent'", {"preserve_unmasked": False}, given)
 
     @staticmethod
     def keep_masks_for_scales(
@@ -291,18 +295,16 @@ class FlexVARInpaintPipeline(FlexVARImg2ImgPipeline):
         """
         self.check_inputs(
             output_type, callback_on_step_end_tensor_inputs, guidance_scale, guidance_schedule, top_k, top_p,
-            temperature,
+            temperature, generator, callback_on_step_end, return_dict,
         )
-        self.check_mask_threshold(mask_threshold)
-        pixels = self.prepare_image(image, height, width, round_to_multiple)  # on the execution device
-        mask = self.prepare_mask(mask_image, len(pixels), *pixels.shape[-2:], device=pixels.device)
+        self.check_editing_args(mask_threshold, preserve_unmasked, output_type)
+        labels, image_index, (height, width), device = self.prepare_outputs(
+            image, class_labels, num_images_per_prompt, height, width, num_inference_steps, guidance_scale, top_k,
+            round_to_multiple,
+        )
+        mask = self.prepare_mask(mask_image, image_batch_and_size(image)[0], height, width, device=device)
         regenerate = self.regenerate_mask(mask)
-        labels, image_index = self.pair_images_with_labels(
-            class_labels, len(pixels), num_images_per_prompt, pixels.device
-        )
-        self.scheduler.set_timesteps(
-            num_inference_steps, height=pixels.shape[-2], width=pixels.shape[-1], device=pixels.device
-        )
+        pixels = self.prepare_image(image, height, width, round_to_multiple, device)
         sampling = dict(
             guidance_scale=guidance_scale,
             guidance_schedule=guidance_schedule,
@@ -351,8 +353,19 @@ class FlexVAROutpaintPipeline(FlexVARInpaintPipeline):
         """
         `(top, left)` of the image on the canvas in pixels: `offset` checked (non-negative multiples of 16, image
         inside the canvas), or by default centred and rounded down to whole tokens: `(H - h) // 2 // 16 * 16`.
+        Refuses a canvas smaller than the image or of its size (nothing to generate).
         """
-        factor = self.vae_scale_factor
+        (height, width), factor = canvas_size, self.vae_scale_factor
+        if height < image_size[0] or width < image_size[1]:
+            raise ValueError(
+                f"The canvas (`height` x `width` = {height}x{width}) must be at least the image's size "
+                f"({image_size[0]}x{image_size[1]})."
+            )
+        if tuple(canvas_size) == tuple(image_size):
+            raise ValueError(
+                f"The canvas ({height}x{width}) is the image's size: nothing to generate. Pass a larger `height` or "
+                "`width`."
+            )
         if offset is None:
             return tuple((canvas - side) // 2 // factor * factor for side, canvas in zip(image_size, canvas_size))
         if (
@@ -367,7 +380,7 @@ class FlexVAROutpaintPipeline(FlexVARInpaintPipeline):
         top, left = offset
         if top + image_size[0] > canvas_size[0] or left + image_size[1] > canvas_size[1]:
             raise ValueError(
-                f"The {image_size[0]}x{image_size[1]} image at offset {(top, left)} does not fit in the "
+                f"The {image_size[0]}x{image_size[1]} image at `offset` {(top, left)} does not fit in the "
                 f"{canvas_size[0]}x{canvas_size[1]} canvas."
             )
         return top, left
@@ -382,16 +395,6 @@ class FlexVAROutpaintPipeline(FlexVARInpaintPipeline):
             `(canvas, mask, (top, left))`: the canvas `(B, 3, height, width)` in [-1, 1], mid-grey (0) outside the
             image; the mask `(1, 1, height, width)`, 1 (white, regenerate) outside the image and 0 on it; the offset.
         """
-        if height < pixels.shape[-2] or width < pixels.shape[-1]:
-            raise ValueError(
-                f"The canvas ({height}x{width}) must be at least the image's size "
-                f"({pixels.shape[-2]}x{pixels.shape[-1]})."
-            )
-        if (height, width) == tuple(pixels.shape[-2:]):
-            raise ValueError(
-                f"The canvas ({height}x{width}) is the image's size: nothing to generate. Pass a larger `height` or "
-                "`width`."
-            )
         top, left = self.canvas_offset(tuple(pixels.shape[-2:]), (height, width), offset)
         bottom, right = top + pixels.shape[-2], left + pixels.shape[-1]
         canvas = pixels.new_zeros(len(pixels), 3, height, width)
@@ -453,18 +456,18 @@ class FlexVAROutpaintPipeline(FlexVARInpaintPipeline):
         """
         self.check_inputs(
             output_type, callback_on_step_end_tensor_inputs, guidance_scale, guidance_schedule, top_k, top_p,
-            temperature,
+            temperature, generator, callback_on_step_end, return_dict,
         )
-        self.check_mask_threshold(mask_threshold)
-        pixels = self.prepare_image(image, None, None, round_to_multiple)
-        height = pixels.shape[-2] if height is None else height
-        width = pixels.shape[-1] if width is None else width
-        self.scheduler.token_grid(height, width)  # positive multiples of 16, else ValueError
+        self.check_editing_args(mask_threshold, preserve_unmasked, output_type)
+        # The canvas: `height` / `width`, a missing side the image's (as the output size of the other pipelines).
+        labels, image_index, (height, width), device = self.prepare_outputs(
+            image, class_labels, num_images_per_prompt, height, width, num_inference_steps, guidance_scale, top_k,
+            round_to_multiple,
+        )
+        image_size = self.output_size(*image_batch_and_size(image)[1:], None, None, round_to_multiple)
+        self.canvas_offset(image_size, (height, width), offset)  # the image fits, before any image work
+        pixels = self.prepare_image(image, None, None, round_to_multiple, device)
         canvas, mask, (top, left) = self.prepare_canvas(pixels, height, width, offset)
-        labels, image_index = self.pair_images_with_labels(
-            class_labels, len(pixels), num_images_per_prompt, pixels.device
-        )
-        self.scheduler.set_timesteps(num_inference_steps, height=height, width=width, device=pixels.device)
 
         factor = self.vae_scale_factor
         image_latents = self.encode_image(pixels)

@@ -10,15 +10,16 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from numbers import Real
 
+import numpy as np
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
 from ..guidance import combine_guidance
-from ..scales import as_hw, is_int, round_half_up_ratio
+from ..scales import as_hw, num_tokens, round_half_up_ratio
+from ..utils.validation import check_agreement, check_choice, check_int, check_number, is_int
 
 GUIDANCE_SCHEDULES = ("linear", "constant")
 
@@ -40,9 +41,7 @@ TRAINING_CAP_WINDOW = 4  # over the token cap, drop one of the last four scales 
 
 def check_guidance_schedule(guidance_schedule: str | None, allow_none: bool = False) -> None:
     """Raise ValueError unless `guidance_schedule` is one of `GUIDANCE_SCHEDULES` (or None, with `allow_none`)."""
-    if not (guidance_schedule in GUIDANCE_SCHEDULES or (allow_none and guidance_schedule is None)):
-        accepted = GUIDANCE_SCHEDULES + ((None,) if allow_none else ())
-        raise ValueError(f"`guidance_schedule` must be one of {accepted}, got {guidance_schedule!r}.")
+    check_choice("guidance_schedule", guidance_schedule, GUIDANCE_SCHEDULES + ((None,) if allow_none else ()))
 
 
 @dataclass
@@ -140,11 +139,11 @@ def top_k_top_p_candidates(
 GeneratorLike = torch.Generator | Sequence[torch.Generator] | None
 
 
-def check_generator(generator: GeneratorLike, batch_size: int) -> None:
+def check_generator(generator: GeneratorLike, batch_size: int | None = None) -> None:
     """
     Raise unless `generator` is None, one `torch.Generator`, or a list of `batch_size` of them (one per image, the
     diffusers convention): TypeError for anything else or a list holding a non-generator, ValueError for a list of
-    another length.
+    another length. `batch_size` None checks the types alone (before the batch size is known).
     """
     if generator is None or isinstance(generator, torch.Generator):
         return
@@ -156,7 +155,7 @@ def check_generator(generator: GeneratorLike, batch_size: int) -> None:
     wrong = sorted({type(item).__name__ for item in generator if not isinstance(item, torch.Generator)})
     if wrong:
         raise TypeError(f"A `generator` list must hold only torch.Generator objects, got {', '.join(wrong)}.")
-    if len(generator) != batch_size:
+    if batch_size is not None and len(generator) != batch_size:
         raise ValueError(
             f"A `generator` list needs one generator per image: {batch_size} (class labels times "
             f"num_images_per_prompt), got {len(generator)}."
@@ -215,6 +214,13 @@ class FlexVARScaleScheduler(SchedulerMixin, ConfigMixin):
         guidance_schedule (`str`, defaults to "linear"): The model's guidance schedule, used wherever a call passes
             `guidance_schedule=None` (the pipelines' default): "linear", the paper's, or "constant"; see
             `guidance_scale_at`.
+        max_tokens_per_image (`int`, defaults to 32768): Size budget of an inference schedule: the tokens of one
+            image over all its scales. Each scale's tokens stay in the key/value cache and every later scale attends
+            to them, so memory and time grow with this count; `set_timesteps` (and `token_grid`, for the final grid
+            alone) refuses larger schedules at once instead of running out of memory or for hours. The default
+            admits 1024x1024 pixels at 16 per token with up to about 30 steps (the default 20: 15155 tokens) and
+            refuses 2048x2048 (59412 tokens with its default 25 steps). Raise it for larger images:
+            `FlexVARScaleScheduler.from_config(pipe.scheduler.config, max_tokens_per_image=...)`.
     """
 
     config_name = "scheduler_config.json"
@@ -231,6 +237,7 @@ class FlexVARScaleScheduler(SchedulerMixin, ConfigMixin):
         train_side: int = 16,
         train_max_tokens: int = 680,
         guidance_schedule: str = "linear",
+        max_tokens_per_image: int = 32768,
     ):
         for name, value in (
             ("vae_scale_factor", vae_scale_factor),
@@ -238,9 +245,9 @@ class FlexVARScaleScheduler(SchedulerMixin, ConfigMixin):
             ("guidance_ramp_steps", guidance_ramp_steps),
             ("train_side", train_side),
             ("train_max_tokens", train_max_tokens),
+            ("max_tokens_per_image", max_tokens_per_image),
         ):
-            if not is_int(value) or value < 1:
-                raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+            check_int(name, value, minimum=1)
         if not all(is_int(side) and side > 0 for side in trained_sides):
             raise ValueError(f"`trained_sides` must be positive ints, got {trained_sides!r}.")
         check_guidance_schedule(guidance_schedule)
@@ -252,14 +259,34 @@ class FlexVARScaleScheduler(SchedulerMixin, ConfigMixin):
     # Scale schedules
 
     def token_grid(self, height: int, width: int) -> tuple[int, int]:
-        """Image size in pixels -> final token grid `(height, width) // vae_scale_factor`; checks the size."""
+        """Image size in pixels -> final token grid `(height, width) // vae_scale_factor`; checks the size, and that
+        the final grid alone fits `max_tokens_per_image`."""
         factor = self.config.vae_scale_factor
         if not (is_int(height) and is_int(width) and height > 0 and width > 0) or height % factor or width % factor:
             raise ValueError(
                 f"`height` and `width` must each be a positive multiple of {factor} (pixels per token), "
                 f"got {height!r}x{width!r}."
             )
-        return height // factor, width // factor
+        grid = (int(height) // factor, int(width) // factor)
+        self.check_token_budget([grid])
+        return grid
+
+    def check_token_budget(self, scales: Sequence[tuple[int, int]]) -> None:
+        """ValueError, saying why, when `scales` hold more tokens per image than `max_tokens_per_image`."""
+        budget = self.config.max_tokens_per_image
+        tokens = num_tokens(scales)
+        if tokens > budget:
+            factor = self.config.vae_scale_factor
+            height, width = scales[-1]
+            counted = f"its {len(scales)} scales hold" if len(scales) > 1 else "its final token grid alone holds"
+            raise ValueError(
+                f"An image of {height * factor}x{width * factor} pixels ({height}x{width} tokens): {counted} "
+                f"{tokens} tokens, more than the scheduler's size budget `max_tokens_per_image` = {budget}: "
+                "every scale's tokens stay in the key/value cache and every later scale attends to them, "
+                "so memory and time grow with this count. Pass a smaller `height` / `width` (or fewer "
+                "`num_inference_steps`), or raise the budget with `pipe.scheduler = FlexVARScaleScheduler.from_config("
+                "pipe.scheduler.config, max_tokens_per_image=...)`."
+            )
 
     @staticmethod
     def long_sides_to_scales(long_sides: Sequence[int], grid: tuple[int, int]) -> list[tuple[int, int]]:
@@ -286,8 +313,7 @@ class FlexVARScaleScheduler(SchedulerMixin, ConfigMixin):
         """
         if num_inference_steps is None:
             num_inference_steps = default_num_steps(final_side)
-        if not is_int(num_inference_steps) or num_inference_steps < 1:
-            raise ValueError(f"`num_inference_steps` must be a positive int or None, got {num_inference_steps!r}.")
+        num_inference_steps = check_int("num_inference_steps", num_inference_steps, minimum=1, hint=" or None")
         if num_inference_steps > final_side:
             raise ValueError(
                 f"`num_inference_steps`={num_inference_steps} is more steps than distinct scales: the maximum is "
@@ -325,7 +351,7 @@ class FlexVARScaleScheduler(SchedulerMixin, ConfigMixin):
             "`scales` must be a non-empty list of positive int sides or (h, w) pairs, each side non-decreasing and "
             "no two consecutive scales equal"
         )
-        if isinstance(scales, torch.Tensor):
+        if isinstance(scales, (torch.Tensor, np.ndarray)):
             scales = scales.tolist()
         if isinstance(scales, (str, bytes)) or not isinstance(scales, Sequence) or len(scales) == 0:
             raise ValueError(f"{accepted}; got {scales!r}.")
@@ -343,8 +369,8 @@ class FlexVARScaleScheduler(SchedulerMixin, ConfigMixin):
     def set_timesteps(
         self,
         num_inference_steps: int | None = None,
-        height: int = 256,
-        width: int = 256,
+        height: int | None = None,
+        width: int | None = None,
         scales: Sequence[int | Sequence[int]] | None = None,
         device: str | torch.device | None = None,
     ) -> None:
@@ -353,17 +379,27 @@ class FlexVARScaleScheduler(SchedulerMixin, ConfigMixin):
 
         Args:
             num_inference_steps (`int`, *optional*): Number of scales; None picks the default for the size.
-            height (`int`, defaults to 256), width (`int`, defaults to 256): Image size in pixels, positive multiples
-                of `vae_scale_factor`.
-            scales (`list`, *optional*): Explicit scales (int sides or `(h, w)` token-grid pairs, see `check_scales`);
-                overrides `num_inference_steps`, `height` and `width`.
+            height (`int`, *optional*), width (`int`, *optional*): Image size in pixels, positive multiples of
+                `vae_scale_factor`; 256 each when left out (and no `scales` are given).
+            scales (`list`, *optional*): Explicit scales (int sides or `(h, w)` token-grid pairs, see `check_scales`).
+                They set the number of steps and the image size (the last scale times `vae_scale_factor`), so
+                `num_inference_steps`, `height` and `width` must then be left out or agree with them (ValueError
+                otherwise).
             device (`str` or `torch.device`, *optional*): Device of `self.timesteps`.
+
+        Raises ValueError for a schedule over the size budget `max_tokens_per_image`.
         """
         if scales is None:
-            self.scales = self.get_scales(num_inference_steps, height, width)
+            height, width = (256 if side is None else side for side in (height, width))
+            scales = self.get_scales(num_inference_steps, height, width)
         else:
-            self.token_grid(height, width)
-            self.scales = self.check_scales(scales)
+            scales = self.check_scales(scales)
+            factor = self.config.vae_scale_factor
+            implied = {"height": scales[-1][0] * factor, "width": scales[-1][1] * factor}
+            check_agreement("scales", implied | {"num_inference_steps": len(scales)},
+                            {"height": height, "width": width, "num_inference_steps": num_inference_steps})
+        self.check_token_budget(scales)
+        self.scales = scales
         self.num_inference_steps = len(self.scales)
         self.timesteps = torch.arange(self.num_inference_steps, dtype=torch.long, device=device)
 
@@ -389,17 +425,11 @@ class FlexVARScaleScheduler(SchedulerMixin, ConfigMixin):
     ) -> None:
         """Raise ValueError unless `guidance_scale >= 0`, the schedule is known (or None: the config's),
         `top_k >= 0`, `top_p` in [0, 1] and `temperature > 0`."""
-        if not isinstance(guidance_scale, Real) or not math.isfinite(guidance_scale) or guidance_scale < 0:
-            raise ValueError(
-                f"`guidance_scale` must be a finite number >= 0 (1 disables guidance), got {guidance_scale!r}."
-            )
+        check_number("guidance_scale", guidance_scale, minimum=0, hint=" (1 disables guidance)")
         check_guidance_schedule(guidance_schedule, allow_none=True)
-        if not is_int(top_k) or top_k < 0:
-            raise ValueError(f"`top_k` must be an int >= 0 (0 disables it), got {top_k!r}.")
-        if not isinstance(top_p, Real) or not 0 <= top_p <= 1:
-            raise ValueError(f"`top_p` must be in [0, 1] (0 or 1 disables it), got {top_p!r}.")
-        if not isinstance(temperature, Real) or not temperature > 0:
-            raise ValueError(f"`temperature` must be > 0, got {temperature!r}.")
+        check_int("top_k", top_k, minimum=0, hint=" (0 disables it)")
+        check_number("top_p", top_p, 0, 1, hint=" (0 or 1 disables it)")
+        check_number("temperature", temperature, minimum=0, open_minimum=True)
 
     def guidance_scale_at(self, step_index: int, guidance_scale: float, guidance_schedule: str | None = None) -> float:
         """

@@ -15,7 +15,8 @@ args = parser.parse_args()
 check_data_args(args)                           # cheap checks before any loading; ValueError on bad input
 dataset = load_image_dataset(args.dataset_name, args.dataset_config_name, args.train_data_dir, args.cache_dir,
                              image_column=args.image_column, label_column=args.label_column,
-                             max_train_samples=args.max_train_samples, seed=args.seed)
+                             max_train_samples=args.max_train_samples, seed=args.seed,
+                             image_check=args.image_check)   # every image decoded once, before training
 info = label_info(dataset, args.label_column)   # num_classes, id2label from a ClassLabel column
 check_labels(info, num_classes)                 # labels must lie in [0, num_classes)
 transform = ImageTransform(parse_resolution(args.resolution), crop=crop_mode(args), random_flip=args.random_flip)
@@ -30,11 +31,22 @@ for epoch in range(first_epoch, num_epochs):
     for batch in epoch_loader:                  # {"pixel_values": (B, 3, H, W) in [-1, 1], "labels": (B,)}
         ...
 ```
+
+Bad data stops a run before training starts: `load_image_dataset` refuses a missing split or column, an image folder
+without class sub-folders (or with only one) when labels are asked for, and by default (`--image_check stop`) decodes
+every image once (`find_unreadable_images`: PIL, JPEGs at 1/8 scale, converted to RGB) and refuses the dataset if
+any cannot be read, listing them. `--image_check skip` leaves such images out instead (and logs them);
+`--image_check off` skips the scan for very large datasets that are known to be clean: an unreadable image then stops
+training when it is drawn, with an error naming it. The scan runs with `datasets.map`, so its result is cached with
+the dataset's other processing (a resumed run does not scan again) and it runs in `--dataloader_num_workers`
+processes.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -45,23 +57,31 @@ import numpy as np
 import torch
 from PIL import Image
 
+logger = logging.getLogger(__name__)
+
 CROP_MODES = ("center", "random")
+IMAGE_CHECKS = ("stop", "skip", "off")
 
 __all__ = [
     "CROP_MODES",
+    "IMAGE_CHECKS",
     "LabelInfo",
     "ImageTransform",
     "ImageDataset",
     "EpochShuffleSampler",
     "add_data_args",
     "build_dataloader",
+    "check_class_folders",
     "check_data_args",
     "check_dataset_columns",
     "check_labels",
     "collate_examples",
     "crop_mode",
+    "find_unreadable_images",
+    "image_problem",
     "label_info",
     "load_image_dataset",
+    "open_image",
     "parse_resolution",
     "sample_seed",
     "set_dataloader_epoch",
@@ -153,6 +173,14 @@ def add_data_args(parser: argparse.ArgumentParser, labels: bool = True, default_
     group.add_argument(
         "--dataloader_num_workers", type=int, default=0, help="Data loading worker processes (0: the main process)."
     )
+    group.add_argument(
+        "--image_check",
+        choices=IMAGE_CHECKS,
+        default="stop",
+        help="Before training, decode every image once: 'stop' (default) refuses a dataset with unreadable images and "
+        "lists them, 'skip' leaves them out and logs them, 'off' skips the scan (an unreadable image then stops "
+        "training when it is drawn). The scan is cached with the dataset.",
+    )
 
 
 def crop_mode(args: argparse.Namespace) -> str:
@@ -208,17 +236,22 @@ def load_image_dataset(
     label_column: str | None = None,
     max_train_samples: int | None = None,
     seed: int | None = None,
+    image_check: str = "stop",
+    num_proc: int | None = None,
 ):
     """Load the training split as a `datasets.Dataset` with only the image (and label) columns.
 
     Exactly one of `dataset_name` (`datasets.load_dataset(dataset_name, dataset_config_name)`) and `train_data_dir`
     (`datasets.load_dataset("imagefolder", data_dir=train_data_dir)`: images in one sub-folder per class give a
     `ClassLabel` column "label"). A label column of strings is turned into class ids (`class_encode_column`, names
-    sorted). With `max_train_samples`, a random subset of that size (shuffled with `seed`).
+    sorted). With `max_train_samples`, a random subset of that size (shuffled with `seed`). Then, unless
+    `image_check="off"`, every image is decoded once (`find_unreadable_images`, in `num_proc` processes): with
+    "stop" unreadable images are a ValueError listing them, with "skip" they are left out and logged.
 
     Raises:
         ValueError: Neither or both sources, a folder that does not exist or holds no images, a missing split or
-            column.
+            column, an image folder with fewer than two class sub-folders when a label column is asked for,
+            unreadable images (with `image_check="stop"`).
     """
     import datasets
 
@@ -239,6 +272,8 @@ def load_image_dataset(
         dataset = loaded[split]
     else:
         dataset = loaded
+    if train_data_dir is not None and label_column is not None and label_column not in dataset.column_names:
+        check_class_folders(train_data_dir)
     check_dataset_columns(dataset, image_column, label_column)
     if label_column == image_column:
         raise ValueError(f"--image_column and --label_column are the same column {image_column!r}.")
@@ -249,9 +284,87 @@ def load_image_dataset(
             dataset = dataset.class_encode_column(label_column)
     if max_train_samples is not None:
         dataset = dataset.shuffle(seed=seed).select(range(min(max_train_samples, len(dataset))))
+    if image_check not in IMAGE_CHECKS:
+        raise ValueError(f"`image_check` must be one of {IMAGE_CHECKS}, got {image_check!r}.")
+    if image_check != "off" and len(dataset):
+        unreadable = find_unreadable_images(dataset, image_column, num_proc)
+        if unreadable and image_check == "stop":
+            raise ValueError(
+                f"{len(unreadable)} of the {len(dataset)} images cannot be read: {_list_unreadable(unreadable)}. "
+                "Fix or remove them, or pass --image_check skip to train without them."
+            )
+        if unreadable:
+            logger.warning(f"Leaving out {len(unreadable)} unreadable images: {_list_unreadable(unreadable)}")
+            dataset = dataset.select(sorted(set(range(len(dataset))) - {index for index, _, _ in unreadable}))
     if len(dataset) == 0:
         raise ValueError("The training dataset is empty.")
     return dataset
+
+
+def check_class_folders(train_data_dir: str | os.PathLike) -> None:
+    """ValueError saying what is wrong with an image folder for which `imagefolder` made no label column: it has no
+    class sub-folders, or only one (the builder drops the labels of a single class)."""
+    classes = sorted(entry.name for entry in Path(train_data_dir).iterdir() if entry.is_dir())
+    if len(classes) < 2:
+        found = f"only one class sub-folder ({classes[0]!r})" if classes else "no class sub-folders"
+        raise ValueError(
+            f"--train_data_dir {str(train_data_dir)!r} has {found}: class-conditional training reads the classes "
+            "from the sub-folder names and needs images in at least two of them (one sub-folder per class)."
+        )
+
+
+def open_image(value) -> Image.Image:
+    """A datasets image value (a PIL image, a file path, or a `{"bytes", "path"}` dict of an undecoded `Image`
+    feature) as a PIL image, opened lazily; ValueError for anything else."""
+    if isinstance(value, (str, os.PathLike)):
+        return Image.open(value)
+    if isinstance(value, dict) and (value.get("bytes") or value.get("path")):
+        return Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"])
+    if not isinstance(value, Image.Image):
+        raise ValueError(f"Expected images (a datasets Image feature or file paths), got {type(value).__name__}.")
+    return value
+
+
+def image_problem(value) -> str | None:
+    """Why the image `value` (as `open_image` takes it) cannot be decoded to RGB, or None. JPEGs decode at 1/8 scale
+    (`Image.draft`), which reads every byte of the file at a fraction of the cost."""
+    try:
+        image = open_image(value)
+        image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
+        image.convert("RGB")
+    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def find_unreadable_images(dataset, image_column: str, num_proc: int | None = None) -> list[tuple[int, str, str]]:
+    """`(index, file, problem)` of every image of `dataset[image_column]` that cannot be decoded (`image_problem`).
+
+    Images are read undecoded (their bytes or paths) and checked with `datasets.map`, which caches the result with
+    the dataset's fingerprint and runs in `num_proc` processes."""
+    import datasets
+
+    if isinstance(dataset.features[image_column], datasets.Image):
+        dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
+    problems = dataset.map(
+        lambda batch: {"image_problem": [image_problem(value) for value in batch[image_column]]},
+        batched=True,
+        num_proc=num_proc,
+        remove_columns=dataset.column_names,
+        desc="Checking images",
+    )["image_problem"]
+    unreadable = []
+    for index, problem in enumerate(problems):
+        if problem is not None:
+            value = dataset[index][image_column]
+            name = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
+            unreadable.append((index, str(name or f"example {index}"), problem))
+    return unreadable
+
+
+def _list_unreadable(unreadable: list[tuple[int, str, str]], limit: int = 10) -> str:
+    shown = "; ".join(f"{name} ({problem})" for _, name, problem in unreadable[:limit])
+    return shown + (f"; ... ({len(unreadable) - limit} more)" if len(unreadable) > limit else "")
 
 
 @dataclass
@@ -412,21 +525,16 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         index, epoch = (key if isinstance(key, (tuple, list)) else (key, 0))
         index = int(index)
-        example = self.dataset[index]
-        image = example[self.image_column]
-        if isinstance(image, (str, os.PathLike)):
-            image = Image.open(image)
-        elif isinstance(image, dict) and (image.get("bytes") or image.get("path")):
-            import io
-
-            image = Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"])
-        if not isinstance(image, Image.Image):
-            raise ValueError(
-                f"Column {self.image_column!r} must hold images (a datasets Image feature or file paths), "
-                f"got {type(image).__name__}."
-            )
         generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
-        item = {"pixel_values": self.transform(image, generator)}
+        try:  # a datasets Image feature decodes when the example is read
+            example = self.dataset[index]
+            item = {"pixel_values": self.transform(open_image(example[self.image_column]), generator)}
+        except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
+            raise ValueError(
+                f"Image {index} of column {self.image_column!r} cannot be read ({type(error).__name__}: {error}); "
+                "`load_image_dataset`'s image check (--image_check stop, the default) finds such images before "
+                "training."
+            ) from error
         if self.label_column is not None:
             item["labels"] = int(example[self.label_column])
         return item

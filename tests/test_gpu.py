@@ -1,0 +1,131 @@
+"""The GPU suite: the CUDA-only paths that CI (CPU only) cannot run. Every test here skips without CUDA.
+
+Run on a GPU machine with `python -m pytest -q -m gpu` (docs/testing.md), which also runs the Triton kernel tests
+(tests/test_kv_cache_kernel.py, tests/test_float8_kernel.py) compiled on CUDA tensors and the fused GELU test of
+tests/test_models.py. Covered here: CUDA-graph replay of fast sampling against the plain loop (eager and compiled
+blocks), the kernels being compiled rather than interpreted, and float8 inference on CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from flexvar_hf.models.float8 import Float8Linear
+
+from conftest import relative_error, requires_cuda
+from test_pipeline import make_tiny_pipe
+
+pytestmark = [pytest.mark.gpu, requires_cuda]
+
+LABELS = [1, 4, 7]
+SETTINGS = [
+    dict(height=128, width=128),
+    dict(height=64, width=128, num_inference_steps=4, guidance_scale=2.0, guidance_schedule="constant"),
+    dict(scales=[1, 2, 3, 4], guidance_scale=1.0, top_k=0, top_p=0.0, temperature=0.7),
+]
+
+
+@pytest.fixture
+def cuda_pipe(monkeypatch):
+    """The tiny random pipeline on CUDA, with float32 products and convolutions in full float32 (no TF32), so that
+    paths that choose other kernels (compiled ones) compare closely."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    return make_tiny_pipe().to("cuda")
+
+
+def generate(pipe, labels=LABELS, seed: int = 0, **kwargs):
+    return pipe(labels, generator=torch.Generator("cuda").manual_seed(seed), **kwargs).images
+
+
+def test_triton_kernels_are_compiled_not_interpreted():
+    from triton.runtime.jit import JITFunction
+
+    from flexvar_hf.models import float8_kernel, kv_cache_kernel
+
+    assert os.environ.get("TRITON_INTERPRET") != "1" and not float8_kernel._interpreted()
+    kernels = [kv_cache_kernel._normalize_and_cache_kernel, float8_kernel._gelu_quantize_rows_kernel,
+               float8_kernel._modulated_layer_norm_quantize_kernel]
+    assert all(type(kernel) is JITFunction for kernel in kernels), [type(kernel) for kernel in kernels]
+
+
+@pytest.mark.parametrize("kwargs", SETTINGS)
+def test_cuda_graph_replay_gives_the_plain_loops_tokens_and_pixels(cuda_pipe, kwargs):
+    plain = [generate(cuda_pipe, seed=seed, output_type="latent", **kwargs) for seed in (0, 1)]
+    other_labels = generate(cuda_pipe, [2, 3, 9], seed=2, output_type="latent", **kwargs)
+    pixels = generate(cuda_pipe, output_type="pt", **kwargs)
+    assert not torch.equal(plain[0], plain[1])  # sampling is on, so the checks below are not vacuous
+    cuda_pipe.enable_fast_sampling()  # CUDA graphs: the default on CUDA
+    fast = [generate(cuda_pipe, seed=seed, output_type="latent", **kwargs) for seed in (0, 1)]  # capture, replay
+    assert torch.equal(fast[0], plain[0]) and torch.equal(fast[1], plain[1])
+    # A replay with new labels of the same batch size samples for them.
+    assert torch.equal(generate(cuda_pipe, [2, 3, 9], seed=2, output_type="latent", **kwargs), other_labels)
+    fast_pixels = generate(cuda_pipe, output_type="pt", **kwargs)
+    torch.testing.assert_close(fast_pixels, pixels, rtol=0, atol=1e-5)
+    loops = cuda_pipe.fast_token_generator.loops
+    assert len(loops) == 2 and all(loop.graph is not None for loop in loops.values())  # latent and decoding
+
+
+def test_compiled_blocks_in_the_cuda_graph_give_the_plain_loops_images(cuda_pipe):
+    """`torch_compile=True`: compiled blocks and decoder inside the captured graph. Fused float sums may move a logit
+    by rounding, so a near tie can flip a token; images whose tokens all agree match the plain path's closely."""
+    torch._dynamo.reset()
+    settings = [dict(height=128, width=128, top_k=1), dict(height=64, width=128, num_inference_steps=4)]
+    plain = [(generate(cuda_pipe, output_type="latent", **s), generate(cuda_pipe, output_type="pt", **s))
+             for s in settings]
+    cuda_pipe.enable_fast_sampling(torch_compile=True)
+    for setting, (tokens, pixels) in zip(settings, plain):
+        for _ in range(2):  # capture, then replay
+            fast_tokens = generate(cuda_pipe, output_type="latent", **setting)
+            fast_pixels = generate(cuda_pipe, output_type="pt", **setting)
+            assert (fast_tokens == tokens).float().mean() >= 0.99
+            same = [i for i in range(len(LABELS)) if torch.equal(fast_tokens[i], tokens[i])]
+            assert same
+            torch.testing.assert_close(fast_pixels[same], pixels[same], rtol=0, atol=1e-3)
+
+
+def needs_float8_units():
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("float8 products need compute capability 8.9 or newer (Ada, Hopper)")
+
+
+@torch.no_grad()
+def test_float8_linear_on_cuda_approximates_the_layer():
+    needs_float8_units()
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 128).to("cuda", torch.bfloat16)
+    layer = Float8Linear(linear)
+    hidden_states = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
+    out = layer(hidden_states)
+    assert out.dtype == torch.bfloat16 and out.shape == (64, 128) and layer.weight.dtype == torch.float8_e4m3fn
+    assert 1e-3 < relative_error(out, linear(hidden_states)) < 0.05  # float8's error, not bfloat16's
+
+
+def test_float8_inference_on_cuda_with_the_kernels_and_cuda_graphs(cuda_pipe, monkeypatch):
+    """A float8 transformer on CUDA takes the fused Triton kernels for its quantisations, moves the bfloat16 model's
+    logits by float8's rounding only, and its graph-replayed generation equals its plain loop."""
+    needs_float8_units()
+    from flexvar_hf.models import float8
+
+    transformer = cuda_pipe.transformer.to(torch.bfloat16)
+    torch.manual_seed(0)
+    labels, scales = torch.tensor([0, 3, 5], device="cuda"), [(1, 1), (2, 3), (4, 4)]
+    inputs = torch.randn(3, 6 + 16, transformer.config.code_dim, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        reference = transformer(labels, scales, inputs).logits.float()
+        transformer.enable_float8_inference()
+        fused = []
+        fuses = float8.fuses
+        monkeypatch.setattr(float8, "fuses", lambda values: fused.append(fuses(values)) or fused[-1])
+        logits = transformer(labels, scales, inputs).logits.float()
+    assert fused and all(fused)  # every quantisation of the feed-forward took a kernel
+    assert 1e-3 < relative_error(logits, reference) < 0.05  # float8's error, not bfloat16's
+    assert (logits.argmax(-1) == reference.argmax(-1)).float().mean() > 0.8
+
+    plain = [generate(cuda_pipe, seed=seed, height=128, width=128, output_type="latent") for seed in (0, 1)]
+    cuda_pipe.enable_fast_sampling()
+    for seed, tokens in enumerate(plain):
+        assert torch.equal(generate(cuda_pipe, seed=seed, height=128, width=128, output_type="latent"), tokens)
