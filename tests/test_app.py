@@ -104,7 +104,7 @@ def test_default_schedule_and_guidance_off_are_described(demo):
         (["2"], 100, settings(), "multiple of 8"),  # the pipeline's size check
         (["2"], SIDE, settings(steps=9), "more steps than distinct scales"),  # 4 tokens: at most 4 scales
         (["eleven"], SIDE, settings(), "Unknown class names"),
-        (["12"], SIDE, settings(), r"Class labels must be ints in \[0, 10\)"),
+        (["12"], SIDE, settings(), r"`class_labels` must be ints in \[0, 10\)"),
         ([], SIDE, settings(), "Pick at least one class"),
         ([str(i) for i in range(9)], SIDE, settings(images_per_class=2), "more than 16 images per request"),
         (["2"], None, settings(), "Height is empty"),
