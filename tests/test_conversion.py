@@ -440,3 +440,22 @@ def test_only_folders_written_by_flexvar_hf_count_as_ours(tmp_path):
     with pytest.raises(ValueError, match="symbolic link"):
         check_output_path(link, overwrite=True)
     assert check_output_path(tmp_path / "new", overwrite=False) == tmp_path / "new"
+
+
+def test_an_output_made_during_the_write_is_checked_before_it_is_replaced(tmp_path):
+    from flexvar_hf.utils.io import atomic_directory, atomic_files
+
+    folder = tmp_path / "out"
+    with pytest.raises(ValueError, match="already exists"), atomic_directory(folder) as staging:
+        (staging / "model_index.json").write_text("{}")
+        folder.mkdir()  # a user's folder appears at the output path while the result is written
+        (folder / "mine.txt").write_text("keep")
+    assert (folder / "mine.txt").read_text() == "keep"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]  # the staging folder is gone
+
+    target = tmp_path / "weights.pth"
+    with pytest.raises(ValueError, match="already exists"), atomic_files(target) as (temporary,):
+        temporary.write_bytes(b"new")
+        target.write_bytes(b"user")
+    assert target.read_bytes() == b"user"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out", "weights.pth"]

@@ -136,8 +136,9 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
     """Yield a temporary folder beside `path`; on success it is renamed to `path`, on error (also when the rename
     fails) it is removed and an existing `path` stays as it was.
 
-    `path` must pass `check_output_path(path, overwrite)`: with `overwrite`, an existing pipeline or model folder
-    written by flexvar-hf is replaced, only after the new folder is complete.
+    `path` must pass `check_output_path(path, overwrite)`, on entry and again when the block has finished (a `path`
+    made meanwhile is checked too): with `overwrite`, an existing pipeline or model folder written by flexvar-hf is
+    replaced, only after the new folder is complete.
     """
     path = check_output_path(path, overwrite, folder=True)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -145,6 +146,8 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
     staging.mkdir()
     try:
         yield staging
+        # Again: a `path` made while the block ran must not be renamed away and deleted unchecked.
+        check_output_path(path, overwrite, folder=True)
         if path.exists():
             retired = _staging_path(path, "old")
             path.rename(retired)
@@ -164,8 +167,8 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
 @contextmanager
 def atomic_files(*paths: str | os.PathLike, overwrite: bool = False) -> Iterator[list]:
     """Yield a temporary path beside each of `paths` (distinct files, each passing `check_output_path(path,
-    overwrite, folder=False)`); when the block succeeds they are renamed into place, on error all are removed and
-    nothing is replaced."""
+    overwrite, folder=False)` on entry and again when the block has finished); when the block succeeds they are
+    renamed into place, on error all are removed and nothing is replaced."""
     paths = [check_output_path(path, overwrite, folder=False) for path in paths]
     resolved = [path.resolve() for path in paths]
     if len(set(resolved)) < len(resolved):
@@ -175,6 +178,8 @@ def atomic_files(*paths: str | os.PathLike, overwrite: bool = False) -> Iterator
         for path in paths:
             path.parent.mkdir(parents=True, exist_ok=True)
         yield staging
+        for path in paths:  # again: a file made while the block ran must not be replaced unchecked
+            check_output_path(path, overwrite, folder=False)
         for temporary, path in zip(staging, paths):
             os.replace(temporary, path)
     finally:
