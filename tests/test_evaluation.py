@@ -204,6 +204,21 @@ def test_inception_network_runs_torch_fidelitys_module(random_weights):
     assert inception_module() is inception_module()
 
 
+def test_inception_weights_are_read_only_with_weights_only(random_weights, monkeypatch):
+    loads = []
+    real_load = torch.load
+
+    def recording_load(path, *args, **kwargs):
+        loads.append((str(path), kwargs.get("weights_only")))
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    network = InceptionFeatures(random_weights)
+    assert [weights_only for path, weights_only in loads if path == str(random_weights)] == [True]
+    expected = real_load(random_weights, weights_only=True)
+    assert all(torch.equal(tensor, expected[name]) for name, tensor in network.network.state_dict().items())
+
+
 def test_weights_are_found_in_the_hub_cache_and_missing_ones_are_named(random_weights, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     expected = tmp_path / "torch" / "hub" / "checkpoints" / WEIGHTS_FILE_NAMES[0]

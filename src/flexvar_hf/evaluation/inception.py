@@ -114,6 +114,32 @@ def load_inception_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state_dict
 
 
+def inception_network(features: list[str], state_dict: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+    """torch-fidelity's `FeatureExtractorInceptionV3` giving `features`, with `state_dict` loaded (strictly; a
+    ValueError for weights of another layout) or, if None, its random initialisation. torch-fidelity's constructor
+    unpickles its weights file with `weights_only=False`, so it is only ever given an empty file of ours; the
+    weights are loaded here."""
+    module = inception_module()
+
+    class Network(module.FeatureExtractorInceptionV3):
+        def load_state_dict(self, state_dict, *args, **kwargs):  # the constructor's load of the empty file
+            return None
+
+    with tempfile.TemporaryDirectory() as folder:
+        empty = Path(folder) / "empty.pt"
+        torch.save({}, empty)
+        network = Network("inception-v3-compat", features, feature_extractor_weights_path=str(empty))
+    network.__class__ = module.FeatureExtractorInceptionV3  # torch-fidelity's own class from here on
+    if state_dict is not None:
+        try:
+            network.load_state_dict(state_dict)
+        except RuntimeError as error:  # missing, unexpected or misshapen tensors
+            raise ValueError(
+                f"The weights are not the Inception-v3 FID weights ({WEIGHTS_FILE_NAMES[0]}): {error}"
+            ) from error
+    return network
+
+
 class InceptionFeatures(torch.nn.Module):
     """
     uint8 images -> the ADM's Inception features: pool features `(B, 2048)` and IS logits `(B, 1008)`, float32.
@@ -127,11 +153,7 @@ class InceptionFeatures(torch.nn.Module):
     def __init__(self, weights_path: str | Path | None = None):
         super().__init__()
         path = find_inception_weights(weights_path)
-        load_inception_state_dict(path)  # refuses anything but plain tensors before torch-fidelity reads the file
-        # torch-fidelity reads it again with a full unpickler, safe for a file that `weights_only` accepted.
-        self.network = inception_module().FeatureExtractorInceptionV3(
-            "inception-v3-compat", [POOL_FEATURES, LOGITS], feature_extractor_weights_path=str(path)
-        )
+        self.network = inception_network([POOL_FEATURES, LOGITS], load_inception_state_dict(path))
         self.weights_path = path
 
     @torch.no_grad()
@@ -171,21 +193,9 @@ def save_random_inception_weights(path: str | Path, seed: int = 0) -> Path:
     """
     from ..utils.io import atomic_save
 
-    module = inception_module()
-
-    class RandomInception(module.FeatureExtractorInceptionV3):
-        def load_state_dict(self, state_dict, *args, **kwargs):  # keeps the random initialisation
-            return None
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        # torch-fidelity reads a weights file while building the network; an empty one, ignored above.
-        with tempfile.TemporaryDirectory() as folder:
-            empty = Path(folder) / "empty.pt"
-            torch.save({}, empty)
-            network = RandomInception(
-                "inception-v3-compat", [POOL_FEATURES], feature_extractor_weights_path=str(empty)
-            )
+        network = inception_network([POOL_FEATURES])
         for layer in network.modules():
             if isinstance(layer, torch.nn.Conv2d):
                 torch.nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
