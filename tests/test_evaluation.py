@@ -109,6 +109,8 @@ def test_inception_score_of_constructed_logits():
     assert inception_score(logits, split_size=4) == pytest.approx(np.mean(scores), rel=1e-12)
     with pytest.raises(ValueError, match="non-empty"):
         inception_score(torch.zeros(0, 5))
+    with pytest.raises(ValueError, match="`split_size` must be a positive int, got True"):
+        inception_score(logits, split_size=True)  # a bool is not a split size
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..utils.validation import check_int
+
 IS_SPLIT_SIZE = 5000  # the ADM evaluator's `split_size`
 PR_NEIGHBOURHOOD = 3  # the ADM evaluator's `nhood_sizes=(3,)`
 DISTANCE_BLOCK = 10000  # the ADM evaluator's row and column batch sizes
@@ -100,8 +102,7 @@ def inception_score(logits: torch.Tensor, split_size: int = IS_SPLIT_SIZE) -> fl
     """
     if logits.ndim != 2 or len(logits) == 0:
         raise ValueError(f"`logits` must be a non-empty (N, C) tensor, got shape {tuple(logits.shape)}.")
-    if not isinstance(split_size, int) or split_size < 1:
-        raise ValueError(f"`split_size` must be a positive int, got {split_size!r}.")
+    check_int("split_size", split_size, minimum=1)
     log_probs = logits.double().log_softmax(dim=-1)
     scores = []
     for part in log_probs.split(split_size):

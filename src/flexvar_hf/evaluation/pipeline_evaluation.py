@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from ..utils.io import atomic_save
 from ..utils.precision import without_tf32
+from ..utils.validation import check_int
 from .inception import (
     NUM_POOL_FEATURES,
     InceptionFeatures,
@@ -469,9 +470,8 @@ def _check_inputs(
 ) -> tuple[ReferenceBatch | None, Path | None]:
     """`evaluate_pipeline`'s checks before anything is written; returns the checked reference and weights."""
     plan.check_classes(pipe.transformer.config.num_classes)
-    for name, value in (("batch_size", batch_size), ("inception_batch_size", inception_batch_size)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+    check_int("batch_size", batch_size, minimum=1)
+    check_int("inception_batch_size", inception_batch_size, minimum=1)
     if reference is None:
         return None, None
     reference_batch = check_reference(reference, image_shape[:2])
