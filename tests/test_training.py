@@ -273,6 +273,9 @@ def test_unreadable_images_are_found_before_training(assets, tmp_path, caplog):
     assert len(bad) == 2
     with pytest.raises(ValueError, match=f"Image {bad[0]} of column 'image' cannot be read"):
         train[bad[0]]
+    # An unknown check is refused before any loading (here the folder would not even be found).
+    with pytest.raises(ValueError, match=r"`image_check` must be one of \('stop', 'skip', 'off'\), got 'maybe'"):
+        load_image_dataset(train_data_dir=tmp_path / "missing", label_column="label", image_check="maybe")
 
 
 def test_integer_label_column_without_names():

@@ -255,6 +255,8 @@ def load_image_dataset(
     """
     import datasets
 
+    if image_check not in IMAGE_CHECKS:  # before the (possibly long) loading
+        raise ValueError(f"`image_check` must be one of {IMAGE_CHECKS}, got {image_check!r}.")
     if (dataset_name is None) == (train_data_dir is None):
         raise ValueError("Pass exactly one of `dataset_name` (a hub dataset) and `train_data_dir` (an image folder).")
     if train_data_dir is not None:
@@ -284,8 +286,6 @@ def load_image_dataset(
             dataset = dataset.class_encode_column(label_column)
     if max_train_samples is not None:
         dataset = dataset.shuffle(seed=seed).select(range(min(max_train_samples, len(dataset))))
-    if image_check not in IMAGE_CHECKS:
-        raise ValueError(f"`image_check` must be one of {IMAGE_CHECKS}, got {image_check!r}.")
     if image_check != "off" and len(dataset):
         unreadable = find_unreadable_images(dataset, image_column, num_proc)
         if unreadable and image_check == "stop":
