@@ -161,6 +161,18 @@ def test_a_dropped_block_is_skipped_for_that_sample():
     assert torch.allclose(scaled[1], model(labels, scales, inputs).logits[1], atol=1e-6)
 
 
+@torch.no_grad()
+def test_drop_path_factors_of_another_batch_or_with_a_cache_are_refused():
+    model = tiny_model(num_layers=3)
+    scales = [(1, 1), (2, 2)]
+    inputs, labels = torch.randn(2, 4, 4), torch.tensor([1, 3])
+    # (3, 2, 1) would broadcast one sample's draws over the batch.
+    with pytest.raises(ValueError, match=r"shape \(num_layers, 2, batch\) = \(3, 2, 2\), got \(3, 2, 1\)"):
+        model(labels, scales, inputs, drop_path_factors=torch.ones(3, 2, 1))
+    with pytest.raises(ValueError, match="training only"):
+        model(labels, scales[:1], None, kv_cache=model.init_kv_cache(2, 5), drop_path_factors=torch.ones(3, 2, 2))
+
+
 def test_adaln_gate_initialisation():
     model = tiny_model(num_layers=2)
     std = (1 / 32 / 3) ** 0.5

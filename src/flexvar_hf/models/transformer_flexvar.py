@@ -610,6 +610,14 @@ class FlexVARTransformer2DModel(FlexVARModelMixin, ConfigMixin):
         if expected:
             pieces.append(self.code_embed(scale_inputs.to(self.code_embed.weight.dtype)))
         hidden_states = torch.cat(pieces, dim=1) + self.position_embeddings(scales)
+        if drop_path_factors is not None:
+            if kv_cache is not None:
+                raise ValueError("`drop_path_factors` (stochastic depth) is for training only: pass no `kv_cache`.")
+            if tuple(drop_path_factors.shape) != (len(self.blocks), 2, batch):
+                raise ValueError(
+                    f"`drop_path_factors` must have shape (num_layers, 2, batch) = ({len(self.blocks)}, 2, {batch}), "
+                    f"got {tuple(drop_path_factors.shape)}."
+                )
         if kv_cache is None:
             attention_mask = training_attention_mask(scales, self.training_attention, hidden_states.device)
         else:
@@ -620,11 +628,6 @@ class FlexVARTransformer2DModel(FlexVARModelMixin, ConfigMixin):
             # that FSDP (which gathers a module's sharded weights around its forward) can wrap the blocks and the
             # head's norm. Generation computes them once per sequence and keeps them in the cache.
             modulations = [conditioning] * len(self.blocks)
-            if drop_path_factors is not None and drop_path_factors.shape[:2] != (len(self.blocks), 2):
-                raise ValueError(
-                    f"`drop_path_factors` must have shape ({len(self.blocks)}, 2, B), "
-                    f"got {tuple(drop_path_factors.shape)}."
-                )
         else:
             if kv_cache.modulations is None:
                 kv_cache.modulations = self.modulations(conditioning)
