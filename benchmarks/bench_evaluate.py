@@ -27,6 +27,7 @@ import gc
 import json
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -64,10 +65,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--inception_batch_size", type=int, default=500)
     parser.add_argument("--reference_images", type=int, default=10_000, help="As ADM's ImageNet reference batch.")
     parser.add_argument("--original", type=Path, default=None, help="Checkout of the original FlexVAR code.")
-    parser.add_argument("--original_sizes", nargs="*", default=None, help="Sizes to time the original at "
-                        "(default: all of --sizes).")
+    parser.add_argument("--original_sizes", nargs="*", default=None, choices=sorted(DEPTHS),
+                        help="Sizes to time the original at (default: all of --sizes).")
     parser.add_argument("--original_batch", type=int, default=64, help="eval_c2i.py's default batch size.")
-    parser.add_argument("--work_dir", type=Path, default=Path("/tmp/bench_evaluate"))
+    parser.add_argument("--work_dir", type=Path, default=Path("/tmp/bench_evaluate"),
+                        help="Each call works in a new folder made here, removed at the end.")
     parser.add_argument("--json", type=Path, default=None, help="Write the results here.")
     args = parser.parse_args(argv)
     for name in ("num_samples", "float8"):
@@ -90,8 +92,10 @@ def write_reference(path: Path, num_images: int, seed: int = 0) -> Path:
     })
 
 
-def evaluate_size(size: str, num_samples: int, float8: str, args, reference: Path, weights: Path) -> dict:
-    """One size: start-up, then `evaluate_pipeline`'s sampling, writing, features and metrics."""
+def evaluate_size(size: str, num_samples: int, float8: str, args, reference: Path, weights: Path,
+                  output_dir: Path) -> dict:
+    """One size: start-up, then `evaluate_pipeline`'s sampling, writing, features and metrics into `output_dir` (a
+    new folder, removed afterwards)."""
     torch.cuda.synchronize()
     start = time.perf_counter()
     pipe = build_pipeline(DEPTHS[size], torch.bfloat16, "cuda")
@@ -104,8 +108,6 @@ def evaluate_size(size: str, num_samples: int, float8: str, args, reference: Pat
     torch.cuda.synchronize()
     startup = time.perf_counter() - start
     torch.cuda.reset_peak_memory_stats()
-    output_dir = args.work_dir / size
-    shutil.rmtree(output_dir, ignore_errors=True)
     report = evaluate_pipeline(
         pipe, output_dir, plan, sampling, reference=reference, inception_weights=weights, batch_size=args.batch_size,
         shard_size=args.shard_size, inception_batch_size=args.inception_batch_size, state=process_state(),
@@ -147,21 +149,30 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         raise SystemExit("This benchmark needs a CUDA GPU.")
     args.work_dir.mkdir(parents=True, exist_ok=True)
+    # A folder of this call's own: nothing already in --work_dir is overwritten or removed.
+    run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=args.work_dir))
+    try:
+        return run(args, run_dir)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def run(args, run_dir: Path) -> int:
     start = time.perf_counter()
-    weights = save_random_inception_weights(args.work_dir / "inception-stand-in.pth")
-    reference = write_reference(args.work_dir / "reference.npz", args.reference_images)
+    weights = save_random_inception_weights(run_dir / "inception-stand-in.pth")
+    reference = write_reference(run_dir / "reference.npz", args.reference_images)
     print(json.dumps({"stand_in_files_s": time.perf_counter() - start}), flush=True)
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                "args": {key: str(value) for key, value in vars(args).items()}, "runs": []}
-    for size, num_samples, float8 in zip(args.sizes, args.num_samples, args.float8):
-        run = evaluate_size(size, num_samples, float8, args, reference, weights)
-        results["runs"].append(run)
-        print(json.dumps(run), flush=True)
+    for index, (size, num_samples, float8) in enumerate(zip(args.sizes, args.num_samples, args.float8)):
+        result = evaluate_size(size, num_samples, float8, args, reference, weights, run_dir / f"{index}-{size}")
+        results["runs"].append(result)
+        print(json.dumps(result), flush=True)
     if args.original is not None:
         for size in args.sizes if args.original_sizes is None else args.original_sizes:
-            run = time_original(size, args)
-            results["runs"].append(run)
-            print(json.dumps(run), flush=True)
+            result = time_original(size, args)
+            results["runs"].append(result)
+            print(json.dumps(result), flush=True)
     print_table(results["runs"])
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2))

@@ -107,6 +107,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="Debug: depth 2, width 128, batch 2, 64x64.")
     parser.add_argument("--json", type=Path, default=None, help="Write the results here (rewritten after each run).")
     args = parser.parse_args(argv)
+    # The first step is always a warm-up, and the e2e step times are the gaps between logged steps, so the first
+    # e2e step cannot be timed: at least one warm-up step and one timed step each.
+    if args.warmup < 1 or args.iters < 1:
+        parser.error(f"--warmup and --iters must be at least 1, got {args.warmup} and {args.iters}.")
+    if args.e2e_warmup < 1 or args.e2e_steps <= args.e2e_warmup:
+        parser.error(f"--e2e_warmup must be at least 1 and below --e2e_steps, got {args.e2e_warmup} and "
+                     f"{args.e2e_steps}.")
     args.runs = [parse_run(run) for run in args.runs]
     for config in args.configs + ([args.profile] if args.profile else []):
         parse_config(config)

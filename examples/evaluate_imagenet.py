@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
@@ -99,7 +100,7 @@ def main(argv=None) -> int:
         run_settings=run_settings, model_name=args.model, state=state,
     )
     if report is not None:
-        print(open(report["outputs"]["report"]).read(), end="")
+        print(Path(report["outputs"]["report"]).read_text(), end="")
     return 0
 
 

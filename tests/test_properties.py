@@ -1,7 +1,7 @@
 """Property-based tests: random argument combinations, valid and invalid, thrown at the four pipelines with the shipped
 digits model (`models/flexvar-digits`, 8 pixels per token). Every call either returns a valid result of the documented
 type, shape and range, or raises ValueError / TypeError with a message naming one of the arguments passed; never
-anything else (issue 26).
+anything else.
 
 Bounded for CI: few examples per pipeline, tiny images (8 to 24 pixels a side), derandomized (the same examples on
 every run) and no deadline. Values come from hand-picked lists of valid and hostile ones per argument, so each example

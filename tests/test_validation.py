@@ -1,4 +1,4 @@
-"""Hostile but realistic inputs to the pipelines: clear errors at once, never silently wrong results (issue 26).
+"""Hostile but realistic inputs to the pipelines: clear errors at once, never silently wrong results.
 
 Each test reproduces a class of problems found by trying bad or edge inputs: images in 0..255, sizes that cannot
 fit, conflicting arguments, wrong types, callbacks that replace tokens.
@@ -90,8 +90,8 @@ def test_the_shared_argument_rules():
 
 
 def test_uint8_and_float_images_are_read_as_the_same_pixels(pipes):
-    """`np.asarray(pil_image)` (uint8, 0..255) used to be read as [0, 1] and clipped, almost white: every form of a
-    picture must give the pixels of the PIL image."""
+    """`np.asarray(pil_image)` (uint8, 0..255) must not be read as [0, 1] and clipped (almost white): every form of a
+    picture gives the pixels of the PIL image."""
     pipe = pipes[FlexVARImg2ImgPipeline]
     array = uint8_image()
     expected = pipe.prepare_image(PIL.Image.fromarray(array))
