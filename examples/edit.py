@@ -36,7 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--classes", nargs=2, default=["3", "8"], metavar=("SOURCE", "TARGET"),
                         help="Class ids or names: the generated source's class and the class edits are made as.")
     parser.add_argument("--size", type=int, default=None,
-                        help="Size in pixels, a multiple of 16 (default: the training size; 96 for the digits).")
+                        help="Size in pixels, a multiple of the VQ model's pixels per token (16 for the converted "
+                             "models, 8 for the digits; default: the training size, 96 for the digits).")
     parser.add_argument("--strengths", nargs="+", type=float, default=[0.0, 0.3, 0.5, 0.7, 1.0])
     parser.add_argument("--steps", type=int, default=None, help="Number of scales (default: the pipeline's).")
     parser.add_argument("--seed", type=int, default=0)

@@ -14,8 +14,8 @@ from ..schedulers.scheduling_flexvar import GeneratorLike, check_generator, expo
 
 def loop_device(pipeline) -> torch.device:
     """Where fast sampling runs the loop: the device of the transformer's weights. Read off one weight, since
-    diffusers' `device`, `dtype` and `_execution_device` each walk every module for offload hooks (about 3 ms for the
-    700 modules of d24 on a CPU host, paid before every replay)."""
+    diffusers' `device`, `dtype` and `_execution_device` each walk every module for offload hooks, a cost paid
+    before every replay."""
     return pipeline.transformer.proj_out.weight.device
 
 
