@@ -155,7 +155,9 @@ def test_masks_follow_the_same_value_rule(pipes):
     assert torch.equal(pipe.prepare_mask(MASK.astype(bool), 1, 32, 32), expected)
     assert torch.equal(pipe.prepare_mask(torch.from_numpy(MASK / 255.0).float(), 1, 32, 32), expected)
     for mask, match in [(MASK.astype(np.float32), r"`mask_image` has values in \[0, 255\]"),
-                        (MASK.astype(np.int32), "dtype int32"), (-torch.ones(32, 32), r"in \[-1, -1\]")]:
+                        (MASK.astype(np.int32), "dtype int32"), (-torch.ones(32, 32), r"in \[-1, -1\]"),
+                        ([MASK, PIL.Image.fromarray(MASK)], "mixes PIL images"),
+                        ([MASK, MASK[:16]], r"one size \(H, W\); got \[\(16, 32\), \(32, 32\)\]")]:
         with pytest.raises(ValueError, match=match):
             pipe.prepare_mask(mask, 1, 32, 32)
 
