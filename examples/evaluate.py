@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from flexvar_hf import FlexVARPipeline  # noqa: E402
 from flexvar_hf.evaluation import SamplePlan, generate_samples  # noqa: E402
 from flexvar_hf.evaluation import frechet_distance_of_features as frechet_distance  # noqa: E402
+from flexvar_hf.utils.io import atomic_files  # noqa: E402
 from generate import parse_size  # noqa: E402
 from train_classifier import classify, classify_pixels, list_imagefolder, load_classifier, load_split  # noqa: E402
 
@@ -108,7 +109,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--output", default="outputs/digits-eval.md", help="Markdown table; numbers in .json.")
     parser.add_argument("--samples", default=None, help="Also write a PNG of the first images of every setting.")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    outputs = output_paths(args)
+    if len({path.resolve() for path in outputs}) < len(outputs):
+        parser.error(f"--output {args.output}, its numbers' {outputs[1]} and --samples must be different files; "
+                     "give --output a .md name.")
+    return args
 
 
 def build_settings(args) -> list[Setting]:
@@ -261,15 +267,22 @@ def main(argv=None) -> int:
     return 0
 
 
-def write_outputs(args, results: list[Result], sample_rows, device_name: str) -> None:
+def output_paths(args) -> list[Path]:
+    """The markdown table, its numbers (`.json` beside it) and, with `--samples`, the sample sheet."""
     output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(markdown_table(results, args, device_name))
-    output.with_suffix(".json").write_text(json.dumps(
-        {"model": args.model, "num_per_class": args.num_per_class, "seed": args.seed, "device": device_name,
-         "dtype": args.dtype, "results": [asdict(r) for r in results]}, indent=2) + "\n")
-    if args.samples:
-        sample_sheet(sample_rows).save(args.samples)
+    return [output, output.with_suffix(".json")] + ([Path(args.samples)] if args.samples else [])
+
+
+def write_outputs(args, results: list[Result], sample_rows, device_name: str) -> None:
+    """Write the table, its `.json` beside it and the optional sample sheet, each under a temporary name renamed
+    into place (the row loop rewrites them after every row, so a cut-off run keeps complete files)."""
+    with atomic_files(*output_paths(args), overwrite=True) as staging:
+        staging[0].write_text(markdown_table(results, args, device_name))
+        staging[1].write_text(json.dumps(
+            {"model": args.model, "num_per_class": args.num_per_class, "seed": args.seed, "device": device_name,
+             "dtype": args.dtype, "results": [asdict(r) for r in results]}, indent=2) + "\n")
+        if args.samples:
+            sample_sheet(sample_rows).save(staging[2], format="PNG")
 
 
 if __name__ == "__main__":

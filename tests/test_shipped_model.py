@@ -143,6 +143,15 @@ def test_per_class_accuracy_and_weakest_classes():
     assert evaluate.weakest_classes(result) == "2: 0.0%, 0: 75.0%"
 
 
+def test_evaluate_refuses_outputs_that_would_overwrite_each_other(capsys):
+    evaluate = load_example("evaluate")
+    for outputs in (["--output", "eval.json"], ["--output", "eval.md", "--samples", "eval.md"]):
+        with pytest.raises(SystemExit):
+            evaluate.parse_args(["--data_dir", "digits", *outputs])
+        assert "must be different files" in capsys.readouterr().err
+    assert evaluate.parse_args(["--data_dir", "digits", "--output", "eval.md", "--samples", "eval.png"])
+
+
 def test_evaluate_scores_the_shipped_model(tmp_path):
     """`examples/evaluate.py` end to end on a few fresh held-out digits: every row of the table, the sampling
     options in the output, and accuracies that say the model draws digits (its evaluations: about 93%)."""
