@@ -50,7 +50,9 @@ import argparse
 import gc
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 import types
 from contextlib import contextmanager
@@ -65,6 +67,7 @@ from flexvar_hf.training.flexvar_loss import build_teacher_inputs, training_loss
 from flexvar_hf.training.optim import build_optimizer, clip_and_step
 
 LEARNING_RATE, WEIGHT_DECAY, BETAS, MAX_GRAD_NORM, CLASS_DROPOUT = 1e-4, 0.05, (0.9, 0.95), 2.0, 0.1
+# The H100 SXM's dense bf16 peak, and the rate a large bf16 matrix product reaches on these GPUs in practice.
 PEAK_FLOPS, MEASURED_FLOPS = 989e12, 790e12
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 CONFIG_FLAGS = ("fused", "cache", "compile", "ckpt")
@@ -114,9 +117,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.e2e_warmup < 1 or args.e2e_steps <= args.e2e_warmup:
         parser.error(f"--e2e_warmup must be at least 1 and below --e2e_steps, got {args.e2e_warmup} and "
                      f"{args.e2e_steps}.")
-    args.runs = [parse_run(run) for run in args.runs]
-    for config in args.configs + ([args.profile] if args.profile else []):
-        parse_config(config)
+    try:
+        args.runs = [parse_run(run) for run in args.runs]
+        for config in args.configs + ([args.profile] if args.profile else []):
+            parse_config(config)
+    except argparse.ArgumentTypeError as error:
+        parser.error(str(error))
     if args.tiny:
         args.runs = [(size, min(batch, 2)) for size, batch in args.runs]
         args.resolution = min(args.resolution, 64)
@@ -579,7 +585,8 @@ def e2e_runs(args, results: dict, budget: Budget, device: torch.device, save) ->
         # crops.
         flags += ["--cache_latents", "--random_flip"] if options["cache"] else [
             "--random_crop", "--random_crop_min_fraction", "0.88", "--random_flip"]
-        output = Path(f"/tmp/flexvar-e2e-out-{config.replace('+', '-')}")
+        # A fresh folder per run: a folder of an earlier run would resume from its checkpoint and latent cache.
+        output = Path(tempfile.mkdtemp(prefix=f"flexvar-e2e-{config.replace('+', '-')}-"))
         argv = [
             "--vqvae_model_name_or_path", str(vq_dir), "--depth", str(depth), "--num_classes", str(NUM_CLASSES),
             "--train_data_dir", str(data), "--resolution", str(args.resolution), "--train_batch_size", str(batch),
@@ -603,6 +610,7 @@ def e2e_runs(args, results: dict, budget: Budget, device: torch.device, save) ->
                 train.main(train.parse_args(argv))
             finally:
                 train.Accelerator.log = original_log
+                shutil.rmtree(output, ignore_errors=True)
                 from accelerate.state import AcceleratorState, GradientState
 
                 AcceleratorState._reset_state(True)
