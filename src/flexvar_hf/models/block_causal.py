@@ -31,6 +31,7 @@ __all__ = [
     "FLEX_BLOCK_SIZE",
     "AttentionMask",
     "TRAINING_ATTENTION_BACKENDS",
+    "check_training_attention",
     "ScaleBounds",
     "block_causal_attention",
     "block_causal_mask",
@@ -112,11 +113,17 @@ def flex_block_mask(
     )
 
 
+def check_training_attention(backend: str) -> str:
+    """`backend` if it names one of `TRAINING_ATTENTION_BACKENDS`, else a ValueError listing them."""
+    if backend not in TRAINING_ATTENTION_BACKENDS:
+        raise ValueError(f"The training attention must be one of {TRAINING_ATTENTION_BACKENDS}, got {backend!r}.")
+    return backend
+
+
 def training_attention_mask(scales: Sequence[tuple[int, int]], backend: str, device: torch.device) -> AttentionMask:
     """What `block_causal_attention` needs for `backend` (see `TRAINING_ATTENTION_BACKENDS`) to attend block-causally
     over `scales` fed together without a cache; None for a single scale."""
-    if backend not in TRAINING_ATTENTION_BACKENDS:
-        raise ValueError(f"The training attention must be one of {TRAINING_ATTENTION_BACKENDS}, got {backend!r}.")
+    check_training_attention(backend)
     if len(scales) == 1:
         return None
     if backend == "flex":

@@ -20,10 +20,10 @@ from diffusers.utils import BaseOutput
 from ..guidance import combine_guidance
 from ..scales import ScaleLike, as_hw_list, flatten_grid, num_tokens
 from .block_causal import (
-    TRAINING_ATTENTION_BACKENDS,
     AttentionMask,
     block_causal_attention,
     block_causal_mask,
+    check_training_attention,
     training_attention_mask,
 )
 from .float8 import (
@@ -452,9 +452,7 @@ class FlexVARTransformer2DModel(FlexVARModelMixin, ConfigMixin):
                 with a block mask that skips masked blocks; compiled on CUDA, eager and slow on the CPU) or
                 "per_scale" (one unmasked call per scale over the prefix of the sequence it may see).
         """
-        if backend not in TRAINING_ATTENTION_BACKENDS:
-            raise ValueError(f"`backend` must be one of {TRAINING_ATTENTION_BACKENDS}, got {backend!r}.")
-        self.training_attention = backend
+        self.training_attention = check_training_attention(backend)
 
     @torch.no_grad()
     def initialize_weights(self, adaln_gate_gain: float = 1e-5) -> None:
