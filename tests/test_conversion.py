@@ -459,3 +459,23 @@ def test_an_output_made_during_the_write_is_checked_before_it_is_replaced(tmp_pa
         target.write_bytes(b"user")
     assert target.read_bytes() == b"user"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out", "weights.pth"]
+
+
+def test_a_failed_rename_puts_back_the_files_already_replaced(tmp_path, monkeypatch):
+    from flexvar_hf.utils import io
+
+    first, second = tmp_path / "transformer.pth", tmp_path / "vq.pth"
+    first.write_bytes(b"old transformer")
+    real_replace = io.os.replace
+
+    def replace(source, target):
+        if Path(target) == second:  # the second file's rename into place fails
+            raise OSError("disk gone")
+        return real_replace(source, target)
+
+    monkeypatch.setattr(io.os, "replace", replace)
+    with pytest.raises(OSError, match="disk gone"), io.atomic_files(first, second, overwrite=True) as staging:
+        for temporary in staging:
+            temporary.write_bytes(b"new")
+    assert first.read_bytes() == b"old transformer"  # not the new file without its partner
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["transformer.pth"]

@@ -168,7 +168,8 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
 def atomic_files(*paths: str | os.PathLike, overwrite: bool = False) -> Iterator[list]:
     """Yield a temporary path beside each of `paths` (distinct files, each passing `check_output_path(path,
     overwrite, folder=False)` on entry and again when the block has finished); when the block succeeds they are
-    renamed into place, on error all are removed and nothing is replaced."""
+    renamed into place, on error all are removed and nothing is replaced (a failure while renaming puts back the
+    files already replaced)."""
     paths = [check_output_path(path, overwrite, folder=False) for path in paths]
     resolved = [path.resolve() for path in paths]
     if len(set(resolved)) < len(resolved):
@@ -180,11 +181,33 @@ def atomic_files(*paths: str | os.PathLike, overwrite: bool = False) -> Iterator
         yield staging
         for path in paths:  # again: a file made while the block ran must not be replaced unchecked
             check_output_path(path, overwrite, folder=False)
-        for temporary, path in zip(staging, paths):
-            os.replace(temporary, path)
+        _replace_all(staging, paths)
     finally:
         for temporary in staging:
             temporary.unlink(missing_ok=True)
+
+
+def _replace_all(sources: list[Path], targets: list[Path]) -> None:
+    """Rename each source onto its target, all or none: existing targets are moved aside first and moved back if
+    a later rename fails."""
+    done = []  # (target, its moved-aside original or None)
+    try:
+        for source, target in zip(sources, targets):
+            backup = _staging_path(target, "old") if target.exists() else None
+            if backup is not None:
+                os.replace(target, backup)
+            done.append((target, backup))
+            os.replace(source, target)
+    except BaseException:
+        for target, backup in reversed(done):
+            if backup is not None:
+                os.replace(backup, target)
+            elif target.exists():
+                target.unlink()
+        raise
+    for _, backup in done:
+        if backup is not None:
+            backup.unlink()
 
 
 def atomic_save(save, path: str | os.PathLike, overwrite: bool = True) -> Path:
