@@ -3,9 +3,10 @@ localhost port and drives Debian's Chromium, headless, with Playwright: Generate
 images of the requested size, a result goes on to Refine, and invalid input shows the pipeline's message on the page.
 
 Needs the `test` extra (gradio, through `app`, and playwright) and Debian's `chromium` at /usr/bin/chromium
-(`.ci/run` installs both; no browser is downloaded). Without them the test fails; set FLEXVAR_SKIP_BROWSER_TESTS=1
-to skip it instead, which `.ci/run` never does. The page's screenshot is saved as `app.png` in the test's temporary
-folder, and also, small, at the path in FLEXVAR_APP_SCREENSHOT if set (the README's picture):
+(`.ci/run` installs both; no browser is downloaded). Without them the tests skip, or fail where
+FLEXVAR_REQUIRE_ALL_TESTS=1, which `.ci/run` sets so that CI never skips them. The page's screenshot is saved as
+`app.png` in the test's temporary folder, and also, small, at the path in FLEXVAR_APP_SCREENSHOT if set (the
+README's picture):
 
     FLEXVAR_APP_SCREENSHOT=docs/images/app.png python -m pytest -q tests/test_app_browser.py
 """
@@ -26,22 +27,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, require
 
 CHROMIUM = "/usr/bin/chromium"
 # Headless as root in a sandbox without outside network: no sandbox, no GPU, no background connections.
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-SKIP_VARIABLE = "FLEXVAR_SKIP_BROWSER_TESTS"
 SCREENSHOT_VARIABLE = "FLEXVAR_APP_SCREENSHOT"
 START_TIMEOUT_S = 240  # loading torch, gradio and the model on a busy 2-core machine
 RESULT_TIMEOUT_MS = 180_000
 
-if os.environ.get(SKIP_VARIABLE) == "1":
-    pytest.skip(f"{SKIP_VARIABLE}=1", allow_module_level=True)
 try:
     from playwright.sync_api import expect, sync_playwright
-except ImportError:  # reported as a failure by the browser fixture
+except ImportError:  # reported by the browser fixture
     sync_playwright = None
 
 
@@ -92,10 +90,8 @@ def app_url(tmp_path_factory):
 def browser_context(tmp_path_factory):
     """A headless Debian Chromium with a fresh profile; requests that leave localhost are refused and recorded in
     `context.outside_requests`."""
-    if sync_playwright is None:
-        pytest.fail(f"playwright is not installed: pip install -e '.[test,app]' (or set {SKIP_VARIABLE}=1).")
-    if not Path(CHROMIUM).is_file():
-        pytest.fail(f"No Chromium at {CHROMIUM}: apt-get install chromium (or set {SKIP_VARIABLE}=1).")
+    require(sync_playwright is not None, "playwright", "pip install -e '.[test]'")
+    require(Path(CHROMIUM).is_file(), f"Chromium ({CHROMIUM})", "apt-get install chromium")
     with sync_playwright() as playwright:
         context = playwright.chromium.launch_persistent_context(
             str(tmp_path_factory.mktemp("chromium-profile")), executable_path=CHROMIUM, headless=True,

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 from diffusers.utils import dynamic_modules_utils
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, require_torch_fidelity
 
 PAGES = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
 SKIP_MARKER = re.compile(r"^<!-- docs-test: skip \((?P<reason>[^)]+)\) -->$")
@@ -73,6 +73,9 @@ def page_id(page: Path) -> str:
     return str(page.relative_to(REPO_ROOT))
 
 
+NEEDS_TORCH_FIDELITY = {"evaluation.md"}  # pages whose snippets build the Inception network
+
+
 @pytest.fixture
 def repo_mirror(tmp_path, monkeypatch):
     """A temporary working directory whose top-level entries link to the repository's."""
@@ -88,6 +91,8 @@ def repo_mirror(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("page", PAGES, ids=page_id)
 def test_python_blocks_run(page, repo_mirror):
+    if page.name in NEEDS_TORCH_FIDELITY:
+        require_torch_fidelity()
     blocks = [block for block in code_blocks(page) if block.language == "python"]
     namespace = {"__name__": "__docs__"}
     for block in blocks:

@@ -30,7 +30,7 @@ from flexvar_hf.evaluation import (
 from flexvar_hf.evaluation.inception import WEIGHTS_FILE_NAMES, default_weights_paths, inception_module
 from flexvar_hf.evaluation.metrics import pairwise_squared_distances
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, require_torch_fidelity
 
 # ----------------------------------------------------------------------------------------------------------------
 # Frechet distance
@@ -177,6 +177,7 @@ def test_distances_are_computed_in_float16_arithmetic_as_the_adm_does():
 
 @pytest.fixture(scope="module")
 def random_weights(tmp_path_factory):
+    require_torch_fidelity()
     return save_random_inception_weights(tmp_path_factory.mktemp("inception") / "stand-in.pth", seed=0)
 
 

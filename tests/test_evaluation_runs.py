@@ -20,7 +20,7 @@ from flexvar_hf import FlexVARPipeline
 from flexvar_hf.evaluation import InceptionFeatures, SampleShards, save_random_inception_weights
 from test_evaluation import brute_force_precision_recall, numpy_frechet_distance
 
-from conftest import REPO_ROOT, load_example
+from conftest import REPO_ROOT, load_example, require_torch_fidelity
 
 MODEL = REPO_ROOT / "models" / "flexvar-digits"
 NUM_SAMPLES = 8
@@ -34,6 +34,7 @@ def script():
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
+    require_torch_fidelity()
     root = tmp_path_factory.mktemp("evaluation")
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(5, 32, 32, 3), dtype=np.uint8)
