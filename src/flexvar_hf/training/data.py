@@ -422,6 +422,12 @@ def check_labels(info: LabelInfo, num_classes: int) -> None:
 # Transforms
 
 
+def split_sample_key(key: int | tuple[int, int]) -> tuple[int, int]:
+    """A dataset key -> (index, epoch): `EpochShuffleSampler` yields (index, epoch), a plain index is epoch 0."""
+    index, epoch = key if isinstance(key, (tuple, list)) else (key, 0)
+    return int(index), epoch
+
+
 def sample_seed(seed: int | None, epoch: int, index: int) -> int:
     """A 63-bit seed for the random choices of sample `index` in `epoch`."""
     entropy = [int(seed or 0) & 0xFFFFFFFF, int(epoch) & 0xFFFFFFFF, int(index) & 0xFFFFFFFFFFFF]
@@ -523,8 +529,7 @@ class ImageDataset(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
-        index, epoch = (key if isinstance(key, (tuple, list)) else (key, 0))
-        index = int(index)
+        index, epoch = split_sample_key(key)
         generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
         try:  # a datasets Image feature decodes when the example is read
             example = self.dataset[index]

@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..utils.io import atomic_save
-from .data import EpochShuffleSampler, ImageDataset, ImageTransform, collate_examples, sample_seed
+from .data import EpochShuffleSampler, ImageDataset, ImageTransform, collate_examples, sample_seed, split_sample_key
 
 __all__ = [
     "CachedLatentDataset",
@@ -159,8 +159,7 @@ class CachedLatentDataset(torch.utils.data.Dataset):
         return len(self.latents)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
-        index, epoch = (key if isinstance(key, (tuple, list)) else (key, 0))
-        index = int(index)
+        index, epoch = split_sample_key(key)
         variant = 0
         if self.latents.shape[1] > 1:
             generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
