@@ -22,6 +22,8 @@ from typing import NamedTuple, Union
 import torch
 import torch.nn.functional as F
 
+from ..utils.validation import check_choice
+
 try:
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
 except ImportError:  # torch without FlexAttention
@@ -115,9 +117,7 @@ def flex_block_mask(
 
 def check_training_attention(backend: str) -> str:
     """`backend` if it names one of `TRAINING_ATTENTION_BACKENDS`, else a ValueError listing them."""
-    if backend not in TRAINING_ATTENTION_BACKENDS:
-        raise ValueError(f"The training attention must be one of {TRAINING_ATTENTION_BACKENDS}, got {backend!r}.")
-    return backend
+    return check_choice("training_attention", backend, TRAINING_ATTENTION_BACKENDS)
 
 
 def training_attention_mask(scales: Sequence[tuple[int, int]], backend: str, device: torch.device) -> AttentionMask:

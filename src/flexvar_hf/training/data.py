@@ -57,6 +57,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..utils.validation import check_choice
+
 logger = logging.getLogger(__name__)
 
 CROP_MODES = ("center", "random")
@@ -255,8 +257,7 @@ def load_image_dataset(
     """
     import datasets
 
-    if image_check not in IMAGE_CHECKS:  # before the (possibly long) loading
-        raise ValueError(f"`image_check` must be one of {IMAGE_CHECKS}, got {image_check!r}.")
+    check_choice("image_check", image_check, IMAGE_CHECKS)  # before the (possibly long) loading
     if (dataset_name is None) == (train_data_dir is None):
         raise ValueError("Pass exactly one of `dataset_name` (a hub dataset) and `train_data_dir` (an image folder).")
     if train_data_dir is not None:
@@ -457,8 +458,7 @@ class ImageTransform:
         min_crop_fraction: float = 1.0,
     ):
         self.height, self.width = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
-        if crop not in CROP_MODES:
-            raise ValueError(f"`crop` must be one of {CROP_MODES}, got {crop!r}.")
+        check_choice("crop", crop, CROP_MODES)
         if not 0 < min_crop_fraction <= 1:
             raise ValueError(f"`min_crop_fraction` must be in (0, 1], got {min_crop_fraction}.")
         self.crop = crop
