@@ -466,14 +466,14 @@ def test_a_failed_rename_puts_back_the_files_already_replaced(tmp_path, monkeypa
 
     first, second = tmp_path / "transformer.pth", tmp_path / "vq.pth"
     first.write_bytes(b"old transformer")
-    real_replace = io.os.replace
+    rename = Path.rename
 
-    def replace(source, target):
+    def failing(self, target):
         if Path(target) == second:  # the second file's rename into place fails
             raise OSError("disk gone")
-        return real_replace(source, target)
+        return rename(self, target)
 
-    monkeypatch.setattr(io.os, "replace", replace)
+    monkeypatch.setattr(Path, "rename", failing)
     with pytest.raises(OSError, match="disk gone"), io.atomic_files(first, second, overwrite=True) as staging:
         for temporary in staging:
             temporary.write_bytes(b"new")

@@ -148,17 +148,7 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
         yield staging
         # Again: a `path` made while the block ran must not be renamed away and deleted unchecked.
         check_output_path(path, overwrite, folder=True)
-        if path.exists():
-            retired = _staging_path(path, "old")
-            path.rename(retired)
-            try:
-                staging.rename(path)
-            except BaseException:
-                retired.rename(path)
-                raise
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            staging.rename(path)
+        _replace_all([staging], [path])
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -188,26 +178,34 @@ def atomic_files(*paths: str | os.PathLike, overwrite: bool = False) -> Iterator
 
 
 def _replace_all(sources: list[Path], targets: list[Path]) -> None:
-    """Rename each source onto its target, all or none: existing targets are moved aside first and moved back if
-    a later rename fails."""
+    """Rename each source (a file or a folder) onto its target, all or none: existing targets are moved aside first
+    (so each rename goes to a free path), moved back if a later rename fails, and deleted once every source is in
+    place."""
     done = []  # (target, its moved-aside original or None)
     try:
         for source, target in zip(sources, targets):
             backup = _staging_path(target, "old") if target.exists() else None
             if backup is not None:
-                os.replace(target, backup)
+                target.rename(backup)
             done.append((target, backup))
-            os.replace(source, target)
+            source.rename(target)
     except BaseException:
         for target, backup in reversed(done):
             if backup is not None:
-                os.replace(backup, target)
+                backup.rename(target)
             elif target.exists():
-                target.unlink()
+                _remove(target)
         raise
     for _, backup in done:
         if backup is not None:
-            backup.unlink()
+            _remove(backup)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink()
 
 
 def atomic_save(save, path: str | os.PathLike, overwrite: bool = True) -> Path:
