@@ -68,6 +68,16 @@ def load_example(name: str):
     return module
 
 
+def with_active_blocks(transformer, gate_gain: float = 20.0):
+    """`transformer` (a FlexVARTransformer2DModel) re-initialised with AdaLN gates of about 0.3, so that its blocks
+    carry a good part of the logits as a trained model's do (without them the tiny models' logits move by about 30%).
+    The constructor's training-from-scratch gates (1e-5 of the other rows) keep a random model's blocks out of its
+    outputs, and a test comparing two block paths (attention backends, caches, kernels, float8) would pass whatever
+    the blocks compute."""
+    transformer.initialize_weights(adaln_gate_gain=gate_gain)
+    return transformer
+
+
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
 

@@ -18,6 +18,8 @@ from flexvar_hf import (
 from flexvar_hf.schedulers.scheduling_flexvar import check_generator, exponential_noise
 from test_image_to_image import derive, random_images
 
+from conftest import with_active_blocks
+
 LABELS = [1, 4, 7, 2]
 SEEDS = [11, 12, 13, 14]
 
@@ -29,9 +31,9 @@ def generators(seeds=SEEDS) -> list[torch.Generator]:
 def make_micro_pipe() -> FlexVARPipeline:
     """A random pipeline small enough for many calls: 2 pixels per token (so 8x8 pixels are 4x4 tokens)."""
     torch.manual_seed(0)
-    transformer = FlexVARTransformer2DModel(
+    transformer = with_active_blocks(FlexVARTransformer2DModel(
         num_classes=10, vocab_size=64, code_dim=8, num_layers=2, hidden_size=64, num_attention_heads=2, pos_grid_size=8
-    )
+    ))
     vqvae = FlexVQModel(
         base_channels=32, channel_multipliers=(1, 1), layers_per_block=1, z_channels=32, num_codes=64, code_dim=8
     )

@@ -18,14 +18,16 @@ from flexvar_hf import (
 )
 from flexvar_hf.conversion import pipeline_from_original
 
+from conftest import with_active_blocks
+
 PIPELINES = (FlexVARPipeline, FlexVARImg2ImgPipeline, FlexVARInpaintPipeline, FlexVAROutpaintPipeline)
 
 
 def make_tiny_base(seed: int = 0) -> FlexVARPipeline:
     torch.manual_seed(seed)
-    transformer = FlexVARTransformer2DModel(
+    transformer = with_active_blocks(FlexVARTransformer2DModel(
         num_classes=10, vocab_size=64, code_dim=8, num_layers=2, hidden_size=64, num_attention_heads=2, pos_grid_size=8
-    )
+    ))
     vqvae = FlexVQModel(base_channels=32, z_channels=32, num_codes=64, code_dim=8)
     pipe = FlexVARPipeline(transformer.eval(), vqvae.eval(), FlexVARScaleScheduler())
     return pipe

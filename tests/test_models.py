@@ -11,7 +11,7 @@ from flexvar_hf import FlexVARTransformer2DModel, FlexVQModel
 from flexvar_hf.models.transformer_flexvar import ResidualUpdate, feed_forward, linear_gelu, modulated_layer_norm
 from flexvar_hf.scales import as_hw_list, flatten_grid, resize_codes
 
-from conftest import PIXEL_TOLERANCE, RELATIVE_TOLERANCE, relative_error, requires_cuda
+from conftest import PIXEL_TOLERANCE, RELATIVE_TOLERANCE, relative_error, requires_cuda, with_active_blocks
 
 TRAIN_SCALES = [1, 2, 3, 4]
 
@@ -20,7 +20,7 @@ def tiny_transformer(**overrides) -> FlexVARTransformer2DModel:
     """A small random transformer (3 classes, 16 codes of 4 dims, one layer of width 32, 2 heads) with `overrides`
     of its config."""
     config = dict(num_classes=3, vocab_size=16, code_dim=4, num_layers=1, hidden_size=32, num_attention_heads=2)
-    return FlexVARTransformer2DModel(**(config | overrides))
+    return with_active_blocks(FlexVARTransformer2DModel(**(config | overrides)))
 
 
 def teacher_inputs_from_indices(vq, indices, scales):
@@ -68,6 +68,21 @@ def test_teacher_forcing_logits_match_original(parity_transformer, reference, re
     assert relative_error(logits, reference["teacher_logits"]) < RELATIVE_TOLERANCE
     loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), reference["teacher_targets"].flatten())
     assert loss.item() == pytest.approx(reference_info["teacher_cross_entropy"], rel=1e-4)
+
+
+@torch.no_grad()
+def test_the_tiny_test_models_blocks_carry_the_logits():
+    """The random models that the tests compare block paths on (attention backends, caches, kernels, float8) get
+    their outputs from their blocks: without the blocks' updates, the logits move by well over bfloat16's rounding."""
+    torch.manual_seed(0)
+    model = tiny_transformer(num_layers=2, hidden_size=64)
+    labels, scales = torch.tensor([0, 1, 2]), [(1, 1), (2, 3), (4, 4)]
+    inputs = torch.randn(3, 6 + 16, model.config.code_dim)
+    logits = model(labels, scales, inputs).logits
+    for block in model.blocks:
+        block.attn.to_out.weight.zero_()
+        block.ff.net[2].weight.zero_()
+    assert relative_error(model(labels, scales, inputs).logits, logits) > 0.1
 
 
 def incremental_logits(model, labels, scales, inputs):

@@ -57,7 +57,7 @@ from flexvar_hf.training.optim import (
 )
 from flexvar_hf.utils.io import check_output_path
 
-from conftest import RELATIVE_TOLERANCE, REPO_ROOT, load_example, relative_error
+from conftest import RELATIVE_TOLERANCE, REPO_ROOT, load_example, relative_error, with_active_blocks
 
 CLASSES = ("circle", "square", "triangle")
 TINY_VQ = dict(
@@ -106,9 +106,9 @@ def assets(tmp_path_factory) -> dict[str, Path]:
     torch.manual_seed(0)
     vqvae = FlexVQModel(**TINY_VQ)
     vqvae.save_pretrained(root / "vq")
-    transformer = FlexVARTransformer2DModel(
+    transformer = with_active_blocks(FlexVARTransformer2DModel(
         num_classes=3, vocab_size=64, code_dim=8, num_layers=1, hidden_size=32, num_attention_heads=2, pos_grid_size=4
-    )
+    ))
     FlexVARPipeline(transformer, vqvae, FlexVARScaleScheduler(), id2label={0: "a", 1: "b", 2: "c"}).save_pretrained(
         root / "pipe"
     )

@@ -19,7 +19,7 @@ from flexvar_hf.models.block_causal import block_causal_mask, flex_block_mask
 from flexvar_hf.training.flexvar_loss import build_teacher_inputs, drop_path_factors, flexvar_loss
 from flexvar_hf.training.optim import build_optimizer, flexvar_lr_factor
 
-from conftest import RELATIVE_TOLERANCE, relative_error
+from conftest import RELATIVE_TOLERANCE, relative_error, with_active_blocks
 
 SPEED_TOLERANCE = 1e-5  # float32 loss of an option against the plain path, relative
 PARITY_SCALES = [(1, 1), (2, 2), (3, 3), (4, 4)]
@@ -27,10 +27,10 @@ PARITY_SCALES = [(1, 1), (2, 2), (3, 3), (4, 4)]
 
 def tiny_model(num_layers: int = 2, **kwargs) -> FlexVARTransformer2DModel:
     torch.manual_seed(0)
-    return FlexVARTransformer2DModel(
+    return with_active_blocks(FlexVARTransformer2DModel(
         num_classes=5, vocab_size=32, code_dim=4, num_layers=num_layers, hidden_size=32, num_attention_heads=2,
         pos_grid_size=8, **kwargs,
-    )
+    ))
 
 
 def random_schedules(count: int, seed: int = 0, size: int = 128) -> list[list[tuple[int, int]]]:
