@@ -59,9 +59,9 @@ def mask_to_tensor(mask_image) -> torch.Tensor | list[PIL.Image.Image]:
         if any(isinstance(item, PIL.Image.Image) for item in mask_image):
             raise ValueError("`mask_image` mixes PIL images with arrays or tensors; pass a list of one kind.")
         masks = [mask_to_tensor(item) for item in mask_image]
-        if len({tuple(mask.shape[-2:]) for mask in masks}) > 1:
-            sizes = sorted({tuple(mask.shape[-2:]) for mask in masks})
-            raise ValueError(f"The masks of a `mask_image` list must have one size (H, W); got {sizes}.")
+        sizes = {tuple(mask.shape[-2:]) for mask in masks}
+        if len(sizes) > 1:
+            raise ValueError(f"The masks of a `mask_image` list must have one size (H, W); got {sorted(sizes)}.")
         return torch.cat(masks)
     if isinstance(mask_image, np.ndarray):
         array = mask_image

@@ -178,25 +178,29 @@ def atomic_files(*paths: str | os.PathLike, overwrite: bool = False) -> Iterator
 
 
 def _replace_all(sources: list[Path], targets: list[Path]) -> None:
-    """Rename each source (a file or a folder) onto its target, all or none: existing targets are moved aside first
-    (so each rename goes to a free path), moved back if a later rename fails, and deleted once every source is in
-    place."""
-    done = []  # (target, its moved-aside original or None)
+    """Rename each source (a file or a folder) onto its target, all or none: an existing target is moved aside first
+    (so each rename goes to a free path) and deleted once every source is in place. If a rename fails, each target
+    already placed is removed (it is ours) and the originals are moved back; nothing else is touched."""
+    placed = []  # (target, its moved-aside original or None), for the targets that now hold their source
     try:
         for source, target in zip(sources, targets):
             backup = _staging_path(target, "old") if target.exists() else None
             if backup is not None:
                 target.rename(backup)
-            done.append((target, backup))
-            source.rename(target)
+            try:
+                source.rename(target)
+            except BaseException:
+                if backup is not None:
+                    backup.rename(target)
+                raise
+            placed.append((target, backup))
     except BaseException:
-        for target, backup in reversed(done):
+        for target, backup in reversed(placed):
+            _remove(target)
             if backup is not None:
                 backup.rename(target)
-            elif target.exists():
-                _remove(target)
         raise
-    for _, backup in done:
+    for _, backup in placed:
         if backup is not None:
             _remove(backup)
 
