@@ -284,3 +284,37 @@ def test_cache_latents_trains_like_encoding_every_step(tmp_path, train_script):
             str(tmp_path / "data"), "--cache_latents", "--random_crop",
         ]))
     reset_accelerate()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# benchmarks/bench_train.py --e2e on the datasets stand-in (the GPU machine has no `datasets`)
+
+
+def test_bench_train_e2e_runs_train_py_on_the_datasets_stand_in(tmp_path):
+    """The stand-in must offer every part of `datasets` that examples/train.py uses: a train.py that reaches for
+    one it lacks fails only on the GPU machine, after its start-up costs have been paid."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    stub = root / "benchmarks" / "datasets_stub"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(stub), str(root / "benchmarks"),
+                                                        os.environ.get("PYTHONPATH", "")]), "TQDM_DISABLE": "1"}
+    probe = subprocess.run([sys.executable, "-c", "import datasets; print(datasets.__file__)"], env=env,
+                           capture_output=True, text=True, check=True)
+    assert Path(probe.stdout.strip()).is_relative_to(stub)
+    result_file = tmp_path / "e2e.json"
+    subprocess.run(
+        [sys.executable, "-W", "ignore", str(root / "benchmarks" / "bench_train.py"), "--no-steps", "--device", "cpu",
+         "--tiny", "--e2e", "--runs", "d16:2", "--configs", "per_scale+fused+cache", "--e2e_steps", "4",
+         "--e2e_warmup", "2", "--e2e_checkpointing_steps", "2", "--e2e_images", "30", "--e2e_workers", "0",
+         "--e2e_data", str(tmp_path / "jpegs"), "--json", str(result_file)],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600, check=True,
+    )
+    results = json.loads(result_file.read_text())
+    assert "failures" not in results, results.get("failures")
+    (run,) = results["runs"]
+    assert run["mode"] == "e2e per_scale+fused+cache" and run["steps"] == 2 and run["tokens_per_s"] > 0

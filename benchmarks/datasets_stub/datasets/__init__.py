@@ -10,7 +10,7 @@ import random
 import types
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image as PILImage
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 exceptions = types.SimpleNamespace(DataFilesNotFoundError=FileNotFoundError)
@@ -28,6 +28,13 @@ class ClassLabel:
     def __init__(self, names: list[str]):
         self.names = list(names)
         self.num_classes = len(self.names)
+
+
+class Image:
+    """The image feature type (this stand-in's image columns hold paths, so decoding is never switched)."""
+
+    def __init__(self, decode: bool = True):
+        self.decode = decode
 
 
 class DatasetDict(dict):
@@ -49,7 +56,7 @@ class Dataset:
         if isinstance(key, str):
             return [row[key] for row in self.rows]
         row = dict(self.rows[key])
-        row["image"] = Image.open(row["image"])
+        row["image"] = PILImage.open(row["image"])
         return row
 
     def select_columns(self, columns: list[str]) -> Dataset:
@@ -63,6 +70,17 @@ class Dataset:
         order = list(range(len(self.rows)))
         random.Random(seed).shuffle(order)
         return self.select(order)
+
+    def map(self, function, batched: bool = False, num_proc=None, remove_columns=(), desc=None) -> Dataset:
+        """`function` over all rows at once (as one batch of undecoded columns); its columns replace the removed."""
+        if not batched:
+            raise NotImplementedError("This stand-in maps batches only.")
+        kept = [c for c in self.features if c not in set(remove_columns)]
+        new = function({column: [row[column] for row in self.rows] for column in self.features})
+        rows = [{**{c: row[c] for c in kept}, **{c: values[i] for c, values in new.items()}}
+                for i, row in enumerate(self.rows)]
+        return Dataset(rows, {**{c: self.features[c] for c in kept}, **{c: Value("string") for c in new}},
+                       self._fingerprint + "-map")
 
     def unique(self, column: str) -> list:
         return sorted({row[column] for row in self.rows})

@@ -1,0 +1,163 @@
+"""
+Time the block-causal attention of teacher-forced training alone, forward + backward, in candidate forms, on random
+(B, H, L, D) tensors of a released size's shapes and the original's random schedules.
+
+Variants (each checked against the masked `sdpa` output first; the maximum difference is printed):
+- `sdpa`, `flex`, `per_scale`: the library's `TRAINING_ATTENTION_BACKENDS` (`block_causal_attention`).
+- `sdpa cudnn`: the masked call restricted to cuDNN's kernel (fails where cuDNN does not take the mask).
+- `flex autotuned`: FlexAttention compiled with `mode="max-autotune-no-cudagraphs"` for each schedule; Inductor's
+  autotuning log (stderr) names the kernel settings it picked, to be set as `kernel_options` if they win.
+- `flex 64`: the block mask at 64 x 64 blocks (fewer pairs computed, more blocks), with 64-row kernels.
+- `grouped N`: one SDPA call per group of consecutive scales of at least N query tokens (a mask only inside a group
+  of several scales), so the large final scales run the unmasked flash kernel and the small ones share a call.
+- `dense flash`: unmasked attention over all L keys: not block-causal, a floor for the time.
+
+Prints the milliseconds of one layer's attention per variant, summed over the schedules.
+
+    python benchmarks/bench_train_attention.py --size d24 --batch 24 --json attention.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import flex_attention
+
+from bench_generate import DEPTHS
+from bench_train import model_size, reported
+from flexvar_hf import FlexVARScaleScheduler
+from flexvar_hf.models.block_causal import (
+    TRAINING_ATTENTION_BACKENDS,
+    block_causal_attention,
+    block_causal_mask,
+    flex_block_mask,
+    training_attention_mask,
+)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="d24", choices=sorted(DEPTHS))
+    parser.add_argument("--batch", type=int, default=24)
+    parser.add_argument("--schedules", type=int, default=4, help="Random schedules of the original's distribution.")
+    parser.add_argument("--groups", nargs="*", type=int, default=[64, 128], help="Query tokens per group.")
+    parser.add_argument("--autotune", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--json", type=Path, default=None)
+    return parser.parse_args(argv)
+
+
+def scale_groups(scales: list[tuple[int, int]], min_tokens: int) -> list[tuple[int, int, list[tuple[int, int]]]]:
+    """(start, end, scales) of consecutive scales gathered until a group holds at least `min_tokens` queries."""
+    groups, start, members = [], 0, []
+    for scale in scales:
+        members.append(scale)
+        end = start + sum(h * w for h, w in members)
+        if end - start >= min_tokens:
+            groups.append((start, end, members))
+            start, members = end, []
+    if members:
+        groups.append((start, start + sum(h * w for h, w in members), members))
+    return groups
+
+
+def grouped_attention(query, key, value, groups, masks):
+    """Each group's queries over the keys up to its end; a mask only inside a group of several scales."""
+    outputs = []
+    for (start, end, _), mask in zip(groups, masks):
+        outputs.append(F.scaled_dot_product_attention(
+            query[:, :, start:end], key[:, :, :end], value[:, :, :end], attn_mask=mask, scale=1.0))
+    return torch.cat(outputs, dim=2)
+
+
+def group_masks(groups, device):
+    """Per group, its (queries, end) mask with the earlier scales as a fully visible prefix (None for one scale)."""
+    return [block_causal_mask(members, start, device) for start, _, members in groups]
+
+
+def library_attention(mask):
+    return lambda q, k, v: block_causal_attention(q, k, v, mask)
+
+
+def variants(scales, args, device):
+    """name -> a function (q, k, v) -> output, for this schedule."""
+    found = {name: library_attention(training_attention_mask(scales, name, device))
+             for name in TRAINING_ATTENTION_BACKENDS}
+    mask = block_causal_mask(scales, 0, device)
+
+    def cudnn(q, k, v):
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+
+    found["sdpa cudnn"] = cudnn
+    small_mask = flex_block_mask(scales, device, block_size=64)
+    compiled = torch.compile(flex_attention, dynamic=True)
+    options = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 32}
+    found["flex 64"] = lambda q, k, v: compiled(q, k, v, block_mask=small_mask, scale=1.0, kernel_options=options)
+    if args.autotune:
+        tuned = torch.compile(flex_attention, mode="max-autotune-no-cudagraphs", dynamic=False)
+        block_mask = training_attention_mask(scales, "flex", device)
+        found["flex autotuned"] = lambda q, k, v: tuned(q, k, v, block_mask=block_mask, scale=1.0)
+    for size in args.groups:
+        groups = scale_groups(scales, size)
+        masks = group_masks(groups, device)
+        found[f"grouped {size}"] = lambda q, k, v, g=groups, m=masks: grouped_attention(q, k, v, g, m)
+    found["dense flash"] = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, scale=1.0)
+    return found
+
+
+def time_call(function, q, k, v, grad, iters: int) -> float:
+    def call():
+        q.grad = k.grad = v.grad = None
+        function(q, k, v).backward(grad)
+
+    for _ in range(3):
+        call()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        call()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / iters * 1e3
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device("cuda")
+    _, width, heads = model_size(args.size, False)
+    generator = torch.Generator().manual_seed(0)
+    scheduler = FlexVARScaleScheduler()
+    schedules = [scheduler.sample_training_scales(256, 256, generator, keep_final_scale=False)
+                 for _ in range(args.schedules)]
+    results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "size": args.size,
+               "batch": args.batch, "schedules": [[h for h, _ in s] for s in schedules], "ms": {}, "max_diff": {}}
+    for scales in schedules:
+        length = sum(h * w for h, w in scales)
+        q, k, v = (torch.randn(args.batch, heads, length, width // heads, device=device, dtype=torch.bfloat16)
+                   .mul_(0.3).requires_grad_() for _ in range(3))
+        grad = torch.randn_like(q)
+        with torch.no_grad():
+            expected = block_causal_attention(q, k, v, block_causal_mask(scales, 0, device))
+        for name, function in variants(scales, args, device).items():
+            with reported(f"{name} L{length}", results):
+                with torch.no_grad():
+                    difference = (function(q, k, v) - expected).abs().max().item()
+                results["max_diff"][name] = max(results["max_diff"].get(name, 0.0), difference)
+                results["ms"][name] = results["ms"].get(name, 0.0) + time_call(function, q, k, v, grad, args.iters)
+        print(json.dumps({"L": length, "ms_so_far": results["ms"]}), flush=True)
+    print(f"\n{args.size} batch {args.batch}, {len(schedules)} schedules, one layer fwd+bwd:")
+    for name, ms in sorted(results["ms"].items(), key=lambda item: item[1]):
+        print(f"  {name:16} {ms:8.2f} ms  (max diff vs masked sdpa {results['max_diff'][name]:.2e})")
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
