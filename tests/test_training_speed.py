@@ -115,6 +115,30 @@ def test_speed_options_train_like_the_plain_path(option):
         assert relative_error(grad, plain) < SPEED_TOLERANCE
 
 
+def test_per_scale_attention_never_lets_sdpa_take_cudnn(monkeypatch):
+    """per_scale's calls run with cuDNN's kernel switched off (the kernel gave NaN gradients and illegal memory
+    accesses on these strided prefixes on an H100); the flag is the one SDPA's dispatch reads on CUDA."""
+    import torch.nn.functional as F
+
+    from flexvar_hf.models import block_causal
+
+    seen, real = [], F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return real(*args, **kwargs)
+
+    scales = [(1, 1), (2, 2), (3, 3)]
+    query, key, value = torch.randn(3, 2, 2, 14, 8).unbind(0)
+    monkeypatch.setattr(block_causal.F, "scaled_dot_product_attention", spy)
+    bounds = block_causal.training_attention_mask(scales, "per_scale", torch.device("cpu"))
+    output = block_causal.block_causal_attention(query, key, value, bounds)
+    assert seen == [False] * len(scales)
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # restored afterwards
+    expected = real(query, key, value, attn_mask=block_causal.block_causal_mask(scales, 0, "cpu"), scale=1.0)
+    assert relative_error(output, expected) < 1e-6
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Stochastic depth (the original's DropPath)
 

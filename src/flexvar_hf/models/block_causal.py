@@ -10,7 +10,9 @@ Three ways to compute the same function (`FlexVARTransformer2DModel.set_training
   CUDA the call is compiled (dynamic shapes, so one kernel serves every scale schedule); on the CPU it runs eagerly
   (materialising the scores: for tests, not speed).
 - "per_scale": one unmasked attention call per scale, its queries over the keys of the scales up to it (a prefix of
-  the sequence), so the flash kernel can run; about twice as many calls as scales per layer.
+  the sequence), so the flash kernel can run; about twice as many calls as scales per layer. The calls never take
+  cuDNN's kernel (`PER_SCALE_SDPA_BACKENDS`): on an H100 with torch 2.11, where SDPA prefers cuDNN, these strided
+  prefix views gave NaN gradients in eager steps and an illegal memory access in compiled ones.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import NamedTuple, Union
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..utils.validation import check_choice
 
@@ -31,6 +34,7 @@ except ImportError:  # torch without FlexAttention
 
 __all__ = [
     "FLEX_BLOCK_SIZE",
+    "PER_SCALE_SDPA_BACKENDS",
     "AttentionMask",
     "TRAINING_ATTENTION_BACKENDS",
     "check_training_attention",
@@ -44,6 +48,8 @@ __all__ = [
 
 TRAINING_ATTENTION_BACKENDS = ("sdpa", "flex", "per_scale")
 FLEX_BLOCK_SIZE = 128
+# The kernels "per_scale" lets SDPA choose from, in order: every one but cuDNN's (see the module's docstring).
+PER_SCALE_SDPA_BACKENDS = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
 
 
 class ScaleBounds(NamedTuple):
@@ -156,11 +162,12 @@ def _per_scale_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     """Each scale's (B, H, l, D) queries over the keys and values of the scales up to it; outputs concatenated.
     Kept out of compiled graphs: the Python loop over the scales would be specialised on every schedule."""
     outputs, start = [], 0
-    for end in bounds.ends:
-        outputs.append(
-            F.scaled_dot_product_attention(query[:, :, start:end], key[:, :, :end], value[:, :, :end], scale=1.0)
-        )
-        start = end
+    with sdpa_kernel(list(PER_SCALE_SDPA_BACKENDS), set_priority=True):
+        for end in bounds.ends:
+            outputs.append(
+                F.scaled_dot_product_attention(query[:, :, start:end], key[:, :, :end], value[:, :, :end], scale=1.0)
+            )
+            start = end
     return torch.cat(outputs, dim=2)
 
 
