@@ -3,7 +3,8 @@
 Run on a GPU machine with `python -m pytest -q -m gpu` (docs/testing.md), which also runs the Triton kernel tests
 (tests/test_kv_cache_kernel.py, tests/test_float8_kernel.py) compiled on CUDA tensors and the fused GELU test of
 tests/test_models.py. Covered here: CUDA-graph replay of fast sampling against the plain loop (eager and compiled
-blocks), the kernels being compiled rather than interpreted, and float8 inference on CUDA.
+blocks), the kernels being compiled rather than interpreted, float8 inference on CUDA, and the training
+attentions' gradients on CUDA.
 """
 
 from __future__ import annotations
