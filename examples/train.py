@@ -66,6 +66,7 @@ from flexvar_hf.training.latent_cache import (
     check_cacheable,
     prepare_latent_cache,
 )
+from flexvar_hf.training.metrics import StepMetrics
 from flexvar_hf.training.optim import build_optimizer, clip_and_step, flexvar_lr_factor, flexvar_warmup_steps
 from flexvar_hf.utils.io import atomic_directory, check_run_folder
 from flexvar_hf.utils.model_card import flexvar_model_card
@@ -286,6 +287,13 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder, inside --output_dir.")
     run.add_argument("--tracker_project_name", type=str, default="flexvar-train")
     run.add_argument("--checkpointing_steps", type=int, default=500, help="Save a checkpoint every N steps.")
+    run.add_argument(
+        "--logging_steps",
+        type=int,
+        default=10,
+        help="Read the metrics back from the GPU every N steps (every step is still logged, with its own values; "
+        "the tokens/s are over the N steps). 1 waits for the GPU every step.",
+    )
     run.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most N checkpoints.")
     run.add_argument(
         "--resume_from_checkpoint",
@@ -366,6 +374,7 @@ def check_args(args: argparse.Namespace) -> tuple[int, int]:
         "--gradient_accumulation_steps": args.gradient_accumulation_steps,
         "--num_train_epochs": args.num_train_epochs,
         "--checkpointing_steps": args.checkpointing_steps,
+        "--logging_steps": args.logging_steps,
     }
     for flag, value in (("--max_train_steps", args.max_train_steps), ("--validation_steps", args.validation_steps)):
         if value is not None:
@@ -824,11 +833,9 @@ def main(args: argparse.Namespace) -> dict:
         total=max_train_steps, initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
     losses: list[float] = []
-    sums = torch.zeros(4, device=accelerator.device)  # loss, accuracy, last-scale accuracy, micro-batches
-    tokens = torch.zeros(2, device=accelerator.device)  # tokens, images
+    metrics = StepMetrics(accelerator.device)
     micro_step = 0
-    start_time = last_log_time = time.perf_counter()
-    grad_norm = torch.tensor(float("nan"))
+    start_time = time.perf_counter()
 
     for epoch in range(first_epoch, num_train_epochs):
         if global_step >= max_train_steps:
@@ -859,11 +866,9 @@ def main(args: argparse.Namespace) -> dict:
                     optimizer, transformer.parameters(), args.max_grad_norm, lr_scheduler,
                     clip=accelerator.sync_gradients, clip_grad_norm_=accelerator.clip_grad_norm_,
                 )
-                grad_norm = grad_norm if norm is None else norm
 
             accuracy, last_accuracy = token_accuracy(logits.detach(), teacher.targets, teacher.last_scale_tokens)
-            sums += torch.stack([loss.detach().float(), accuracy, last_accuracy, torch.ones((), device=sums.device)])
-            tokens += torch.tensor([teacher.targets.numel(), teacher.targets.shape[0]], device=tokens.device)
+            metrics.add_micro_batch(loss, accuracy, last_accuracy, teacher.targets)
             micro_step += 1
 
             if not accelerator.sync_gradients:
@@ -874,27 +879,22 @@ def main(args: argparse.Namespace) -> dict:
             micro_step = 0
             progress_bar.update(1)
 
-            mean = accelerator.reduce(sums[:3] / sums[3], reduction="mean").tolist()
-            counts = accelerator.reduce(tokens.clone(), reduction="sum").tolist()
-            now = time.perf_counter()
-            elapsed, last_log_time = max(now - last_log_time, 1e-9), now
-            logs = {
-                "loss": mean[0],
-                "token_accuracy": mean[1],
-                "token_accuracy_last_scale": mean[2],
-                "grad_norm": float(grad_norm),
-                "lr": lr_scheduler.get_last_lr()[0],
-                "tokens_per_second": counts[0] / elapsed,
-                "images_per_second": counts[1] / elapsed,
-                "num_scales": len(scales),
-            }
-            sums.zero_()
-            tokens.zero_()
-            losses.append(mean[0])
-            accelerator.log(logs, step=global_step)
-            progress_bar.set_postfix(loss=f"{mean[0]:.4f}", acc=f"{mean[1]:.3f}", lr=f"{logs['lr']:.2e}")
-
+            metrics.end_step(global_step, norm, lr_scheduler.get_last_lr()[0], len(scales))
             out_of_time = time_is_up(accelerator, start_time, args.max_train_minutes)
+            # Metrics are read back (a GPU synchronisation) only every --logging_steps steps and before anything
+            # that synchronises anyway.
+            if (
+                global_step % args.logging_steps == 0
+                or global_step % args.checkpointing_steps == 0
+                or (args.validation_steps and global_step % args.validation_steps == 0)
+                or global_step >= max_train_steps
+                or out_of_time
+            ):
+                for step_number, logs in metrics.flush(accelerator.reduce):
+                    losses.append(logs["loss"])
+                    accelerator.log(logs, step=step_number)
+                progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", acc=f"{logs['token_accuracy']:.3f}",
+                                         lr=f"{logs['lr']:.2e}")
             if global_step % args.checkpointing_steps == 0 or out_of_time:
                 save_checkpoint(
                     accelerator, output_dir, global_step, total_limit=args.checkpoints_total_limit,

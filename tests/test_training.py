@@ -676,6 +676,48 @@ def test_overfit_one_batch_saves_a_working_pipeline(assets, tmp_path, train_scri
     assert all(torch.equal(saved[name], trained[name]) for name in saved)  # no EMA: the trained weights
 
 
+def test_step_metrics_read_the_device_back_only_when_flushed(monkeypatch):
+    from flexvar_hf.training.metrics import StepMetrics
+
+    reads = []
+    for name in ("item", "tolist", "__float__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, _real=real, _n=name: reads.append(_n) or _real(self))
+    metrics = StepMetrics(torch.device("cpu"))
+    targets = torch.zeros(2, 10, dtype=torch.long)
+    steps = [([2.0, 4.0], [0.5, 0.25], 1.5), ([3.0], [1.0], None)]  # micro-batch losses, accuracies, grad norm
+    for step, (step_losses, accuracies, norm) in enumerate(steps, start=1):
+        for loss, accuracy in zip(step_losses, accuracies):
+            metrics.add_micro_batch(torch.tensor(loss), torch.tensor(accuracy), torch.tensor(accuracy / 2), targets)
+        metrics.end_step(step, None if norm is None else torch.tensor(norm), lr=1e-3 * step, num_scales=4 + step)
+    assert reads == [] and metrics.num_pending == 2  # nothing read back before the flush
+    reductions = []
+    logs = metrics.flush(lambda tensor, reduction: reductions.append(reduction) or tensor)
+    assert reads == ["tolist", "tolist"] and reductions == ["mean", "sum"]  # one transfer for the window, one count
+    assert [step for step, _ in logs] == [1, 2] and metrics.num_pending == 0
+    first, second = logs[0][1], logs[1][1]
+    assert (first["loss"], first["token_accuracy"], first["token_accuracy_last_scale"]) == (3.0, 0.375, 0.1875)
+    assert (first["grad_norm"], first["lr"], first["num_scales"]) == (1.5, 1e-3, 5)
+    assert second["loss"] == 3.0 and math.isnan(second["grad_norm"]) and second["num_scales"] == 6
+    assert first["tokens_per_second"] == second["tokens_per_second"] > 0  # 60 tokens, 6 images in the window
+    assert first["tokens_per_second"] == pytest.approx(10 * first["images_per_second"])
+    assert metrics.flush(lambda tensor, reduction: tensor) == []
+
+
+def test_logging_steps_log_every_step_with_the_same_values(assets, tmp_path, train_script, fresh_accelerate):
+    """--logging_steps 3 reads the metrics back in windows; the per-step losses and logs equal --logging_steps 1's."""
+    runs = {}
+    for window in (1, 3):
+        reset_accelerate()
+        out = tmp_path / f"w{window}"
+        options = ["--max_train_steps", "5", "--logging_steps", str(window), "--seed", "2"]
+        arguments = scratch_args(assets, out, *options, "--report_to", "tensorboard")  # the last --report_to wins
+        runs[window] = train_script.main(train_script.parse_args(arguments))["losses"]
+        scalars, _ = read_tensorboard(out / "logs")
+        assert scalars["loss"] == pytest.approx(runs[window]) and len(scalars["grad_norm"]) == 5
+    assert runs[3] == runs[1] and len(set(runs[1])) == 5
+
+
 def test_resume_reproduces_the_uninterrupted_run(assets, tmp_path, train_script, fresh_accelerate):
     """4 steps straight == 2 steps, a kill, and a resume from checkpoint-2; EMA, accumulation, warmup/decay on.
 

@@ -234,9 +234,12 @@ def time_is_up(accelerator, start_time: float, max_minutes: float | None) -> boo
     """Whether any process has trained for more than `max_minutes` since `start_time` (`time.perf_counter()`).
 
     Every process gets the same answer, so all of them stop at the same step (a time-boxed run, e.g. a job with a
-    wall-clock limit, then checkpoints and saves instead of being killed). None means no limit.
+    wall-clock limit, then checkpoints and saves instead of being killed). None means no limit. With one process
+    the answer needs no device round trip (no synchronisation with the GPU); with several it is a reduction.
     """
     if max_minutes is None:
         return False
+    if accelerator.num_processes == 1:
+        return time.perf_counter() - start_time > 60 * max_minutes
     late = torch.tensor(float(time.perf_counter() - start_time > 60 * max_minutes), device=accelerator.device)
     return bool(accelerator.reduce(late, reduction="sum").item())
