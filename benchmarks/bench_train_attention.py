@@ -4,7 +4,8 @@ Time the block-causal attention of teacher-forced training alone, forward + back
 
 Variants (each checked against the masked `sdpa` output first; the maximum difference is printed):
 - `sdpa`, `flex`, `per_scale`: the library's `TRAINING_ATTENTION_BACKENDS` (`block_causal_attention`).
-- `sdpa cudnn`: the masked call restricted to cuDNN's kernel (fails where cuDNN does not take the mask).
+- `sdpa cudnn`: the masked call restricted to cuDNN's kernel (fails where cuDNN does not take the mask);
+  `sdpa no cudnn`: the masked call with every kernel but cuDNN's (`PER_SCALE_SDPA_BACKENDS`, as `per_scale` runs).
 - `flex autotuned`: FlexAttention compiled with `mode="max-autotune-no-cudagraphs"` for each schedule; Inductor's
   autotuning log (stderr) names the kernel settings it picked, to be set as `kernel_options` if they win.
 - `flex 64`: the block mask at 64 x 64 blocks (fewer pairs computed, more blocks), with 64-row kernels.
@@ -33,6 +34,7 @@ from bench_generate import DEPTHS
 from bench_train import model_size, reported
 from flexvar_hf import FlexVARScaleScheduler
 from flexvar_hf.models.block_causal import (
+    PER_SCALE_SDPA_BACKENDS,
     TRAINING_ATTENTION_BACKENDS,
     block_causal_attention,
     block_causal_mask,
@@ -91,11 +93,15 @@ def variants(scales, args, device):
              for name in TRAINING_ATTENTION_BACKENDS}
     mask = block_causal_mask(scales, 0, device)
 
-    def cudnn(q, k, v):
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+    def masked(backends):
+        def call(q, k, v):
+            with sdpa_kernel(backends, set_priority=True):
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
 
-    found["sdpa cudnn"] = cudnn
+        return call
+
+    found["sdpa cudnn"] = masked([SDPBackend.CUDNN_ATTENTION])
+    found["sdpa no cudnn"] = masked(list(PER_SCALE_SDPA_BACKENDS))
     small_mask = flex_block_mask(scales, device, block_size=64)
     compiled = torch.compile(flex_attention, dynamic=True)
     options = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 32}
