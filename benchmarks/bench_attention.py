@@ -47,9 +47,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def time_ms(fn, iters: int) -> float:
-    """Mean milliseconds of `fn()` on the GPU over `iters` calls after one warm-up."""
-    fn()
+def time_ms(fn, iters: int, warmup: int = 1) -> float:
+    """Mean milliseconds of `fn()` on the GPU over `iters` calls after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(iters):

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import flex_attention
 
+from bench_attention import time_ms
 from bench_generate import DEPTHS
 from bench_train import model_size, reported
 from flexvar_hf import FlexVARScaleScheduler
@@ -119,18 +119,12 @@ def variants(scales, args, device):
 
 
 def time_call(function, q, k, v, grad, iters: int) -> float:
+    """Mean milliseconds of `function`'s forward and backward after 3 warm-up calls."""
     def call():
         q.grad = k.grad = v.grad = None
         function(q, k, v).backward(grad)
 
-    for _ in range(3):
-        call()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(iters):
-        call()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / iters * 1e3
+    return time_ms(call, iters, warmup=3)
 
 
 def main(argv=None) -> int:

@@ -881,26 +881,23 @@ def main(args: argparse.Namespace) -> dict:
 
             metrics.end_step(global_step, norm, lr_scheduler.get_last_lr()[0], len(scales))
             out_of_time = time_is_up(accelerator, start_time, args.max_train_minutes)
+            checkpoint_due = global_step % args.checkpointing_steps == 0 or out_of_time
+            validation_due = bool(args.validation_steps) and global_step % args.validation_steps == 0
             # Metrics are read back (a GPU synchronisation) only every --logging_steps steps and before anything
             # that synchronises anyway.
-            if (
-                global_step % args.logging_steps == 0
-                or global_step % args.checkpointing_steps == 0
-                or (args.validation_steps and global_step % args.validation_steps == 0)
-                or global_step >= max_train_steps
-                or out_of_time
-            ):
+            last_step = global_step >= max_train_steps
+            if global_step % args.logging_steps == 0 or checkpoint_due or validation_due or last_step:
                 for step_number, logs in metrics.flush(accelerator.reduce):
                     losses.append(logs["loss"])
                     accelerator.log(logs, step=step_number)
                 progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", acc=f"{logs['token_accuracy']:.3f}",
                                          lr=f"{logs['lr']:.2e}")
-            if global_step % args.checkpointing_steps == 0 or out_of_time:
+            if checkpoint_due:
                 save_checkpoint(
                     accelerator, output_dir, global_step, total_limit=args.checkpoints_total_limit,
                     state={"epoch": epoch},
                 )
-            if args.validation_steps and global_step % args.validation_steps == 0:
+            if validation_due:
                 model = gather_model(accelerator, transformer, FlexVARTransformer2DModel)  # on every process
                 if accelerator.is_main_process:
                     log_validation(args, accelerator, model, vqvae, scheduler, id2label, ema_model, global_step)

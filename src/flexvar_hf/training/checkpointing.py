@@ -239,7 +239,7 @@ def time_is_up(accelerator, start_time: float, max_minutes: float | None) -> boo
     """
     if max_minutes is None:
         return False
+    late = time.perf_counter() - start_time > 60 * max_minutes
     if accelerator.num_processes == 1:
-        return time.perf_counter() - start_time > 60 * max_minutes
-    late = torch.tensor(float(time.perf_counter() - start_time > 60 * max_minutes), device=accelerator.device)
-    return bool(accelerator.reduce(late, reduction="sum").item())
+        return late
+    return bool(accelerator.reduce(torch.tensor(float(late), device=accelerator.device), reduction="sum").item())
