@@ -28,7 +28,7 @@ import datasets
 import diffusers
 import numpy as np
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
@@ -672,6 +672,9 @@ def main(args: argparse.Namespace) -> dict:
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
+        # Batches (from pinned memory on CUDA machines) go to the GPU without the host waiting for the GPU to finish
+        # the previous step, which a blocking copy would make it do at every step.
+        dataloader_config=DataLoaderConfiguration(non_blocking=True),
         project_config=ProjectConfiguration(
             project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
         ),

@@ -342,3 +342,26 @@ def test_bench_train_e2e_runs_train_py_on_the_datasets_stand_in(tmp_path):
     assert "failures" not in results, results.get("failures")
     (run,) = results["runs"]
     assert run["mode"] == "e2e per_scale+fused+cache" and run["steps"] == 2 and run["tokens_per_s"] > 0
+
+
+def test_to_device_copies_to_cuda_from_pinned_memory_without_blocking(monkeypatch):
+    """The copies of a training step's CPU-made tensors (draws, block masks) go to CUDA as a non-blocking copy of a
+    pinned tensor, which does not make the host wait for the GPU (tests/test_gpu.py runs a step with synchronisation
+    forbidden); other moves are plain `Tensor.to`."""
+    from flexvar_hf.utils.transfer import to_device
+
+    calls = []
+
+    class Pinned:
+        def to(self, device, non_blocking=False):
+            calls.append((device, non_blocking))
+            return "copied"
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: calls.append("pin") or Pinned())
+    values = torch.arange(6.0)
+    assert to_device(values, "cuda:0") == "copied"
+    assert calls == ["pin", (torch.device("cuda:0"), True)]
+    calls.clear()
+    assert torch.equal(to_device(values, "cpu"), values) and to_device(values, None) is values
+    assert to_device(values, torch.device("meta")).device.type == "meta"
+    assert calls == []

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .utils.transfer import to_device
 from .utils.validation import is_int
 
 ScaleLike = int | Sequence[int]
@@ -66,7 +67,7 @@ def bicubic_matrix(in_size: int, out_size: int, device: torch.device, dtype: tor
     weights = torch.stack((far(offset + 1), near(offset), near(1 - offset), far(2 - offset)), dim=1)
     taps = (base.long()[:, None] + torch.arange(-1, 3)).clamp(0, in_size - 1)
     matrix = torch.zeros(out_size, in_size, dtype=torch.float64).scatter_add_(1, taps, weights)
-    return matrix.to(device=device, dtype=dtype)
+    return to_device(matrix.to(dtype), device)
 
 
 def resize_codes(codes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..utils.transfer import to_device
 from ..utils.validation import check_choice
 
 try:
@@ -106,9 +107,9 @@ def flex_block_mask(
         counts = selected.sum(dim=1, dtype=torch.int32)
         # Selected key blocks first, in increasing order (a stable sort of the negated selection).
         indices = torch.sort((~selected).to(torch.int8), dim=1, stable=True).indices.to(torch.int32)
-        return counts[None, None].to(device), indices[None, None].to(device)
+        return to_device(counts[None, None], device), to_device(indices[None, None], device)
 
-    query_ids, key_ids = query_ids.to(device), key_ids.to(device)
+    query_ids, key_ids = to_device(query_ids, device), to_device(key_ids, device)
 
     def mask_mod(batch, head, query_index, key_index):
         return query_ids[query_index] >= key_ids[key_index]

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..scales import ScaleLike, as_hw_list, flatten_grid, resize_codes
+from ..utils.transfer import to_device
 
 __all__ = [
     "TeacherForcingBatch",
@@ -90,8 +91,8 @@ def mix_tokens_across_images(
     if prob == 0:
         return indices.clone()
     device = _draw_device(indices, generator)
-    replace = (torch.rand(indices.shape, generator=generator, device=device) < prob).to(indices.device)
-    offsets = torch.randint(1, batch, indices.shape, generator=generator, device=device).to(indices.device)
+    replace = to_device(torch.rand(indices.shape, generator=generator, device=device) < prob, indices.device)
+    offsets = to_device(torch.randint(1, batch, indices.shape, generator=generator, device=device), indices.device)
     own = torch.arange(batch, device=indices.device).view(-1, *[1] * (indices.ndim - 1))
     donors = indices.gather(0, (own + offsets) % batch)
     return torch.where(replace, donors, indices)
@@ -157,7 +158,8 @@ def drop_class_labels(
         raise ValueError(f"`dropout_prob` must be in [0, 1], got {dropout_prob}.")
     if dropout_prob == 0:
         return labels.clone()
-    draw = torch.rand(labels.shape, generator=generator, device=_draw_device(labels, generator)).to(labels.device)
+    draw = torch.rand(labels.shape, generator=generator, device=_draw_device(labels, generator))
+    draw = to_device(draw, labels.device)
     return torch.where(draw < dropout_prob, torch.full_like(labels, num_classes), labels)
 
 
@@ -191,7 +193,7 @@ def drop_path_factors(
     draw_device = generator.device if generator is not None else device
     draws = torch.rand(num_layers, 2, batch_size, generator=generator, device=draw_device, dtype=torch.float64)
     keep = 1 - rates.to(draws.device).view(-1, 1, 1)
-    return torch.where(draws < keep, 1 / keep, 0.0).float().to(device)
+    return to_device(torch.where(draws < keep, 1 / keep, 0.0).float(), device)
 
 
 def scale_token_weights(scales: Sequence[ScaleLike], power: float) -> torch.Tensor:
@@ -234,7 +236,7 @@ def flexvar_loss(
     )
     if token_weights is None:
         return loss
-    return (loss.view_as(targets) * token_weights.to(loss.device)).mean()
+    return (loss.view_as(targets) * to_device(token_weights, loss.device)).mean()
 
 
 @torch.no_grad()

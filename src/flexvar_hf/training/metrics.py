@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..utils.transfer import to_device
+
 __all__ = ["StepMetrics"]
 
 
@@ -39,7 +41,9 @@ class StepMetrics:
 
     def __init__(self, device: torch.device):
         self._sums = torch.zeros(4, device=device)  # loss, accuracy, last-scale accuracy, micro-batches
-        self._counts = torch.zeros(2, device=device)  # tokens, images
+        # Tokens and images, known on the host from the shapes: a device tensor made from them would be a copy from
+        # the host, which synchronises.
+        self._counts = [0, 0]
         self._pending: list[_PendingStep] = []
         self._window_start = time.perf_counter()
 
@@ -49,14 +53,15 @@ class StepMetrics:
         """One micro-batch: its 0-d loss and accuracies (in [0, 1]) and its (B, L) target tokens."""
         one = torch.ones((), device=self._sums.device)
         self._sums += torch.stack([loss.detach().float(), accuracy.float(), last_accuracy.float(), one])
-        self._counts += torch.tensor([targets.numel(), targets.shape[0]], device=self._counts.device)
+        self._counts[0] += targets.numel()
+        self._counts[1] += targets.shape[0]
 
     def end_step(self, step: int, grad_norm: torch.Tensor | float | None, lr: float, num_scales: int) -> None:
         """Close optimisation step `step` (its micro-batches' means), with its gradient norm (None: not measured,
         logged as NaN), learning rate and number of scales."""
         if grad_norm is None:
             grad_norm = float("nan")
-        norm = torch.as_tensor(grad_norm, dtype=torch.float32).to(self._sums.device).reshape(1)
+        norm = to_device(torch.as_tensor(grad_norm, dtype=torch.float32), self._sums.device).reshape(1)
         values = torch.cat([self._sums[:3] / self._sums[3], norm])
         self._pending.append(_PendingStep(step, lr, num_scales, values))
         self._sums.zero_()
@@ -73,7 +78,8 @@ class StepMetrics:
         if not self._pending:
             return []
         rows = reduce(torch.stack([pending.values for pending in self._pending]), reduction="mean").tolist()
-        tokens, images = reduce(self._counts.clone(), reduction="sum").tolist()
+        counts = torch.tensor(self._counts, dtype=torch.float64, device=self._sums.device)
+        tokens, images = reduce(counts, reduction="sum").tolist()
         now = time.perf_counter()
         elapsed, self._window_start = max(now - self._window_start, 1e-9), now
         logs = []
@@ -89,5 +95,5 @@ class StepMetrics:
                 "num_scales": pending.num_scales,
             }))
         self._pending.clear()
-        self._counts.zero_()
+        self._counts = [0, 0]
         return logs
