@@ -34,8 +34,10 @@ see (each scale's tokens times the tokens up to its scale's end, the block-causa
 block. The frozen VQ encoder's FLOPs are not counted, in either code.
 
 End-to-end mode (`--e2e`): `examples/train.py`'s `main` in this process on a folder of JPEG files of ImageNet's sizes
-(`--e2e_data`, made if missing: 1,300 smooth random images of about 500 x 375 in 10 class folders), with its data
-loading (`--dataloader_num_workers`), augmentation, logging (every step) and checkpointing included; tokens/s from the
+(`--e2e_data`, made if missing: smooth random images of about 500 x 375 in 10 class folders, by default enough for
+every step to come from the first epoch, as in a run on ImageNet, whose epochs are thousands of steps long), with its
+data loading (`--dataloader_num_workers`), augmentation, logging (train.py's default, read back every 10 steps) and
+checkpointing included; tokens/s from the
 steps after `--e2e_warmup`, to compare with the step mode's figure for the same options. `--data_rate` times one
 process decoding and augmenting those JPEG files.
 
@@ -99,7 +101,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--profile", default=None, help="Profile a few steps of this config (first run's size).")
     parser.add_argument("--e2e", action="store_true", help="examples/train.py end to end (each config, first run).")
     parser.add_argument("--e2e_data", type=Path, default=Path("/tmp/flexvar-e2e-jpegs"))
-    parser.add_argument("--e2e_images", type=int, default=1300)
+    parser.add_argument(
+        "--e2e_images", type=int, default=None,
+        help="JPEG files to make (default: one per image the e2e run trains on, at least 1,300). A smaller folder "
+             "starts a new epoch every few steps, which costs new data workers each time.",
+    )
     parser.add_argument("--e2e_steps", type=int, default=100)
     parser.add_argument("--e2e_warmup", type=int, default=20)
     parser.add_argument("--e2e_workers", type=int, default=8)
@@ -475,7 +481,8 @@ def attention_micro(args, results: dict, device: torch.device) -> None:
 
 
 def profile_config(args, results: dict, device: torch.device, out_dir: Path) -> None:
-    """Kernel times of 3 steps of `--profile` on the first run's size and batch, after warm-up."""
+    """Kernel times of 3 steps of `--profile` on the first run's size and batch, after warm-up: a table (the
+    80 ops of most device time) and a gzipped Chrome trace beside `--json`."""
     from torch.profiler import ProfilerActivity, profile
 
     size, batch = args.runs[0]
@@ -493,15 +500,18 @@ def profile_config(args, results: dict, device: torch.device, out_dir: Path) -> 
             trainer.step(pixels, labels, sides)
         synchronize(device)
     sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-    table = prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=70)
-    (out_dir / f"profile-{args.profile.replace('+', '-')}.txt").write_text(table)
-    print(table[:6000], flush=True)
+    table = prof.key_averages().table(sort_by=sort, row_limit=80, max_name_column_width=70)
+    name = f"profile-{args.profile.replace('+', '-')}"
+    (out_dir / f"{name}.txt").write_text(table)
+    prof.export_chrome_trace(str(out_dir / f"{name}.json.gz"))  # gzipped: a few MiB for the 3 steps
+    print(table[:12000], flush=True)
 
 
 def make_jpeg_folder(root: Path, num_images: int = 1300, num_classes: int = 10, seed: int = 0) -> Path:
     """An imagefolder of `num_images` JPEGs (quality 90) of ImageNet's typical sizes (500 x 375, 375 x 500, 500 x
-    333, ... ), smooth random colour fields with noise, in `num_classes` folders. Kept if already complete."""
-    if root.is_dir() and len(list(root.glob("*/*.jpg"))) == num_images:
+    333, ... ), smooth random colour fields with noise, in `num_classes` folders. A folder that already holds at least
+    that many is kept as it is."""
+    if root.is_dir() and len(list(root.glob("*/*.jpg"))) >= num_images:
         return root
     from concurrent.futures import ProcessPoolExecutor
 
@@ -531,7 +541,7 @@ def data_rate(args, results: dict) -> None:
     """Images per second one process decodes and augments (random crop 0.88 and flip at the resolution)."""
     from flexvar_hf.training.data import ImageDataset, ImageTransform
 
-    files = sorted(make_jpeg_folder(args.e2e_data, args.e2e_images).glob("*/*.jpg"))
+    files = sorted(make_jpeg_folder(args.e2e_data, args.e2e_images or 1300).glob("*/*.jpg"))
     rows = [{"image": str(path), "label": 0} for path in files]
     transform = ImageTransform(args.resolution, crop="random", random_flip=True, min_crop_fraction=0.88)
     dataset = ImageDataset(ListDataset(rows), transform, "image", "label")
@@ -570,7 +580,7 @@ def e2e_runs(args, results: dict, budget: Budget, device: torch.device, save) ->
     train = load_train_script()
     size, batch = args.runs[0]
     depth = model_size(size, args.tiny)[0]
-    data = make_jpeg_folder(args.e2e_data, args.e2e_images)
+    data = make_jpeg_folder(args.e2e_data, args.e2e_images or max(1300, args.e2e_steps * batch))
     vq_dir = Path("/tmp/flexvar-e2e-vq" + ("-tiny" if args.tiny else ""))
     if not (vq_dir / "config.json").is_file():
         torch.manual_seed(0)
@@ -627,7 +637,8 @@ def e2e_runs(args, results: dict, budget: Budget, device: torch.device, save) ->
                 "size": size, "batch": batch, "mode": f"e2e {config}", "steps": len(timed),
                 "tokens_per_s": sum(tokens for _, tokens in timed) / seconds,
                 "ms_per_step": seconds / len(timed) * 1e3,
-                "slowest_step_ms": max(duration for duration, _ in timed) * 1e3,
+                # train.py logs every --logging_steps steps at once: the longest gap is a window of such steps.
+                "slowest_log_gap_ms": max(duration for duration, _ in timed) * 1e3,
                 "first_step_s": times[0] - start, "total_s": total,
             }
             results["runs"].append(run)

@@ -11,6 +11,9 @@ Variants (each checked against the masked `sdpa` output first; the maximum diffe
 - `flex 64`: the block mask at 64 x 64 blocks (fewer pairs computed, more blocks), with 64-row kernels.
 - `grouped N`: one SDPA call per group of consecutive scales of at least N query tokens (a mask only inside a group
   of several scales), so the large final scales run the unmasked flash kernel and the small ones share a call.
+- `varlen`: one variable-length flash call (`torch.nn.attention.varlen.varlen_attn`) over a sequence per image and
+  scale: the scale's queries over a copy of its image's keys and values up to the scale's end (gathered, so about
+  sum(scale ends) / L times the keys), so every computed pair is a visible one and no mask is applied.
 - `dense flash`: unmasked attention over all L keys: not block-causal, a floor for the time.
 
 Prints the milliseconds of one layer's attention per variant, summed over the schedules.
@@ -21,6 +24,7 @@ Prints the milliseconds of one layer's attention per variant, summed over the sc
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from pathlib import Path
 
@@ -83,6 +87,34 @@ def group_masks(groups, device):
     return [block_causal_mask(members, start, device) for start, _, members in groups]
 
 
+def varlen_layout(scales, batch: int, device):
+    """(cumulative query rows, cumulative key rows, key row index, longest scale, L) of the `varlen` variant."""
+    sizes = [h * w for h, w in scales]
+    ends = list(itertools.accumulate(sizes))
+    length = ends[-1]
+    prefix = torch.cat([torch.arange(end) for end in ends])
+    key_index = (torch.arange(batch)[:, None] * length + prefix[None]).flatten()
+    query_starts = [image * length + end - size for image in range(batch) for end, size in zip(ends, sizes)]
+    key_lengths = torch.tensor(ends * batch)
+    cu_query = torch.tensor(query_starts + [batch * length], dtype=torch.int32)
+    cu_key = torch.cat((torch.zeros(1, dtype=torch.long), key_lengths.cumsum(0))).to(torch.int32)
+    return cu_query.to(device), cu_key.to(device), key_index.to(device), max(sizes), length
+
+
+def varlen_attention(query, key, value, layout):
+    from torch.nn.attention.varlen import varlen_attn
+
+    cu_query, cu_key, key_index, max_query, max_key = layout
+    batch, heads, length, dim = query.shape
+
+    def rows(tensor):
+        return tensor.transpose(1, 2).reshape(batch * length, heads, dim)
+
+    out = varlen_attn(rows(query), rows(key)[key_index], rows(value)[key_index], cu_query, cu_key, max_query,
+                      max_key, scale=1.0)
+    return out.view(batch, length, heads, dim).transpose(1, 2)
+
+
 def library_attention(mask):
     return lambda q, k, v: block_causal_attention(q, k, v, mask)
 
@@ -114,6 +146,8 @@ def variants(scales, args, device):
         groups = scale_groups(scales, size)
         masks = group_masks(groups, device)
         found[f"grouped {size}"] = lambda q, k, v, g=groups, m=masks: grouped_attention(q, k, v, g, m)
+    layout = varlen_layout(scales, args.batch, device)
+    found["varlen"] = lambda q, k, v: varlen_attention(q, k, v, layout)
     found["dense flash"] = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, scale=1.0)
     return found
 

@@ -3,8 +3,8 @@
 Run on a GPU machine with `python -m pytest -q -m gpu` (docs/testing.md), which also runs the Triton kernel tests
 (tests/test_kv_cache_kernel.py, tests/test_float8_kernel.py) compiled on CUDA tensors and the fused GELU test of
 tests/test_models.py. Covered here: CUDA-graph replay of fast sampling against the plain loop (eager and compiled
-blocks), the kernels being compiled rather than interpreted, float8 inference on CUDA, and the training
-attentions' gradients on CUDA.
+blocks), the kernels being compiled rather than interpreted, float8 inference on CUDA, the training
+attentions' gradients on CUDA, and training steps that never make the host wait for the GPU.
 """
 
 from __future__ import annotations
@@ -187,7 +187,7 @@ def test_training_step_does_not_wait_for_the_gpu(backend):
     """A warmed-up training step (random draws from a CPU generator, class dropout, stochastic depth, the block mask,
     fused AdamW with clipping, the step's metrics) queues its kernels without one synchronisation: a copy from
     pageable host memory or a read-back would make the host wait for the GPU, which then idles while the host
-    queues the next step's first kernels (17% of a d24 step's time in a profile before `utils.transfer.to_device`)."""
+    queues the next step's first kernels."""
     from flexvar_hf.training.flexvar_loss import training_loss
     from flexvar_hf.training.metrics import StepMetrics
     from flexvar_hf.training.optim import build_optimizer, clip_and_step
