@@ -358,6 +358,52 @@ def test_loss_and_accuracy_numbers():
         flexvar_loss(perfect[:, :4], targets)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_row_cross_entropy_is_float32_cross_entropy_over_chunks(monkeypatch, dtype, smoothing):
+    """Losses and gradients of `row_cross_entropy` equal `F.cross_entropy` on float32 copies of the logits, across
+    chunk boundaries (37 rows in chunks of 4), with the gradient in the logits' dtype."""
+    from flexvar_hf.training import cross_entropy
+
+    monkeypatch.setattr(cross_entropy, "CHUNK_VALUES", 200)  # 4 rows of 50 per chunk
+    generator = torch.Generator().manual_seed(0)
+    logits = (torch.randn(37, 50, generator=generator) * 3).to(dtype).requires_grad_()
+    targets = torch.randint(0, 50, (37,), generator=generator)
+    upstream = torch.randn(37, generator=generator)
+    losses = cross_entropy.row_cross_entropy(logits, targets, smoothing)
+    (losses * upstream).sum().backward()
+    grad, logits.grad = logits.grad, None
+    expected = torch.nn.functional.cross_entropy(logits.float(), targets, label_smoothing=smoothing, reduction="none")
+    (expected * upstream).sum().backward()
+    assert losses.dtype == torch.float32 and grad.dtype == dtype
+    assert torch.allclose(losses, expected, rtol=1e-6, atol=1e-5)
+    assert torch.allclose(grad.float(), logits.grad.float(), rtol=1e-5, atol=1e-6)
+    double = torch.randn(5, 7, dtype=torch.float64, requires_grad=True, generator=generator)
+    assert torch.autograd.gradcheck(lambda x: cross_entropy.row_cross_entropy(x, targets[:5] % 7, 0.2), (double,))
+
+
+def test_row_cross_entropy_saves_no_float32_copy_of_the_logits():
+    """What the backward pass keeps: bfloat16 logits and a value per row, not the (N, V) float32 log-probabilities
+    that `F.cross_entropy(logits.float())` saves."""
+    from flexvar_hf.training.cross_entropy import row_cross_entropy
+
+    logits = torch.randn(64, 100).bfloat16().requires_grad_()
+    targets = torch.randint(0, 100, (64,))
+
+    def saved_float32_values(loss_function) -> int:
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            loss_function()
+        return sum(t.numel() for t in saved if t.dtype == torch.float32)
+
+    assert saved_float32_values(lambda: row_cross_entropy(logits, targets)) == 64
+    assert saved_float32_values(lambda: torch.nn.functional.cross_entropy(logits.float(), targets)) >= 64 * 100
+    with pytest.raises(ValueError, match="must be \\(N, V\\)"):
+        row_cross_entropy(logits[None], targets)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        row_cross_entropy(logits, targets, 1.5)
+
+
 def test_scale_weighted_loss_numbers():
     scales = [(1, 1), (2, 2), (3, 4)]  # 1 + 4 + 12 = 17 tokens
     assert torch.equal(scale_token_weights(scales, 0.0), torch.ones(17))

@@ -24,10 +24,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..scales import ScaleLike, as_hw_list, flatten_grid, resize_codes
 from ..utils.transfer import to_device
+from .cross_entropy import row_cross_entropy
 
 __all__ = [
     "TeacherForcingBatch",
@@ -228,14 +228,11 @@ def flexvar_loss(
         raise ValueError(f"`logits` {tuple(logits.shape)} and `targets` {tuple(targets.shape)} do not match.")
     if token_weights is not None and token_weights.shape != targets.shape[1:]:
         raise ValueError(f"`token_weights` must have shape ({targets.shape[1]},), got {tuple(token_weights.shape)}.")
-    loss = F.cross_entropy(
-        logits.flatten(0, 1).float(),
-        targets.flatten(),
-        label_smoothing=label_smoothing,
-        reduction="mean" if token_weights is None else "none",
-    )
+    # `row_cross_entropy` is `F.cross_entropy(logits.float(), ..., reduction="none")` without float32 copies of the
+    # logits kept for the backward pass, which is when a training step's memory peaks.
+    loss = row_cross_entropy(logits.flatten(0, 1), targets.flatten(), label_smoothing)
     if token_weights is None:
-        return loss
+        return loss.mean()
     return (loss.view_as(targets) * to_device(token_weights, loss.device)).mean()
 
 
