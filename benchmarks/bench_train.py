@@ -24,7 +24,8 @@ Every code runs the same list of random schedules, drawn by `FlexVARScaleSchedul
 keep_final_scale=False)`, which is the original's `gen_curr_patch_nums` distribution (tests/test_scheduler.py); the
 original is handed each schedule in place of its own draw. Warm-up schedules first (new shapes cost more at first, and
 compilation happens there: `first_step_s` is the first step's time), then the timed ones. tokens/s = tokens of the
-timed steps / their time. Peak memory = `max_memory_reserved` over the timed steps.
+timed steps / their time. Peak memory = `max_memory_reserved` over the timed steps
+(what the process holds; `peak_allocated_gib` in the JSON: `max_memory_allocated`, what its tensors held).
 
 MFU = model FLOPs per second / 989 TFLOP/s (the dense bf16 peak on the datasheets of the H100 SXM and the H200);
 `of_790` divides by the ~790 TFLOP/s a large bf16 matrix product measured on these machines instead. Model FLOPs of a
@@ -218,6 +219,7 @@ def timed_steps(step, schedules: list[list[int]], warmup: int, batch: int, devic
         "mfu": flops / seconds / PEAK_FLOPS,
         "of_790": flops / seconds / MEASURED_FLOPS,
         "peak_gib": torch.cuda.max_memory_reserved() / 2**30 if device.type == "cuda" else None,
+        "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
         "first_step_s": first_step,
         "last_grad_norm": float(last) if last is not None else None,
         "steps": len(timed),
@@ -690,7 +692,7 @@ def main(argv=None) -> int:
 def print_table(runs: list[dict]) -> None:
     print(
         f"\n{'size':4} {'batch':>5} {'mode':28} {'ms/step':>8} {'tok/step':>9} {'tokens/s':>9} {'vs orig':>7} "
-        f"{'MFU':>6} {'/790':>6} {'peak GiB':>8} {'1st s':>6}"
+        f"{'MFU':>6} {'/790':>6} {'peak GiB':>8} {'alloc':>6} {'1st s':>6}"
     )
     for run in runs:
         base = next(
@@ -700,10 +702,11 @@ def print_table(runs: list[dict]) -> None:
         mfu = f"{run['mfu']:.1%}" if "mfu" in run else ""
         of_790 = f"{run['of_790']:.1%}" if "of_790" in run else ""
         peak = f"{run['peak_gib']:.2f}" if run.get("peak_gib") is not None else "-"
+        allocated = f"{run['peak_allocated_gib']:.2f}" if run.get("peak_allocated_gib") is not None else "-"
         print(
             f"{run['size']:4} {run['batch']:5d} {run['mode'][:28]:28} {run['ms_per_step']:8.1f} "
             f"{run.get('tokens_per_step', 0):9.0f} {run['tokens_per_s']:9.0f} {ratio:>7} {mfu:>6} {of_790:>6} "
-            f"{peak:>8} {run.get('first_step_s', 0):6.1f}"
+            f"{peak:>8} {allocated:>6} {run.get('first_step_s', 0):6.1f}"
         )
 
 
