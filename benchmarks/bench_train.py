@@ -39,9 +39,8 @@ End-to-end mode (`--e2e`): `examples/train.py`'s `main` in this process on a fol
 (`--e2e_data`, made if missing: smooth random images of about 500 x 375 in 10 class folders, by default enough for
 every step to come from the first epoch, as in a run on ImageNet, whose epochs are thousands of steps long), with its
 data loading (`--dataloader_num_workers`), augmentation, logging (train.py's default, read back every 10 steps) and
-checkpointing included; tokens/s from the
-steps after `--e2e_warmup`, to compare with the step mode's figure for the same options. `--data_rate` times one
-process decoding and augmenting those JPEG files.
+checkpointing included; tokens/s from the steps after `--e2e_warmup`, to compare with the step mode's figure for the
+same options. `--data_rate` times one process decoding and augmenting those JPEG files.
 
     python benchmarks/bench_train.py --original .orig --runs d16:48 d24:24 --configs plain flex+fused+cache
     python benchmarks/bench_train.py --e2e --runs d16:48 --configs flex+fused --e2e_steps 120
@@ -75,6 +74,7 @@ LEARNING_RATE, WEIGHT_DECAY, BETAS, MAX_GRAD_NORM, CLASS_DROPOUT = 1e-4, 0.05, (
 PEAK_FLOPS, MEASURED_FLOPS = 989e12, 790e12
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 CONFIG_FLAGS = ("fused", "cache", "compile", "autotune", "ckpt")
+MIN_JPEG_FILES = 1300  # the e2e folder's smallest size, and what --data_rate decodes
 TINY_VQ = {"base_channels": 16, "z_channels": 16, "norm_num_groups": 8}  # --tiny: a small VQ model for CPU checks
 # The original train.py's `nowd_keys` (its parameter groups come from utils.lr_control.filter_params with these).
 ORIGINAL_NOWD_KEYS = {
@@ -105,8 +105,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--e2e_data", type=Path, default=Path("/tmp/flexvar-e2e-jpegs"))
     parser.add_argument(
         "--e2e_images", type=int, default=None,
-        help="JPEG files to make (default: one per image the e2e run trains on, at least 1,300). A smaller folder "
-             "starts a new epoch every few steps, which costs new data workers each time.",
+        help=f"JPEG files to make (default: one per image the e2e run trains on, at least {MIN_JPEG_FILES}). A "
+             "smaller folder starts a new epoch every few steps, which costs new data workers each time.",
     )
     parser.add_argument("--e2e_steps", type=int, default=100)
     parser.add_argument("--e2e_warmup", type=int, default=20)
@@ -513,7 +513,7 @@ def profile_config(args, results: dict, device: torch.device, out_dir: Path) -> 
     print(table[:12000], flush=True)
 
 
-def make_jpeg_folder(root: Path, num_images: int = 1300, num_classes: int = 10, seed: int = 0) -> Path:
+def make_jpeg_folder(root: Path, num_images: int = MIN_JPEG_FILES, num_classes: int = 10, seed: int = 0) -> Path:
     """An imagefolder of `num_images` JPEGs (quality 90) of ImageNet's typical sizes (500 x 375, 375 x 500, 500 x
     333, ... ), smooth random colour fields with noise, in `num_classes` folders. A folder that already holds at least
     that many is kept as it is."""
@@ -547,7 +547,7 @@ def data_rate(args, results: dict) -> None:
     """Images per second one process decodes and augments (random crop 0.88 and flip at the resolution)."""
     from flexvar_hf.training.data import ImageDataset, ImageTransform
 
-    files = sorted(make_jpeg_folder(args.e2e_data, args.e2e_images or 1300).glob("*/*.jpg"))
+    files = sorted(make_jpeg_folder(args.e2e_data, args.e2e_images or MIN_JPEG_FILES).glob("*/*.jpg"))
     rows = [{"image": str(path), "label": 0} for path in files]
     transform = ImageTransform(args.resolution, crop="random", random_flip=True, min_crop_fraction=0.88)
     dataset = ImageDataset(ListDataset(rows), transform, "image", "label")
@@ -586,7 +586,7 @@ def e2e_runs(args, results: dict, budget: Budget, device: torch.device, save) ->
     train = load_train_script()
     size, batch = args.runs[0]
     depth = model_size(size, args.tiny)[0]
-    data = make_jpeg_folder(args.e2e_data, args.e2e_images or max(1300, args.e2e_steps * batch))
+    data = make_jpeg_folder(args.e2e_data, args.e2e_images or max(MIN_JPEG_FILES, args.e2e_steps * batch))
     vq_dir = Path("/tmp/flexvar-e2e-vq" + ("-tiny" if args.tiny else ""))
     if not (vq_dir / "config.json").is_file():
         torch.manual_seed(0)
