@@ -11,11 +11,13 @@ classes, the default VQ-16), random pixels in [-1, 1] and random labels; nothing
 - ours: `flexvar_hf.training.flexvar_loss.training_loss` + `loss.backward()` + `clip_and_step` over
   `build_optimizer`, the functions `examples/train.py` runs per step, set up as under `--mixed_precision bf16
   --allow_tf32` (the forward under bfloat16 autocast, the VQ encoder in bfloat16, the codebook search in float32),
-  with the original's stochastic depth (0.1 * depth / 24). A config names its speed options, joined by "+":
-  the attention `sdpa` (one masked call; `plain` is `sdpa` alone), `flex` or `per_scale` (`--training_attention`),
-  `fused` (`--fused_adamw`), `cache` (latents encoded once, as `--cache_latents`: the step starts from them),
-  `compile` (`--torch_compile`), `autotune` (the same compilation in Inductor's "max-autotune-no-cudagraphs" mode: a
-  step-only experiment, no train.py option), `ckpt` (`--gradient_checkpointing`).
+  with the original's stochastic depth (0.1 * depth / 24). A config names its speed options, joined by "+": the
+  attention `sdpa` (one masked call; `plain` is `sdpa` alone), `flex` or `per_scale` (`--training_attention`),
+  `fused` (`--fused_adamw`: fused AdamW, the clip factor applied inside its kernel as train.py does; `unfolded` adds
+  the clipping's own pass back, a step-only comparison), `cache` (latents encoded once, as `--cache_latents`: the
+  step starts from them), `compile` (`--torch_compile`), `autotune` (the same compilation in Inductor's
+  "max-autotune-no-cudagraphs" mode: a step-only experiment, no train.py option), `ckpt`
+  (`--gradient_checkpointing`).
 - original (`--original PATH`, a checkout of github.com/jiaosiyu1999/FlexVAR, never committed here): its
   `VARTrainer.train_step` on its own FlexVAR, VQ-16, `AmpOptimizer` and `filter_params` groups as its train.py builds
   them (fused AdamW, TF32, drop path 0.1 * depth / 24). Its published commands pass `--fp16=1` (float16 autocast, a
@@ -73,7 +75,7 @@ LEARNING_RATE, WEIGHT_DECAY, BETAS, MAX_GRAD_NORM, CLASS_DROPOUT = 1e-4, 0.05, (
 # The H100 SXM's dense bf16 peak, and the rate a large bf16 matrix product reaches on these GPUs in practice.
 PEAK_FLOPS, MEASURED_FLOPS = 989e12, 790e12
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-CONFIG_FLAGS = ("fused", "cache", "compile", "autotune", "ckpt")
+CONFIG_FLAGS = ("fused", "unfolded", "cache", "compile", "autotune", "ckpt")
 MIN_JPEG_FILES = 1300  # the e2e folder's smallest size, and what --data_rate decodes
 TINY_VQ = {"base_channels": 16, "z_channels": 16, "norm_num_groups": 8}  # --tiny: a small VQ model for CPU checks
 # The original train.py's `nowd_keys` (its parameter groups come from utils.lr_control.filter_params with these).
@@ -273,7 +275,8 @@ class OursTrainer:
         )
         output.loss.backward()
         self.loss = output.loss.detach()
-        return clip_and_step(self.optimizer, self.transformer.parameters(), MAX_GRAD_NORM)
+        fold_clip = self.options["fused"] and not self.options["unfolded"]
+        return clip_and_step(self.optimizer, self.transformer.parameters(), MAX_GRAD_NORM, fold_clip=fold_clip)
 
     def tokenise(self, pixels: torch.Tensor, sides: list[int]):
         """The step's no-grad part alone: VQ encoding, quantisation at every scale, teacher-forcing inputs."""
@@ -596,8 +599,8 @@ def e2e_runs(args, results: dict, budget: Budget, device: torch.device, save) ->
             print(f"-- skipped e2e {config}: out of time", flush=True)
             continue
         options = parse_config(config)
-        if options["autotune"]:
-            print(f"-- skipped e2e {config}: autotune is a step-only experiment (train.py has no such option)")
+        if options["autotune"] or options["unfolded"]:
+            print(f"-- skipped e2e {config}: a step-only experiment (train.py has no such option)")
             continue
         flags = ["--training_attention", options["attention"]]
         flags += ["--fused_adamw"] * options["fused"] + ["--torch_compile"] * options["compile"]

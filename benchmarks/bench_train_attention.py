@@ -9,6 +9,11 @@ Variants (each checked against the masked `sdpa` output first; the maximum diffe
 - `flex autotuned`: FlexAttention compiled with `mode="max-autotune-no-cudagraphs"` for each schedule; Inductor's
   autotuning log (stderr) names the kernel settings it picked, to be set as `kernel_options` if they win.
 - `flex 64`: the block mask at 64 x 64 blocks (fewer pairs computed, more blocks), with 64-row kernels.
+- `flex static`: FlexAttention compiled for each schedule's length (`dynamic=False`) instead of once for all lengths.
+- `flex padded`: queries, keys and values padded to whole 128-token blocks (the padding masked), so the kernel is
+  built with `IS_DIVISIBLE` (no bounds checks on its loads); `flex padded static` the same compiled per length;
+  `flex padded autotuned` the same in max-autotune mode (`--autotune`).
+- `sdpa cudnn padded`: the masked cuDNN call on the same padded length (L % 128 == 0).
 - `grouped N`: one SDPA call per group of consecutive scales of at least N query tokens (a mask only inside a group
   of several scales), so the large final scales run the unmasked flash kernel and the small ones share a call.
 - `varlen`: one variable-length flash call (`torch.nn.attention.varlen.varlen_attn`) over a sequence per image and
@@ -31,13 +36,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.flex_attention import flex_attention
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from bench_attention import time_ms
 from bench_generate import DEPTHS
 from bench_train import model_size, reported
 from flexvar_hf import FlexVARScaleScheduler
 from flexvar_hf.models.block_causal import (
+    FLEX_BLOCK_SIZE,
     PER_SCALE_SDPA_BACKENDS,
     TRAINING_ATTENTION_BACKENDS,
     block_causal_attention,
@@ -55,6 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--groups", nargs="*", type=int, default=[64, 128], help="Query tokens per group.")
     parser.add_argument("--autotune", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--only", nargs="*", default=None, help="Time only the variants of these names.")
     parser.add_argument("--json", type=Path, default=None)
     return parser.parse_args(argv)
 
@@ -115,6 +122,25 @@ def varlen_attention(query, key, value, layout):
     return out.view(batch, length, heads, dim).transpose(1, 2)
 
 
+def padded_attention(function, length: int):
+    """`function` on inputs padded along L to whole `FLEX_BLOCK_SIZE` blocks, its output cut back to `length`."""
+    padding = -length % FLEX_BLOCK_SIZE
+
+    def call(q, k, v):
+        return function(*(F.pad(t, (0, 0, 0, padding)) for t in (q, k, v)))[:, :, :length]
+
+    return call
+
+
+def padded_block_mask(scales, device):
+    """`flex_block_mask(scales)` for the padded length (its padding rules already cover the padded tokens)."""
+    mask = flex_block_mask(scales, device)
+    length = mask.kv_num_blocks.shape[-1] * FLEX_BLOCK_SIZE
+    return BlockMask.from_kv_blocks(
+        mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks, mask.full_kv_indices,
+        BLOCK_SIZE=FLEX_BLOCK_SIZE, mask_mod=mask.mask_mod, seq_lengths=(length, length))
+
+
 def library_attention(mask):
     return lambda q, k, v: block_causal_attention(q, k, v, mask)
 
@@ -138,10 +164,28 @@ def variants(scales, args, device):
     compiled = torch.compile(flex_attention, dynamic=True)
     options = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 32}
     found["flex 64"] = lambda q, k, v: compiled(q, k, v, block_mask=small_mask, scale=1.0, kernel_options=options)
+    length = sum(h * w for h, w in scales)
+    block_mask, padded_mask = flex_block_mask(scales, device), padded_block_mask(scales, device)
+    static = torch.compile(flex_attention, dynamic=False)
+    found["flex static"] = lambda q, k, v: static(q, k, v, block_mask=block_mask, scale=1.0)
+    divisible = {"IS_DIVISIBLE": True}
+    found["flex padded"] = padded_attention(
+        lambda q, k, v: compiled(q, k, v, block_mask=padded_mask, scale=1.0, kernel_options=divisible), length)
+    found["flex padded static"] = padded_attention(
+        lambda q, k, v: static(q, k, v, block_mask=padded_mask, scale=1.0), length)
+    padded_dense_mask = F.pad(block_causal_mask(scales, 0, device), (0, -length % FLEX_BLOCK_SIZE) * 2)
+    padded_dense_mask.diagonal().fill_(True)  # padded queries see themselves (no empty rows)
+
+    def cudnn_padded(q, k, v):
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=padded_dense_mask, scale=1.0)
+
+    found["sdpa cudnn padded"] = padded_attention(cudnn_padded, length)
     if args.autotune:
         tuned = torch.compile(flex_attention, mode="max-autotune-no-cudagraphs", dynamic=False)
-        block_mask = training_attention_mask(scales, "flex", device)
         found["flex autotuned"] = lambda q, k, v: tuned(q, k, v, block_mask=block_mask, scale=1.0)
+        found["flex padded autotuned"] = padded_attention(
+            lambda q, k, v: tuned(q, k, v, block_mask=padded_mask, scale=1.0), length)
     for size in args.groups:
         groups = scale_groups(scales, size)
         masks = group_masks(groups, device)
@@ -149,6 +193,8 @@ def variants(scales, args, device):
     layout = varlen_layout(scales, args.batch, device)
     found["varlen"] = lambda q, k, v: varlen_attention(q, k, v, layout)
     found["dense flash"] = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, scale=1.0)
+    if args.only is not None:
+        found = {name: function for name, function in found.items() if name in args.only}
     return found
 
 
@@ -164,6 +210,9 @@ def time_call(function, q, k, v, grad, iters: int) -> float:
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device("cuda")
+    # Every variant compiles `flex_attention` per schedule and mode: past Dynamo's default limit of 8 entries per
+    # code object the calls would silently run eagerly (the scores materialised).
+    torch._dynamo.config.recompile_limit = 64
     _, width, heads = model_size(args.size, False)
     generator = torch.Generator().manual_seed(0)
     scheduler = FlexVARScaleScheduler()

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
@@ -801,6 +801,13 @@ def main(args: argparse.Namespace) -> dict:
     )
     if ema_model is not None:
         ema_model.to(accelerator.device)
+    # A fused AdamW applies the clip factor inside its update kernel (a pass over the gradients fewer) where the
+    # gradients are whole and unscaled: no fp16 GradScaler, no FSDP or DeepSpeed sharding.
+    fold_clip = (
+        args.fused_adamw
+        and accelerator.scaler is None
+        and accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU)
+    )
 
     weight_dtype = mixed_precision_dtype(accelerator)
     vqvae.to(accelerator.device, dtype=weight_dtype)
@@ -868,6 +875,7 @@ def main(args: argparse.Namespace) -> dict:
                 norm = clip_and_step(
                     optimizer, transformer.parameters(), args.max_grad_norm, lr_scheduler,
                     clip=accelerator.sync_gradients, clip_grad_norm_=accelerator.clip_grad_norm_,
+                    fold_clip=fold_clip,
                 )
 
             accuracy, last_accuracy = token_accuracy(logits.detach(), teacher.targets, teacher.last_scale_tokens)

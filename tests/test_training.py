@@ -976,17 +976,23 @@ def test_bad_data_and_output_folders_stop_the_run_before_training(assets, tmp_pa
 
 def test_max_grad_norm_clips_the_gradients_the_optimizer_sees(assets, tmp_path, train_script, fresh_accelerate):
     """Every optimizer step (a global pre-hook, whatever optimizer or clipping code runs) sees gradients of total norm
-    --max_grad_norm where the raw gradients are larger, and the raw ones with --max_grad_norm 0."""
-    norms = []
+    --max_grad_norm where the raw gradients are larger, and the raw ones with --max_grad_norm 0. With --fused_adamw
+    the raw gradients reach the step with the factor its kernel divides them by (`grad_scale`, the folded clip), and
+    the run trains like the unfused one."""
+    norms, folded_steps = [], []
 
     def record(optimizer, args, kwargs):
         grads = [p.grad.flatten() for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        norms.append(torch.linalg.vector_norm(torch.cat(grads)).item())
+        scale = getattr(optimizer, "grad_scale", None)
+        folded_steps.append(scale is not None)
+        norms.append(torch.linalg.vector_norm(torch.cat(grads)).item() / (1.0 if scale is None else scale.item()))
 
-    def run(name: str, max_grad_norm: str) -> list[float]:
+    def run(name: str, max_grad_norm: str, *extra: str) -> list[float]:
         reset_accelerate()
         norms.clear()
-        arguments = scratch_args(assets, tmp_path / name, "--max_train_steps", "2", "--max_grad_norm", max_grad_norm)
+        arguments = scratch_args(
+            assets, tmp_path / name, "--max_train_steps", "2", "--max_grad_norm", max_grad_norm, *extra
+        )
         losses = train_script.main(train_script.parse_args(arguments))["losses"]
         return list(norms), losses
 
@@ -994,11 +1000,16 @@ def test_max_grad_norm_clips_the_gradients_the_optimizer_sees(assets, tmp_path, 
     try:
         raw, raw_losses = run("off", "0")
         clipped, clipped_losses = run("on", "0.05")
+        folded_steps.clear()
+        folded, folded_losses = run("fused", "0.05", "--fused_adamw")
     finally:
         handle.remove()
+    assert folded_steps == [True, True]
     assert len(raw) == len(clipped) == 2 and min(raw) > 0.2, raw  # the raw gradients are larger than the bound
     assert clipped == pytest.approx([0.05, 0.05], rel=1e-4)
     assert clipped_losses[0] == raw_losses[0]  # the same first batch and weights; only the update differed
+    assert folded == pytest.approx([0.05, 0.05], rel=1e-4)
+    assert folded_losses == pytest.approx(clipped_losses, rel=1e-5) and folded_losses[1] != raw_losses[1]
 
 
 def test_label_smoothing_reaches_the_loss(assets, tmp_path, train_script, fresh_accelerate):

@@ -17,7 +17,7 @@ from torch.nn.attention.flex_attention import create_mask
 from flexvar_hf import FlexVARScaleScheduler, FlexVARTransformer2DModel
 from flexvar_hf.models.block_causal import block_causal_mask, flex_block_mask
 from flexvar_hf.training.flexvar_loss import build_teacher_inputs, drop_path_factors, flexvar_loss
-from flexvar_hf.training.optim import build_optimizer, flexvar_lr_factor
+from flexvar_hf.training.optim import build_optimizer, clip_and_step, flexvar_lr_factor, supports_folded_clip
 
 from conftest import RELATIVE_TOLERANCE, relative_error, with_active_blocks
 
@@ -82,8 +82,11 @@ def reference_loss(reference) -> float:
     return flexvar_loss(reference["teacher_logits"], reference["teacher_targets"]).item()
 
 
-def train_steps(model, schedules, fused: bool | None = None, steps: int = 3) -> tuple[list[float], list[torch.Tensor]]:
-    """A few AdamW steps on random teacher-forcing batches; the losses and the first step's gradients."""
+def train_steps(
+    model, schedules, fused: bool | None = None, steps: int = 3, fold_clip: bool = False
+) -> tuple[list[float], list[torch.Tensor]]:
+    """A few AdamW steps on random teacher-forcing batches, the gradients clipped to a norm of 0.05 (below theirs);
+    the losses and the first step's gradients."""
     optimizer = build_optimizer(model, 1e-2, fused=fused)
     generator = torch.Generator().manual_seed(1)
     losses, first_grads = [], None
@@ -95,24 +98,36 @@ def train_steps(model, schedules, fused: bool | None = None, steps: int = 3) -> 
         loss.backward()
         if first_grads is None:
             first_grads = [param.grad.clone() for param in model.parameters()]
-        optimizer.step()
-        optimizer.zero_grad()
+        norm = clip_and_step(optimizer, list(model.parameters()), 0.05, fold_clip=fold_clip)
+        assert norm > 0.05 and not hasattr(optimizer, "grad_scale")
         losses.append(loss.item())
     return losses, first_grads
 
 
-@pytest.mark.parametrize("option", ["per_scale", "fused_adamw"])
+@pytest.mark.parametrize("option", ["per_scale", "fused_adamw", "folded_clip"])
 def test_speed_options_train_like_the_plain_path(option):
+    """folded_clip: fused AdamW applying the clip factor inside its kernel (`clip_and_step(fold_clip=True)`)."""
     schedules = random_schedules(3, seed=2, size=96)
     plain_losses, plain_grads = train_steps(tiny_model(), schedules)
     model = tiny_model()
     if option == "per_scale":
         model.set_training_attention("per_scale")
-    losses, grads = train_steps(model, schedules, fused=option == "fused_adamw")
+    losses, grads = train_steps(
+        model, schedules, fused=option != "per_scale", fold_clip=option == "folded_clip"
+    )
     assert losses == pytest.approx(plain_losses, rel=SPEED_TOLERANCE)
     assert losses[0] != losses[-1]  # it trained
     for grad, plain in zip(grads, plain_grads):
         assert relative_error(grad, plain) < SPEED_TOLERANCE
+
+
+def test_folded_clip_needs_a_fused_adamw():
+    model = tiny_model()
+    assert supports_folded_clip(build_optimizer(model, 1e-3, fused=True))
+    plain = build_optimizer(model, 1e-3)
+    assert not supports_folded_clip(plain) and not supports_folded_clip(torch.optim.SGD(model.parameters(), 1e-3))
+    with pytest.raises(ValueError, match="fold_clip needs a fused"):
+        clip_and_step(plain, model.parameters(), 1.0, fold_clip=True)
 
 
 def test_per_scale_attention_never_lets_sdpa_take_cudnn(monkeypatch):

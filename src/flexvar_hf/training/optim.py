@@ -28,6 +28,7 @@ __all__ = [
     "flexvar_warmup_steps",
     "no_decay_parameter_names",
     "parameter_groups",
+    "supports_folded_clip",
 ]
 
 
@@ -113,6 +114,33 @@ def flexvar_lr_factor(step: int, total_steps: int, warmup_steps: int, end_fracti
     return end_fraction + (1 - end_fraction) * (1 - progress) / (1 - FLEXVAR_HOLD_FRACTION)
 
 
+def supports_folded_clip(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `optimizer` (or the optimizer an accelerate wrapper holds) is a fused torch Adam/AdamW, whose update
+    kernel can divide the gradients by a `grad_scale` tensor (the hook `torch.amp.GradScaler` uses)."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return (
+        isinstance(inner, torch.optim.Adam | torch.optim.AdamW)
+        and getattr(inner, "_step_supports_amp_scaling", False)
+        and all(group.get("fused") for group in inner.param_groups)
+    )
+
+
+def _folded_clip_step(optimizer: torch.optim.Optimizer, parameters: Iterable[torch.Tensor], max_grad_norm: float):
+    """`clip_grad_norm_` + `optimizer.step()` with the clip factor applied inside the fused update kernel: the
+    gradients are divided by max(1, (norm + 1e-6) / max_grad_norm), the reciprocal of `clip_grad_norm_`'s factor,
+    instead of being multiplied in a pass of their own. Returns the norm before clipping."""
+    grads = [param.grad for param in parameters if param.grad is not None]
+    grad_norm = torch.nn.utils.get_total_norm(grads, 2.0)
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if max_grad_norm > 0 and grads:
+        inner.grad_scale = ((grad_norm + 1e-6) / max_grad_norm).clamp(min=1.0).to(torch.float32)
+    try:
+        optimizer.step()
+    finally:
+        inner.__dict__.pop("grad_scale", None)
+    return grad_norm
+
+
 def clip_and_step(
     optimizer: torch.optim.Optimizer,
     parameters: Iterable[torch.Tensor],
@@ -120,19 +148,28 @@ def clip_and_step(
     lr_scheduler=None,
     clip: bool = True,
     clip_grad_norm_: Callable = torch.nn.utils.clip_grad_norm_,
+    fold_clip: bool = False,
 ) -> torch.Tensor | None:
     """The second half of a training step, after the backward pass: clip the gradients of `parameters` to
     `max_grad_norm` (<= 0: no clipping, the norm is still measured) when `clip`, then `optimizer.step()`,
     `lr_scheduler.step()` if given and `optimizer.zero_grad(set_to_none=True)`.
 
     `clip_grad_norm_` is the clipping function (e.g. `accelerator.clip_grad_norm_`, which unscales fp16 gradients
-    first); pass `clip=accelerator.sync_gradients` under gradient accumulation. Returns the total gradient norm before
-    clipping, or None when `clip` is False.
+    first); pass `clip=accelerator.sync_gradients` under gradient accumulation. `fold_clip` (a fused AdamW,
+    `supports_folded_clip`) measures the norm and lets the optimizer's kernel apply the clip factor, saving a pass
+    over the gradients; the updates equal the clipped ones to float32 rounding. It bypasses `clip_grad_norm_`, so
+    it is only right where the gradients are whole and unscaled: no GradScaler (fp16), no sharded (FSDP, DeepSpeed)
+    gradients. Returns the total gradient norm before clipping, or None when `clip` is False.
     """
     grad_norm = None
-    if clip:
-        grad_norm = clip_grad_norm_(parameters, max_grad_norm if max_grad_norm > 0 else float("inf"))
-    optimizer.step()
+    if fold_clip and not supports_folded_clip(optimizer):
+        raise ValueError("fold_clip needs a fused torch Adam/AdamW (build_optimizer(..., fused=True)).")
+    if clip and fold_clip:
+        grad_norm = _folded_clip_step(optimizer, parameters, max_grad_norm)
+    else:
+        if clip:
+            grad_norm = clip_grad_norm_(parameters, max_grad_norm if max_grad_norm > 0 else float("inf"))
+        optimizer.step()
     if lr_scheduler is not None:
         lr_scheduler.step()
     optimizer.zero_grad(set_to_none=True)
