@@ -14,6 +14,9 @@ Variants (each checked against the masked `sdpa` output first; the maximum diffe
   built with `IS_DIVISIBLE` (no bounds checks on its loads); `flex padded static` the same compiled per length;
   `flex padded autotuned` the same in max-autotune mode (`--autotune`).
 - `sdpa cudnn padded`: the masked cuDNN call on the same padded length (L % 128 == 0).
+- `flex + dense last N`: each of the last N scales' queries over the keys up to its end as one unmasked SDPA call
+  (no mask: most of the visible pairs are there), the scales before them padded FlexAttention; `flex + flash last
+  N` the same with SDPA restricted to the flash kernel (no cuDNN).
 - `grouped N`: one SDPA call per group of consecutive scales of at least N query tokens (a mask only inside a group
   of several scales), so the large final scales run the unmasked flash kernel and the small ones share a call.
 - `varlen`: one variable-length flash call (`torch.nn.attention.varlen.varlen_attn`) over a sequence per image and
@@ -141,6 +144,35 @@ def padded_block_mask(scales, device):
         BLOCK_SIZE=FLEX_BLOCK_SIZE, mask_mod=mask.mask_mod, seq_lengths=(length, length))
 
 
+ALL_SDPA_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                     SDPBackend.MATH]
+
+
+def split_attention(scales, last: int, device, backends=None):
+    """`flex + dense last N`: padded FlexAttention over the scales before the last `last`, then one unmasked call
+    per remaining scale (its queries over the keys up to its end, SDPA limited to `backends` if given); outputs
+    concatenated along L."""
+    ends = list(itertools.accumulate(h * w for h, w in scales))
+    head = scales[:-last]
+    head_length = ends[len(head) - 1]
+    head_mask = flex_block_mask(head, device, padded=True)
+    compiled = torch.compile(flex_attention, dynamic=True)
+    padding = head_mask.seq_lengths[0] - head_length
+
+    def call(q, k, v):
+        parts = [t[:, :, :head_length] for t in (q, k, v)]
+        parts = [F.pad(t, (0, 0, 0, padding)) for t in parts]
+        outputs = [compiled(*parts, block_mask=head_mask, scale=1.0,
+                            kernel_options={"IS_DIVISIBLE": True})[:, :, :head_length]]
+        with sdpa_kernel(backends or ALL_SDPA_BACKENDS):
+            for start, end in zip(ends[len(head) - 1:-1], ends[len(head):]):
+                outputs.append(
+                    F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, :end], v[:, :, :end], scale=1.0))
+        return torch.cat(outputs, dim=2)
+
+    return call
+
+
 def library_attention(mask):
     return lambda q, k, v: block_causal_attention(q, k, v, mask)
 
@@ -193,6 +225,9 @@ def variants(scales, args, device):
     layout = varlen_layout(scales, args.batch, device)
     found["varlen"] = lambda q, k, v: varlen_attention(q, k, v, layout)
     found["dense flash"] = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, scale=1.0)
+    for last in (1, 2):
+        found[f"flex + dense last {last}"] = split_attention(scales, last, device)
+        found[f"flex + flash last {last}"] = split_attention(scales, last, device, [SDPBackend.FLASH_ATTENTION])
     if args.only is not None:
         found = {name: function for name, function in found.items() if name in args.only}
     return found
