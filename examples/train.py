@@ -658,6 +658,16 @@ def latent_training_data(args: argparse.Namespace, accelerator: Accelerator, dat
     return cached, loader
 
 
+def use_expandable_segments() -> None:
+    """Let PyTorch's CUDA caching allocator grow and shrink its segments (`expandable_segments:True`) unless the user
+    configured the allocator (`PYTORCH_CUDA_ALLOC_CONF` or `PYTORCH_ALLOC_CONF`). Random schedules give a new
+    sequence length nearly every step, and with fixed segments the allocator's reserve grows far above what the
+    tensors hold (benchmarks/RESULTS.md, "sixth session"). Read when CUDA starts, so this runs before the
+    `Accelerator` is made."""
+    if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ and "PYTORCH_ALLOC_CONF" not in os.environ:
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+
+
 def main(args: argparse.Namespace) -> dict:
     """Run the training described by `args` (from `parse_args`). Returns a summary: `global_step`, `losses` (per
     optimisation step, averaged over processes and accumulation), `pipeline_dir`, `resumed_from` (the checkpoint or
@@ -667,6 +677,7 @@ def main(args: argparse.Namespace) -> dict:
     args.resolution_hw = (height, width)
     output_dir = Path(args.output_dir)
     checkpoint = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
+    use_expandable_segments()
 
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,

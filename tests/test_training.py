@@ -805,6 +805,20 @@ def test_resume_reproduces_the_uninterrupted_run(assets, tmp_path, train_script,
     assert any(not torch.equal(saved[name], raw[name]) for name in names)
 
 
+def test_expandable_segments_unless_the_allocator_is_configured(train_script, monkeypatch):
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        monkeypatch.delenv(name, raising=False)
+    train_script.use_expandable_segments()
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+        monkeypatch.setenv(name, "max_split_size_mb:64")
+        train_script.use_expandable_segments()
+        assert os.environ[name] == "max_split_size_mb:64" and os.environ.get("PYTORCH_CUDA_ALLOC_CONF") in (
+            None, "max_split_size_mb:64")
+        monkeypatch.delenv(name)
+
+
 def test_torch_compile_trains_like_eager(assets, tmp_path, train_script, fresh_accelerate):
     options = ["--max_train_steps", "3", "--max_train_samples", "8", "--seed", "5", "--random_flip"]
     eager = train_script.main(train_script.parse_args(scratch_args(assets, tmp_path / "eager", *options)))
