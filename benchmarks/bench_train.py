@@ -17,8 +17,9 @@ classes, the default VQ-16), random pixels in [-1, 1] and random labels; nothing
   the clipping's own pass back, a step-only comparison), `cache` (latents encoded once, as `--cache_latents`: the
   step starts from them), `compile` (`--torch_compile`), `autotune` (the same compilation in Inductor's
   "max-autotune-no-cudagraphs" mode: a step-only experiment, no train.py option), `autodynamic` (the blocks compiled
-  with automatic dynamic shapes, only the sequence length symbolic after the first recompilation: a step-only
-  experiment), `ckpt` (`--gradient_checkpointing`).
+  with automatic dynamic shapes, only the sequence length symbolic after the first recompilation), `coordtune`
+  (compiled with Inductor's coordinate-descent tuning of its own kernels' block sizes); these two are step-only
+  experiments, `ckpt` (`--gradient_checkpointing`).
 - original (`--original PATH`, a checkout of github.com/jiaosiyu1999/FlexVAR, never committed here): its
   `VARTrainer.train_step` on its own FlexVAR, VQ-16, `AmpOptimizer` and `filter_params` groups as its train.py builds
   them (fused AdamW, TF32, drop path 0.1 * depth / 24). Its published commands pass `--fp16=1` (float16 autocast, a
@@ -65,6 +66,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch._inductor.config
 
 from bench_generate import CODE_DIM, DEPTHS, NUM_CLASSES, VOCAB_SIZE
 from flexvar_hf import FlexVARScaleScheduler, FlexVARTransformer2DModel, FlexVQModel
@@ -76,7 +78,7 @@ LEARNING_RATE, WEIGHT_DECAY, BETAS, MAX_GRAD_NORM, CLASS_DROPOUT = 1e-4, 0.05, (
 # The H100 SXM's dense bf16 peak, and the rate a large bf16 matrix product reaches on these GPUs in practice.
 PEAK_FLOPS, MEASURED_FLOPS = 989e12, 790e12
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-CONFIG_FLAGS = ("fused", "unfolded", "cache", "compile", "autotune", "autodynamic", "ckpt")
+CONFIG_FLAGS = ("fused", "unfolded", "cache", "compile", "autotune", "autodynamic", "coordtune", "ckpt")
 MIN_JPEG_FILES = 1300  # the e2e folder's smallest size, and what --data_rate decodes
 TINY_VQ = {"base_channels": 16, "z_channels": 16, "norm_num_groups": 8}  # --tiny: a small VQ model for CPU checks
 # The original train.py's `nowd_keys` (its parameter groups come from utils.lr_control.filter_params with these).
@@ -244,10 +246,12 @@ class OursTrainer:
         self.transformer.set_training_attention(options["attention"])
         if options["ckpt"]:
             self.transformer.enable_gradient_checkpointing()
-        if options["compile"] or options["autotune"] or options["autodynamic"]:  # as train.py --torch_compile
-            # Experiments, not train.py options: "autotune", Inductor may pick Triton matrix-product templates with
-            # the GELU, norm or residual fused in; "autodynamic", the blocks compiled for the first shape, then
-            # recompiled with only the dimensions that changed (the sequence length) symbolic.
+        # Experiments, not train.py options: "autotune", Inductor may pick Triton matrix-product templates with the
+        # GELU, norm or residual fused in; "autodynamic", the blocks compiled for the first shape, then recompiled
+        # with only the dimensions that changed (the sequence length) symbolic; "coordtune", Inductor tunes the
+        # block sizes of its own (norm, GELU, cast) kernels by timing them. Set by every trainer: module-wide.
+        torch._inductor.config.coordinate_descent_tuning = options["coordtune"]
+        if options["compile"] or options["autotune"] or options["autodynamic"] or options["coordtune"]:
             mode = {"mode": "max-autotune-no-cudagraphs"} if options["autotune"] else {}
             self.transformer.compile_repeated_blocks(dynamic=None if options["autodynamic"] else True, **mode)
         # accelerate's mixed precision: the prepared model's forward runs under autocast, parameters stay float32.
@@ -601,7 +605,7 @@ def e2e_runs(args, results: dict, budget: Budget, device: torch.device, save) ->
             print(f"-- skipped e2e {config}: out of time", flush=True)
             continue
         options = parse_config(config)
-        if options["autotune"] or options["autodynamic"] or options["unfolded"]:
+        if options["autotune"] or options["autodynamic"] or options["coordtune"] or options["unfolded"]:
             print(f"-- skipped e2e {config}: a step-only experiment (train.py has no such option)")
             continue
         flags = ["--training_attention", options["attention"]]
