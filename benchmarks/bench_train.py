@@ -57,6 +57,7 @@ import argparse
 import gc
 import json
 import os
+import platform
 import shutil
 import sys
 import tempfile
@@ -665,6 +666,18 @@ def e2e_runs(args, results: dict, budget: Budget, device: torch.device, save) ->
         release(device)
 
 
+def host_cpu() -> str:
+    """The host processor's model name (Linux). Recorded with the results because the original trainer's step time
+    varies far more than ours between machines of the same GPU (benchmarks/RESULTS.md), perhaps with the host."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     budget = Budget(args.time_budget)
@@ -675,6 +688,7 @@ def main(argv=None) -> int:
     torch.backends.cudnn.allow_tf32 = True
     results = {
         "gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "host_cpu": host_cpu(),
         "torch": torch.__version__,
         "args": {key: str(value) for key, value in vars(args).items()},
         "runs": [],
