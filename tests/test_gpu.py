@@ -4,7 +4,8 @@ Run on a GPU machine with `python -m pytest -q -m gpu` (docs/testing.md), which 
 (tests/test_kv_cache_kernel.py, tests/test_float8_kernel.py) compiled on CUDA tensors and the fused GELU test of
 tests/test_models.py. Covered here: CUDA-graph replay of fast sampling against the plain loop (eager and compiled
 blocks), the kernels being compiled rather than interpreted, float8 inference on CUDA, the training
-attentions' gradients on CUDA, and training steps that never make the host wait for the GPU.
+attentions' gradients on CUDA, training steps that never make the host wait for the GPU, and the gradient clip
+folded into CUDA's fused AdamW kernel.
 """
 
 from __future__ import annotations
@@ -185,9 +186,9 @@ def test_training_attentions_give_finite_equal_gradients_on_cuda(compiled):
 @pytest.mark.parametrize("backend", ["sdpa", "flex"])
 def test_training_step_does_not_wait_for_the_gpu(backend):
     """A warmed-up training step (random draws from a CPU generator, class dropout, stochastic depth, the block mask,
-    fused AdamW with clipping, the step's metrics) queues its kernels without one synchronisation: a copy from
-    pageable host memory or a read-back would make the host wait for the GPU, which then idles while the host
-    queues the next step's first kernels."""
+    fused AdamW with the clip factor inside its kernel as train.py runs it, the step's metrics) queues its kernels
+    without one synchronisation: a copy from pageable host memory or a read-back would make the host wait for the GPU,
+    which then idles while the host queues the next step's first kernels."""
     from flexvar_hf.training.flexvar_loss import training_loss
     from flexvar_hf.training.metrics import StepMetrics
     from flexvar_hf.training.optim import build_optimizer, clip_and_step
@@ -206,7 +207,7 @@ def test_training_step_does_not_wait_for_the_gpu(backend):
             transformer, vqvae, scales, pixels, labels, 10, 0.1, generator=generator, drop_path_rate=0.1
         )
         output.loss.backward()
-        norm = clip_and_step(optimizer, transformer.parameters(), 2.0)
+        norm = clip_and_step(optimizer, transformer.parameters(), 2.0, fold_clip=True)
         metrics.add_micro_batch(output.loss, output.loss, output.loss, output.teacher.targets)
         metrics.end_step(number, norm, 1e-4, len(scales))
 
@@ -223,3 +224,26 @@ def test_training_step_does_not_wait_for_the_gpu(backend):
     logs = metrics.flush(lambda tensor, reduction: tensor)
     assert [number for number, _ in logs] == [1, 2, 3, 4]
     assert all(math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"]) for _, values in logs)
+
+
+def test_folded_clip_gives_the_clipped_update_on_cuda():
+    """CUDA's fused AdamW kernel dividing the gradients by `grad_scale` (`clip_and_step(fold_clip=True)`) updates the
+    weights as clipping them first does, to float32 rounding, with the clip active."""
+    from flexvar_hf.training.optim import build_optimizer, clip_and_step
+
+    def train(fold_clip: bool) -> tuple[list[float], torch.Tensor]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64)).cuda()
+        optimizer = build_optimizer(model, 1e-2, fused=True)
+        norms = []
+        for step in range(4):
+            inputs = torch.randn(32, 64, device="cuda", generator=torch.Generator("cuda").manual_seed(step))
+            model(inputs).square().sum().backward()
+            norms.append(float(clip_and_step(optimizer, list(model.parameters()), 0.1, fold_clip=fold_clip)))
+        return norms, torch.cat([param.detach().flatten() for param in model.parameters()])
+
+    norms, weights = train(fold_clip=False)
+    folded_norms, folded_weights = train(fold_clip=True)
+    assert min(norms) > 0.1  # every step clipped
+    assert folded_norms == pytest.approx(norms, rel=1e-5)
+    assert relative_error(folded_weights, weights) < 1e-6
