@@ -1047,7 +1047,10 @@ def test_two_processes_agree(assets, tmp_path, train_script, fresh_accelerate):
     depend on the process."""
     wrapper = tmp_path / "run_and_dump.py"
     wrapper.write_text(
-        "import importlib.util, sys, torch\n"
+        "import faulthandler, importlib.util, sys, torch\n"
+        # A process still running after 200 s prints every thread's stack and exits, so that a hang (seen once in
+        # CI, not reproduced) fails below with the stacks instead of at the 240 s timeout without them.
+        "faulthandler.dump_traceback_later(200, exit=True)\n"
         f"spec = importlib.util.spec_from_file_location('train', {str(REPO_ROOT / 'examples' / 'train.py')!r})\n"
         "train = importlib.util.module_from_spec(spec); spec.loader.exec_module(train)\n"
         "result = train.main(train.parse_args(sys.argv[2:]))\n"
@@ -1063,7 +1066,8 @@ def test_two_processes_agree(assets, tmp_path, train_script, fresh_accelerate):
                       "--checkpointing_steps", "2", "--use_ema", "--class_dropout_prob", "0"),
     ]
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
-    assert completed.returncode == 0, completed.stderr[-3000:]
+    hang = completed.stderr.find("Timeout (")  # faulthandler's stacks of a hung process, if any
+    assert completed.returncode == 0, completed.stderr[hang:hang + 8000] if hang >= 0 else completed.stderr[-3000:]
     assert "DistributedType.MULTI_CPU" in completed.stderr
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
     assert ranks[0]["losses"] == ranks[1]["losses"] and len(ranks[0]["losses"]) == 3
