@@ -114,10 +114,15 @@ def flexvar_lr_factor(step: int, total_steps: int, warmup_steps: int, end_fracti
     return end_fraction + (1 - end_fraction) * (1 - progress) / (1 - FLEXVAR_HOLD_FRACTION)
 
 
+def _unwrapped(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer itself: `optimizer`, or the one an accelerate `AcceleratedOptimizer` holds."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
 def supports_folded_clip(optimizer: torch.optim.Optimizer) -> bool:
     """Whether `optimizer` (or the optimizer an accelerate wrapper holds) is a fused torch Adam/AdamW, whose update
     kernel can divide the gradients by a `grad_scale` tensor (the hook `torch.amp.GradScaler` uses)."""
-    inner = getattr(optimizer, "optimizer", optimizer)
+    inner = _unwrapped(optimizer)
     return (
         isinstance(inner, torch.optim.Adam | torch.optim.AdamW)
         and getattr(inner, "_step_supports_amp_scaling", False)
@@ -131,7 +136,7 @@ def _folded_clip_step(optimizer: torch.optim.Optimizer, parameters: Iterable[tor
     instead of being multiplied in a pass of their own. Returns the norm before clipping."""
     grads = [param.grad for param in parameters if param.grad is not None]
     grad_norm = torch.nn.utils.get_total_norm(grads, 2.0)
-    inner = getattr(optimizer, "optimizer", optimizer)
+    inner = _unwrapped(optimizer)
     if max_grad_norm > 0 and grads:
         inner.grad_scale = ((grad_norm + 1e-6) / max_grad_norm).clamp(min=1.0).to(torch.float32)
     try:
