@@ -14,12 +14,12 @@ classes, the default VQ-16), random pixels in [-1, 1] and random labels; nothing
   with the original's stochastic depth (0.1 * depth / 24). A config names its speed options, joined by "+": the
   attention `sdpa` (one masked call; `plain` is `sdpa` alone), `flex` or `per_scale` (`--training_attention`),
   `fused` (`--fused_adamw`: fused AdamW, the clip factor applied inside its kernel as train.py does; `unfolded` adds
-  the clipping's own pass back, a step-only comparison), `cache` (latents encoded once, as `--cache_latents`: the
-  step starts from them), `compile` (`--torch_compile`), `autotune` (the same compilation in Inductor's
-  "max-autotune-no-cudagraphs" mode: a step-only experiment, no train.py option), `autodynamic` (the blocks compiled
-  with automatic dynamic shapes, only the sequence length symbolic after the first recompilation), `coordtune`
-  (compiled with Inductor's coordinate-descent tuning of its own kernels' block sizes); these two are step-only
-  experiments, `ckpt` (`--gradient_checkpointing`).
+  the clipping's own pass back), `cache` (latents encoded once, as `--cache_latents`: the step starts from them),
+  `compile` (`--torch_compile`), `autotune` (the same compilation in Inductor's "max-autotune-no-cudagraphs" mode),
+  `autodynamic` (the blocks compiled with automatic dynamic shapes, only the sequence length symbolic after the first
+  recompilation), `coordtune` (compiled with Inductor's coordinate-descent tuning of its own kernels' block sizes),
+  `ckpt` (`--gradient_checkpointing`). `unfolded`, `autotune`, `autodynamic` and `coordtune` are experiments of the
+  step mode alone (`STEP_ONLY_FLAGS`): train.py has no such option.
 - original (`--original PATH`, a checkout of github.com/jiaosiyu1999/FlexVAR, never committed here): its
   `VARTrainer.train_step` on its own FlexVAR, VQ-16, `AmpOptimizer` and `filter_params` groups as its train.py builds
   them (fused AdamW, TF32, drop path 0.1 * depth / 24). Its published commands pass `--fp16=1` (float16 autocast, a
@@ -80,6 +80,9 @@ LEARNING_RATE, WEIGHT_DECAY, BETAS, MAX_GRAD_NORM, CLASS_DROPOUT = 1e-4, 0.05, (
 PEAK_FLOPS, MEASURED_FLOPS = 989e12, 790e12
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 CONFIG_FLAGS = ("fused", "unfolded", "cache", "compile", "autotune", "autodynamic", "coordtune", "ckpt")
+# Flags that are experiments of the step mode alone (train.py has no such option), and those that compile the blocks.
+STEP_ONLY_FLAGS = ("unfolded", "autotune", "autodynamic", "coordtune")
+COMPILE_FLAGS = ("compile", "autotune", "autodynamic", "coordtune")
 MIN_JPEG_FILES = 1300  # the e2e folder's smallest size, and what --data_rate decodes
 TINY_VQ = {"base_channels": 16, "z_channels": 16, "norm_num_groups": 8}  # --tiny: a small VQ model for CPU checks
 # The original train.py's `nowd_keys` (its parameter groups come from utils.lr_control.filter_params with these).
@@ -252,7 +255,7 @@ class OursTrainer:
         # with only the dimensions that changed (the sequence length) symbolic; "coordtune", Inductor tunes the
         # block sizes of its own (norm, GELU, cast) kernels by timing them. Set by every trainer: module-wide.
         torch._inductor.config.coordinate_descent_tuning = options["coordtune"]
-        if options["compile"] or options["autotune"] or options["autodynamic"] or options["coordtune"]:
+        if any(options[flag] for flag in COMPILE_FLAGS):
             mode = {"mode": "max-autotune-no-cudagraphs"} if options["autotune"] else {}
             self.transformer.compile_repeated_blocks(dynamic=None if options["autodynamic"] else True, **mode)
         # accelerate's mixed precision: the prepared model's forward runs under autocast, parameters stay float32.
@@ -606,7 +609,7 @@ def e2e_runs(args, results: dict, budget: Budget, device: torch.device, save) ->
             print(f"-- skipped e2e {config}: out of time", flush=True)
             continue
         options = parse_config(config)
-        if options["autotune"] or options["autodynamic"] or options["coordtune"] or options["unfolded"]:
+        if any(options[flag] for flag in STEP_ONLY_FLAGS):
             print(f"-- skipped e2e {config}: a step-only experiment (train.py has no such option)")
             continue
         flags = ["--training_attention", options["attention"]]
