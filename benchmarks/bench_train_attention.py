@@ -155,15 +155,15 @@ def split_attention(scales, last: int, device, backends=None):
     ends = list(itertools.accumulate(h * w for h, w in scales))
     head = scales[:-last]
     head_length = ends[len(head) - 1]
-    head_mask = flex_block_mask(head, device, padded=True)
+    head_mask = padded_block_mask(head, device)
     compiled = torch.compile(flex_attention, dynamic=True)
-    padding = head_mask.seq_lengths[0] - head_length
+    head_attention = padded_attention(
+        lambda q, k, v: compiled(q, k, v, block_mask=head_mask, scale=1.0, kernel_options={"IS_DIVISIBLE": True}),
+        head_length,
+    )
 
     def call(q, k, v):
-        parts = [t[:, :, :head_length] for t in (q, k, v)]
-        parts = [F.pad(t, (0, 0, 0, padding)) for t in parts]
-        outputs = [compiled(*parts, block_mask=head_mask, scale=1.0,
-                            kernel_options={"IS_DIVISIBLE": True})[:, :, :head_length]]
+        outputs = [head_attention(*(t[:, :, :head_length] for t in (q, k, v)))]
         with sdpa_kernel(backends or ALL_SDPA_BACKENDS):
             for start, end in zip(ends[len(head) - 1:-1], ends[len(head):]):
                 outputs.append(
