@@ -23,6 +23,9 @@ Variants (each checked against the masked `sdpa` output first; the maximum diffe
   scale: the scale's queries over a copy of its image's keys and values up to the scale's end (gathered, so about
   sum(scale ends) / L times the keys), so every computed pair is a visible one and no mask is applied.
 - `dense flash`: unmasked attention over all L keys: not block-causal, a floor for the time.
+- `flex {options}`: `flex` with the `kernel_options` of each `--flex_options` JSON object (forward `BLOCK_M`,
+  `BLOCK_N`, `num_warps`, `num_stages`; backward `BLOCK_M1`, `BLOCK_N1`, `BLOCK_M2`, `BLOCK_N2`, ...), to time
+  other kernel settings than Inductor's defaults for this GPU.
 
 Prints the milliseconds of one layer's attention per variant, summed over the schedules.
 
@@ -64,7 +67,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--groups", nargs="*", type=int, default=[64, 128], help="Query tokens per group.")
     parser.add_argument("--autotune", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--only", nargs="*", default=None, help="Time only the variants of these names.")
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="Time only the variants of these names (and those of --flex_options).")
+    parser.add_argument("--flex_options", nargs="*", type=json.loads, default=[],
+                        help='FlexAttention kernel_options to time, each a JSON object: \'{"BLOCK_M1": 64}\'.')
     parser.add_argument("--json", type=Path, default=None)
     return parser.parse_args(argv)
 
@@ -230,6 +236,9 @@ def variants(scales, args, device):
         found[f"flex + flash last {last}"] = split_attention(scales, last, device, [SDPBackend.FLASH_ATTENTION])
     if args.only is not None:
         found = {name: function for name, function in found.items() if name in args.only}
+    for options in args.flex_options:  # timed whatever --only says
+        found[f"flex {json.dumps(options, separators=(',', ':'))}"] = (
+            lambda q, k, v, o=options: compiled(q, k, v, block_mask=block_mask, scale=1.0, kernel_options=o))
     return found
 
 
