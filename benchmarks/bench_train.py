@@ -18,8 +18,9 @@ classes, the default VQ-16), random pixels in [-1, 1] and random labels; nothing
   `compile` (`--torch_compile`), `autotune` (the same compilation in Inductor's "max-autotune-no-cudagraphs" mode),
   `autodynamic` (the blocks compiled with automatic dynamic shapes, only the sequence length symbolic after the first
   recompilation), `coordtune` (compiled with Inductor's coordinate-descent tuning of its own kernels' block sizes),
-  `ckpt` (`--gradient_checkpointing`). `unfolded`, `autotune`, `autodynamic` and `coordtune` are experiments of the
-  step mode alone (`STEP_ONLY_FLAGS`): train.py has no such option.
+  `defaulttiles` (FlexAttention with Inductor's default kernel settings, not the library's `FLEX_KERNEL_OPTIONS`),
+  `ckpt` (`--gradient_checkpointing`). `unfolded`, `autotune`, `autodynamic`, `coordtune` and `defaulttiles` are
+  experiments of the step mode alone (`STEP_ONLY_FLAGS`): train.py has no such option.
 - original (`--original PATH`, a checkout of github.com/jiaosiyu1999/FlexVAR, never committed here): its
   `VARTrainer.train_step` on its own FlexVAR, VQ-16, `AmpOptimizer` and `filter_params` groups as its train.py builds
   them (fused AdamW, TF32, drop path 0.1 * depth / 24). Its published commands pass `--fp16=1` (float16 autocast, a
@@ -71,17 +72,19 @@ import torch._inductor.config
 
 from bench_generate import CODE_DIM, DEPTHS, NUM_CLASSES, VOCAB_SIZE
 from flexvar_hf import FlexVARScaleScheduler, FlexVARTransformer2DModel, FlexVQModel
+from flexvar_hf.models import block_causal
 from flexvar_hf.models.block_causal import TRAINING_ATTENTION_BACKENDS
 from flexvar_hf.training.flexvar_loss import build_teacher_inputs, training_loss
 from flexvar_hf.training.optim import build_optimizer, clip_and_step
 
+LIBRARY_FLEX_KERNEL_OPTIONS = dict(block_causal.FLEX_KERNEL_OPTIONS)  # what "defaulttiles" turns off
 LEARNING_RATE, WEIGHT_DECAY, BETAS, MAX_GRAD_NORM, CLASS_DROPOUT = 1e-4, 0.05, (0.9, 0.95), 2.0, 0.1
 # The H100 SXM's dense bf16 peak, and the rate a large bf16 matrix product reaches on these GPUs in practice.
 PEAK_FLOPS, MEASURED_FLOPS = 989e12, 790e12
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-CONFIG_FLAGS = ("fused", "unfolded", "cache", "compile", "autotune", "autodynamic", "coordtune", "ckpt")
 # Flags that are experiments of the step mode alone (train.py has no such option), and those that compile the blocks.
-STEP_ONLY_FLAGS = ("unfolded", "autotune", "autodynamic", "coordtune")
+STEP_ONLY_FLAGS = ("unfolded", "autotune", "autodynamic", "coordtune", "defaulttiles")
+CONFIG_FLAGS = ("fused", "cache", "compile", "ckpt", *STEP_ONLY_FLAGS)
 COMPILE_FLAGS = ("compile", "autotune", "autodynamic", "coordtune")
 MIN_JPEG_FILES = 1300  # the e2e folder's smallest size, and what --data_rate decodes
 TINY_VQ = {"base_channels": 16, "z_channels": 16, "norm_num_groups": 8}  # --tiny: a small VQ model for CPU checks
@@ -253,8 +256,12 @@ class OursTrainer:
         # Experiments, not train.py options: "autotune", Inductor may pick Triton matrix-product templates with the
         # GELU, norm or residual fused in; "autodynamic", the blocks compiled for the first shape, then recompiled
         # with only the dimensions that changed (the sequence length) symbolic; "coordtune", Inductor tunes the
-        # block sizes of its own (norm, GELU, cast) kernels by timing them. Set by every trainer: module-wide.
+        # block sizes of its own (norm, GELU, cast) kernels by timing them; "defaulttiles", FlexAttention without the
+        # library's kernel settings. Set by every trainer: module-wide.
         torch._inductor.config.coordinate_descent_tuning = options["coordtune"]
+        block_causal.FLEX_KERNEL_OPTIONS.clear()
+        if not options["defaulttiles"]:
+            block_causal.FLEX_KERNEL_OPTIONS.update(LIBRARY_FLEX_KERNEL_OPTIONS)
         if any(options[flag] for flag in COMPILE_FLAGS):
             mode = {"mode": "max-autotune-no-cudagraphs"} if options["autotune"] else {}
             self.transformer.compile_repeated_blocks(dynamic=None if options["autodynamic"] else True, **mode)
@@ -481,7 +488,7 @@ def attention_micro(args, results: dict, device: torch.device) -> None:
         )
         grad = torch.randn_like(q)
         for backend in TRAINING_ATTENTION_BACKENDS:
-            mask = training_attention_mask(scales, backend, device)
+            mask = training_attention_mask(scales, backend, device, width // heads)
 
             def call(q=q, k=k, v=v, mask=mask, grad=grad):
                 block_causal_attention(q, k, v, mask).backward(grad)

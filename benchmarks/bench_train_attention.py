@@ -3,7 +3,9 @@ Time the block-causal attention of teacher-forced training alone, forward + back
 (B, H, L, D) tensors of a released size's shapes and the original's random schedules.
 
 Variants (each checked against the masked `sdpa` output first; the maximum difference is printed):
-- `sdpa`, `flex`, `per_scale`: the library's `TRAINING_ATTENTION_BACKENDS` (`block_causal_attention`).
+- `sdpa`, `flex`, `per_scale`: the library's `TRAINING_ATTENTION_BACKENDS` (`block_causal_attention`), `flex` with
+  the library's kernel settings for this GPU and head size (`FLEX_KERNEL_OPTIONS`); `flex inductor defaults`
+  without them.
 - `sdpa cudnn`: the masked call restricted to cuDNN's kernel (fails where cuDNN does not take the mask);
   `sdpa no cudnn`: the masked call with every kernel but cuDNN's (`PER_SCALE_SDPA_BACKENDS`, as `per_scale` runs).
 - `flex autotuned`: FlexAttention compiled with `mode="max-autotune-no-cudagraphs"` for each schedule; Inductor's
@@ -183,9 +185,9 @@ def library_attention(mask):
     return lambda q, k, v: block_causal_attention(q, k, v, mask)
 
 
-def variants(scales, args, device):
+def variants(scales, args, device, head_dim: int):
     """name -> a function (q, k, v) -> output, for this schedule."""
-    found = {name: library_attention(training_attention_mask(scales, name, device))
+    found = {name: library_attention(training_attention_mask(scales, name, device, head_dim))
              for name in TRAINING_ATTENTION_BACKENDS}
     mask = block_causal_mask(scales, 0, device)
 
@@ -206,6 +208,7 @@ def variants(scales, args, device):
     block_mask, padded_mask = flex_block_mask(scales, device), padded_block_mask(scales, device)
     static = torch.compile(flex_attention, dynamic=False)
     found["flex static"] = lambda q, k, v: static(q, k, v, block_mask=block_mask, scale=1.0)
+    found["flex inductor defaults"] = lambda q, k, v: compiled(q, k, v, block_mask=block_mask, scale=1.0)
     divisible = {"IS_DIVISIBLE": True}
     found["flex padded"] = padded_attention(
         lambda q, k, v: compiled(q, k, v, block_mask=padded_mask, scale=1.0, kernel_options=divisible), length)
@@ -271,7 +274,7 @@ def main(argv=None) -> int:
         grad = torch.randn_like(q)
         with torch.no_grad():
             expected = block_causal_attention(q, k, v, block_causal_mask(scales, 0, device))
-        for name, function in variants(scales, args, device).items():
+        for name, function in variants(scales, args, device, width // heads).items():
             with reported(f"{name} L{length}", results):
                 with torch.no_grad():
                     difference = (function(q, k, v) - expected).abs().max().item()

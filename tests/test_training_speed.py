@@ -15,7 +15,8 @@ import torch
 from torch.nn.attention.flex_attention import create_mask
 
 from flexvar_hf import FlexVARScaleScheduler, FlexVARTransformer2DModel
-from flexvar_hf.models.block_causal import block_causal_mask, flex_block_mask
+from flexvar_hf.models import block_causal
+from flexvar_hf.models.block_causal import FlexMask, block_causal_mask, flex_block_mask, flex_kernel_options
 from flexvar_hf.training.flexvar_loss import build_teacher_inputs, drop_path_factors, flexvar_loss
 from flexvar_hf.training.optim import build_optimizer, clip_and_step, flexvar_lr_factor, supports_folded_clip
 
@@ -54,6 +55,67 @@ def test_flex_block_mask_is_the_block_causal_mask(block_size):
         blocks = padded.unflatten(0, (-1, block_size)).unflatten(2, (-1, block_size))
         assert torch.equal(block_mask.to_dense()[0, 0].bool(), blocks.any(3).any(1))
         assert torch.equal(block_mask.full_kv_num_blocks[0, 0], blocks.all(3).all(1).sum(1, dtype=torch.int32))
+
+
+def test_flex_kernel_options_follow_the_gpu_and_head_size(monkeypatch):
+    """`FLEX_KERNEL_OPTIONS` applies to its compute capability and head size only (a copy each time); elsewhere, on
+    the CPU or without a head size, Inductor's defaults (no options)."""
+    capability = [(9, 0)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[0])
+    options = flex_kernel_options("cuda:0", 64)
+    assert options == {"BLOCK_M": 64, "BLOCK_N": 128}
+    options["BLOCK_M"] = 16
+    assert flex_kernel_options(torch.device("cuda", 0), 64) == {"BLOCK_M": 64, "BLOCK_N": 128}
+    assert flex_kernel_options("cuda:0", 128) == {} and flex_kernel_options("cuda:0", None) == {}
+    assert flex_kernel_options("cpu", 64) == {}
+    capability[0] = (8, 0)
+    assert flex_kernel_options("cuda:0", 64) == {}
+
+
+@torch.no_grad()  # FlexAttention has no backward pass on the CPU
+def test_flex_attention_runs_with_the_masks_kernel_options(monkeypatch):
+    """The transformer asks for its head size's kernel options; they reach every block's FlexAttention call, eager
+    and inside a compiled block (one graph, the options on the FlexAttention operator), with the same logits."""
+    asked, used, real = [], [], block_causal.flex_attention
+    options = {"BLOCK_M": 64, "BLOCK_N": 128}
+
+    def ask(device, head_dim):
+        asked.append(head_dim)
+        return dict(options)
+
+    def spy(*args, kernel_options=None, **kwargs):
+        used.append(kernel_options)
+        return real(*args, kernel_options=kernel_options, **kwargs)
+
+    monkeypatch.setattr(block_causal, "flex_kernel_options", ask)
+    monkeypatch.setattr(block_causal, "flex_attention", spy)
+    scales, labels = [(1, 1), (2, 2), (3, 3)], torch.tensor([0, 2, 4])
+    inputs = torch.randn(3, 13, 4, generator=torch.Generator().manual_seed(0))
+    model = tiny_model()
+    expected = model(labels, scales, inputs).logits
+    model.set_training_attention("flex")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # flex_attention warns that it is not compiled on the CPU
+        logits = model(labels, scales, inputs).logits
+    assert asked == [16] and used == [options, options]  # hidden size 32 over 2 heads; 2 blocks
+    assert relative_error(logits, expected) < 1e-5
+
+    graphs = []
+
+    def capture(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    block = model.blocks[0]
+    torch._dynamo.reset()
+    compiled = torch.compile(block, backend=capture, fullgraph=True)
+    hidden = torch.randn(3, 14, 32)
+    mask = FlexMask(flex_block_mask(scales, "cpu"), options)
+    modulation = block.modulation(torch.randn(3, 32))
+    torch.testing.assert_close(compiled(hidden, modulation, mask)[0], block(hidden, modulation, mask)[0])
+    handed = [argument for node in graphs[0].graph.nodes if node.op == "call_function"
+              and "flex_attention" in str(node.target) for argument in node.args if isinstance(argument, dict)]
+    assert len(graphs) == 1 and len(handed) == 1 and handed[0].items() >= options.items()
 
 
 @torch.no_grad()
@@ -380,3 +442,23 @@ def test_to_device_copies_to_cuda_from_pinned_memory_without_blocking(monkeypatc
     assert torch.equal(to_device(values, "cpu"), values) and to_device(values, None) is values
     assert to_device(values, torch.device("meta")).device.type == "meta"
     assert calls == []
+
+
+def test_bench_train_defaulttiles_turns_the_librarys_flex_kernel_options_off_and_back_on(monkeypatch):
+    """bench_train's `defaulttiles` experiment empties `FLEX_KERNEL_OPTIONS` for its trainer; the next trainer
+    without it gets the library's settings back (the setting is module-wide, as Inductor's configuration)."""
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    bench_train = __import__("bench_train")
+    library = dict(block_causal.FLEX_KERNEL_OPTIONS)
+    assert library, "the library names no kernel settings: nothing for the experiment to turn off"
+    try:
+        for config, expected in (("flex+defaulttiles", {}), ("flex", library)):
+            options = bench_train.parse_config(config)
+            bench_train.OursTrainer(2, 32, 2, torch.device("cpu"), options, bench_train.TINY_VQ)
+            assert block_causal.FLEX_KERNEL_OPTIONS == expected, config
+    finally:
+        block_causal.FLEX_KERNEL_OPTIONS.update(library)
+        sys.modules.pop("bench_train", None)

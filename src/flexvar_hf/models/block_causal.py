@@ -8,7 +8,8 @@ Three ways to compute the same function (`FlexVARTransformer2DModel.set_training
 - "flex": PyTorch's FlexAttention with a `BlockMask` (`flex_block_mask`) built from the scales: blocks of 128 x 128
   query/key pairs that are all masked are skipped, blocks that are all visible run without the mask function. On
   CUDA the call is compiled (dynamic shapes, so one kernel serves every scale schedule); on the CPU it runs eagerly
-  (materialising the scores: for tests, not speed).
+  (materialising the scores: for tests, not speed). Where `FLEX_KERNEL_OPTIONS` names other kernel settings for the
+  GPU and head size than Inductor's defaults, the mask carries them (`FlexMask`).
 - "per_scale": one unmasked attention call per scale, its queries over the keys of the scales up to it (a prefix of
   the sequence), so the flash kernel can run; about twice as many calls as scales per layer. The calls never take
   cuDNN's kernel (`PER_SCALE_SDPA_BACKENDS`): on an H100 with torch 2.11, where SDPA prefers cuDNN, these strided
@@ -37,12 +38,15 @@ __all__ = [
     "FLEX_BLOCK_SIZE",
     "PER_SCALE_SDPA_BACKENDS",
     "AttentionMask",
+    "FLEX_KERNEL_OPTIONS",
+    "FlexMask",
     "TRAINING_ATTENTION_BACKENDS",
     "check_training_attention",
     "ScaleBounds",
     "block_causal_attention",
     "block_causal_mask",
     "flex_block_mask",
+    "flex_kernel_options",
     "scale_ids",
     "training_attention_mask",
 ]
@@ -53,14 +57,30 @@ FLEX_BLOCK_SIZE = 128
 PER_SCALE_SDPA_BACKENDS = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
 
 
+# FlexAttention kernel settings that replace Inductor's defaults, by (CUDA compute capability, head size), where a
+# benchmark found them faster (benchmarks/bench_train_attention.py --flex_options; benchmarks/RESULTS.md). Hopper
+# with 64-wide heads (every released size): forward tiles of 64 queries x 128 keys instead of 128 x 128.
+FLEX_KERNEL_OPTIONS: dict[tuple[tuple[int, int], int], dict[str, int]] = {
+    ((9, 0), 64): {"BLOCK_M": 64, "BLOCK_N": 128},
+}
+
+
+class FlexMask(NamedTuple):
+    """A FlexAttention block mask and the `kernel_options` its call runs with (empty: Inductor's defaults)."""
+
+    block_mask: BlockMask
+    kernel_options: dict[str, int]
+
+
 class ScaleBounds(NamedTuple):
     """Token offsets where each scale of the sequence ends (cumulative token counts), for "per_scale" attention."""
 
     ends: tuple[int, ...]
 
 
-# What the attention functions accept as a mask: a boolean tensor, a FlexAttention block mask, scale bounds or None.
-AttentionMask = Union[torch.Tensor, "BlockMask", ScaleBounds, None]
+# What the attention functions accept as a mask: a boolean tensor, a FlexAttention block mask (bare or with kernel
+# settings), scale bounds or None.
+AttentionMask = Union[torch.Tensor, "BlockMask", FlexMask, ScaleBounds, None]
 
 
 def scale_ids(scales: Sequence[tuple[int, int]], device: torch.device | str | None = None) -> torch.Tensor:
@@ -127,14 +147,26 @@ def check_training_attention(backend: str) -> str:
     return check_choice("training_attention", backend, TRAINING_ATTENTION_BACKENDS)
 
 
-def training_attention_mask(scales: Sequence[tuple[int, int]], backend: str, device: torch.device) -> AttentionMask:
+def flex_kernel_options(device: torch.device | str, head_dim: int | None) -> dict[str, int]:
+    """The `FLEX_KERNEL_OPTIONS` entry for `device`'s GPU and `head_dim`; empty (Inductor's defaults) off CUDA, for
+    other GPUs and head sizes, or with `head_dim` None."""
+    device = torch.device(device)
+    if device.type != "cuda" or head_dim is None:
+        return {}
+    return dict(FLEX_KERNEL_OPTIONS.get((torch.cuda.get_device_capability(device), head_dim), {}))
+
+
+def training_attention_mask(
+    scales: Sequence[tuple[int, int]], backend: str, device: torch.device, head_dim: int | None = None
+) -> AttentionMask:
     """What `block_causal_attention` needs for `backend` (see `TRAINING_ATTENTION_BACKENDS`) to attend block-causally
-    over `scales` fed together without a cache; None for a single scale."""
+    over `scales` fed together without a cache; None for a single scale. `head_dim` (the attention's head size)
+    selects FlexAttention's kernel settings (`flex_kernel_options`)."""
     check_training_attention(backend)
     if len(scales) == 1:
         return None
     if backend == "flex":
-        return flex_block_mask(scales, device)
+        return FlexMask(flex_block_mask(scales, device), flex_kernel_options(device, head_dim))
     if backend == "per_scale":
         ends, total = [], 0
         for height, width in scales:
@@ -149,13 +181,13 @@ def _compiled_flex_attention():
     return torch.compile(flex_attention, dynamic=True)
 
 
-def _flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask) -> torch.Tensor:
+def _flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: FlexMask) -> torch.Tensor:
     """FlexAttention over (B, H, L, D) inputs with unscaled dot products: compiled on CUDA outside compiled regions
     (inside one, the region's compiler takes the call), eager elsewhere."""
     run = flex_attention
     if query.is_cuda and not torch.compiler.is_compiling():
         run = _compiled_flex_attention()
-    return run(query, key, value, block_mask=block_mask, scale=1.0)
+    return run(query, key, value, block_mask=mask.block_mask, scale=1.0, kernel_options=mask.kernel_options or None)
 
 
 @torch.compiler.disable
@@ -180,9 +212,11 @@ def block_causal_attention(
 ) -> torch.Tensor:
     """Attention of (B, H, l, D) queries over (B, H, L, D) keys and values -> (B, H, l, D), with unscaled dot
     products (the queries carry the head temperatures). `attention_mask` from `training_attention_mask` or
-    `block_causal_mask` picks the computation: a `BlockMask` runs FlexAttention, `ScaleBounds` one call per scale, a
-    boolean tensor (True where a token may attend) or None scaled-dot-product attention."""
+    `block_causal_mask` picks the computation: a `FlexMask` or `BlockMask` runs FlexAttention, `ScaleBounds` one call
+    per scale, a boolean tensor (True where a token may attend) or None scaled-dot-product attention."""
     if BlockMask is not None and isinstance(attention_mask, BlockMask):
+        attention_mask = FlexMask(attention_mask, {})
+    if isinstance(attention_mask, FlexMask):
         return _flex_attention(query, key, value, attention_mask)
     if isinstance(attention_mask, ScaleBounds):
         return _per_scale_attention(query, key, value, attention_mask)

@@ -617,7 +617,9 @@ class FlexVARTransformer2DModel(FlexVARModelMixin, ConfigMixin):
                     f"got {tuple(drop_path_factors.shape)}."
                 )
         if kv_cache is None:
-            attention_mask = training_attention_mask(scales, self.training_attention, hidden_states.device)
+            attention_mask = training_attention_mask(
+                scales, self.training_attention, hidden_states.device, self.blocks[0].attn.head_dim
+            )
         else:
             attention_mask = block_causal_mask(scales, num_cached, hidden_states.device)
 
