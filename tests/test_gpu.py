@@ -152,7 +152,8 @@ TRAINING_SIDES = [1, 2, 3, 4, 5, 6, 8, 14, 15, 16]
 def test_training_attentions_give_finite_equal_gradients_on_cuda(compiled):
     """One teacher-forced step under bfloat16 autocast per training attention, on heads of 64 channels (the released
     models'): finite gradients, equal to the masked "sdpa" step's within bfloat16's noise. "per_scale" gave NaN
-    gradients (eager) and an illegal memory access (compiled) on an H100 while SDPA could pick cuDNN."""
+    gradients (eager) and an illegal memory access (compiled) on an H100 while SDPA could pick cuDNN. On a GPU with
+    an entry in `FLEX_KERNEL_OPTIONS` (Hopper, these 64-wide heads) "flex" runs with those kernel settings."""
     from flexvar_hf import FlexVARTransformer2DModel
     from flexvar_hf.training.flexvar_loss import flexvar_loss
 
