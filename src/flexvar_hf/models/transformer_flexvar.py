@@ -617,9 +617,8 @@ class FlexVARTransformer2DModel(FlexVARModelMixin, ConfigMixin):
                     f"got {tuple(drop_path_factors.shape)}."
                 )
         if kv_cache is None:
-            attention_mask = training_attention_mask(
-                scales, self.training_attention, hidden_states.device, self.blocks[0].attn.head_dim
-            )
+            head_dim = self.config.hidden_size // self.config.num_attention_heads
+            attention_mask = training_attention_mask(scales, self.training_attention, hidden_states.device, head_dim)
         else:
             attention_mask = block_causal_mask(scales, num_cached, hidden_states.device)
 
