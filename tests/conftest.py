@@ -78,6 +78,17 @@ def with_active_blocks(transformer, gate_gain: float = 20.0):
     return transformer
 
 
+class GraphCapture:
+    """A `torch.compile` backend that keeps every graph Dynamo hands it (`graphs`) and runs it uncompiled."""
+
+    def __init__(self):
+        self.graphs: list[torch.fx.GraphModule] = []
+
+    def __call__(self, graph_module: torch.fx.GraphModule, example_inputs):
+        self.graphs.append(graph_module)
+        return graph_module.forward
+
+
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
 

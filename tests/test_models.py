@@ -11,7 +11,14 @@ from flexvar_hf import FlexVARTransformer2DModel, FlexVQModel
 from flexvar_hf.models.transformer_flexvar import ResidualUpdate, feed_forward, linear_gelu, modulated_layer_norm
 from flexvar_hf.scales import as_hw_list, flatten_grid, resize_codes
 
-from conftest import PIXEL_TOLERANCE, RELATIVE_TOLERANCE, relative_error, requires_cuda, with_active_blocks
+from conftest import (
+    PIXEL_TOLERANCE,
+    RELATIVE_TOLERANCE,
+    GraphCapture,
+    relative_error,
+    requires_cuda,
+    with_active_blocks,
+)
 
 TRAIN_SCALES = [1, 2, 3, 4]
 
@@ -194,12 +201,7 @@ def test_regionally_compiled_blocks_train_like_eager_ones_for_any_schedule():
 def test_compiled_block_layer_norms_see_a_static_width():
     """A block compiled with `dynamic=True` normalises over the model's width as a constant: a symbolic width kept
     Inductor from compiling the LayerNorm as a one-pass kernel (runs 13-14 of benchmarks/RESULTS.md)."""
-    graphs = []
-
-    def capture(graph_module, example_inputs):
-        graphs.append(graph_module)
-        return graph_module.forward
-
+    capture = GraphCapture()
     model = tiny_transformer(num_layers=1)
     block = model.blocks[0]
     torch._dynamo.reset()
@@ -209,11 +211,11 @@ def test_compiled_block_layer_norms_see_a_static_width():
         compiled(torch.randn(3, length, 32), modulation)
     widths = [
         node.kwargs.get("normalized_shape", node.args[1] if len(node.args) > 1 else None)
-        for graph_module in graphs
+        for graph_module in capture.graphs
         for node in graph_module.graph.nodes
         if node.op == "call_function" and node.target is torch.nn.functional.layer_norm
     ]
-    assert len(widths) == 2 * len(graphs) and all(width == (32,) for width in widths), widths
+    assert len(widths) == 2 * len(capture.graphs) and all(width == (32,) for width in widths), widths
 
 
 def test_linear_gelu_is_the_projection_then_gelu():

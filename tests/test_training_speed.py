@@ -20,7 +20,7 @@ from flexvar_hf.models.block_causal import FlexMask, block_causal_mask, flex_blo
 from flexvar_hf.training.flexvar_loss import build_teacher_inputs, drop_path_factors, flexvar_loss
 from flexvar_hf.training.optim import build_optimizer, clip_and_step, flexvar_lr_factor, supports_folded_clip
 
-from conftest import RELATIVE_TOLERANCE, relative_error, with_active_blocks
+from conftest import RELATIVE_TOLERANCE, GraphCapture, relative_error, with_active_blocks
 
 SPEED_TOLERANCE = 1e-5  # float32 loss of an option against the plain path, relative
 PARITY_SCALES = [(1, 1), (2, 2), (3, 3), (4, 4)]
@@ -100,12 +100,7 @@ def test_flex_attention_runs_with_the_masks_kernel_options(monkeypatch):
     assert asked == [16] and used == [options, options]  # hidden size 32 over 2 heads; 2 blocks
     assert relative_error(logits, expected) < 1e-5
 
-    graphs = []
-
-    def capture(graph_module, example_inputs):
-        graphs.append(graph_module)
-        return graph_module.forward
-
+    capture = GraphCapture()
     block = model.blocks[0]
     torch._dynamo.reset()
     compiled = torch.compile(block, backend=capture, fullgraph=True)
@@ -113,9 +108,9 @@ def test_flex_attention_runs_with_the_masks_kernel_options(monkeypatch):
     mask = FlexMask(flex_block_mask(scales, "cpu"), options)
     modulation = block.modulation(torch.randn(3, 32))
     torch.testing.assert_close(compiled(hidden, modulation, mask)[0], block(hidden, modulation, mask)[0])
-    handed = [argument for node in graphs[0].graph.nodes if node.op == "call_function"
+    handed = [argument for node in capture.graphs[0].graph.nodes if node.op == "call_function"
               and "flex_attention" in str(node.target) for argument in node.args if isinstance(argument, dict)]
-    assert len(graphs) == 1 and len(handed) == 1 and handed[0].items() >= options.items()
+    assert len(capture.graphs) == 1 and len(handed) == 1 and handed[0].items() >= options.items()
 
 
 @torch.no_grad()
