@@ -457,3 +457,25 @@ def test_bench_train_defaulttiles_turns_the_librarys_flex_kernel_options_off_and
     finally:
         block_causal.FLEX_KERNEL_OPTIONS.update(library)
         sys.modules.pop("bench_train", None)
+
+
+def test_bench_train_rehearse_runs_every_timed_schedule_once_before_timing_it(monkeypatch):
+    """`timed_steps(..., rehearse=True)` runs the timed schedules untimed after the warm-up and then times them,
+    so no timed step meets a length the code has not run; without it each schedule runs once."""
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    bench_train = __import__("bench_train")
+    try:
+        schedules = [[1], [1, 2], [1, 3], [1, 2, 4], [1, 5]]
+        for rehearse, expected in ((False, schedules), (True, schedules + schedules[2:])):
+            calls = []
+            stats = bench_train.timed_steps(
+                calls.append, schedules, 2, 3, torch.device("cpu"), (2, 32), rehearse
+            )
+            assert calls == expected
+            assert stats["steps"] == 3 and stats["rehearsed"] is rehearse
+            assert stats["tokens_per_step"] == 3 * (10 + 21 + 26) / 3
+    finally:
+        sys.modules.pop("bench_train", None)
