@@ -29,7 +29,8 @@ Variants (each checked against the masked `sdpa` output first; the maximum diffe
   `BLOCK_N`, `num_warps`, `num_stages`; backward `BLOCK_M1`, `BLOCK_N1`, `BLOCK_M2`, `BLOCK_N2`, ...), to time
   other kernel settings than Inductor's defaults for this GPU.
 
-Prints the milliseconds of one layer's attention per variant, summed over the schedules.
+Prints the milliseconds of one layer's attention per variant (forward + backward; `--forward_only`: the forward alone,
+without gradients), summed over the schedules.
 
     python benchmarks/bench_train_attention.py --size d24 --batch 24 --json attention.json
 """
@@ -69,6 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--groups", nargs="*", type=int, default=[64, 128], help="Query tokens per group.")
     parser.add_argument("--autotune", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--forward_only", action="store_true",
+                        help="Time the forward alone (without gradients), to split a variant's time into its passes.")
     parser.add_argument("--only", nargs="*", default=None,
                         help="Time only the variants of these names (and those of --flex_options).")
     parser.add_argument("--flex_options", nargs="*", type=json.loads, default=[],
@@ -245,12 +248,16 @@ def variants(scales, args, device, head_dim: int):
     return found
 
 
-def time_call(function, q, k, v, grad, iters: int) -> float:
-    """Mean milliseconds of `function`'s forward and backward after 3 warm-up calls."""
+def time_call(function, q, k, v, grad, iters: int, forward_only: bool = False) -> float:
+    """Mean milliseconds of `function`'s forward and backward (`forward_only`: its forward without gradients) after
+    3 warm-up calls."""
     def call():
         q.grad = k.grad = v.grad = None
         function(q, k, v).backward(grad)
 
+    if forward_only:
+        with torch.no_grad():
+            return time_ms(lambda: function(q, k, v), iters, warmup=3)
     return time_ms(call, iters, warmup=3)
 
 
@@ -266,7 +273,8 @@ def main(argv=None) -> int:
     schedules = [scheduler.sample_training_scales(256, 256, generator, keep_final_scale=False)
                  for _ in range(args.schedules)]
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "size": args.size,
-               "batch": args.batch, "schedules": [[h for h, _ in s] for s in schedules], "ms": {}, "max_diff": {}}
+               "batch": args.batch, "forward_only": args.forward_only,
+               "schedules": [[h for h, _ in s] for s in schedules], "ms": {}, "max_diff": {}}
     for scales in schedules:
         length = sum(h * w for h, w in scales)
         q, k, v = (torch.randn(args.batch, heads, length, width // heads, device=device, dtype=torch.bfloat16)
@@ -279,9 +287,11 @@ def main(argv=None) -> int:
                 with torch.no_grad():
                     difference = (function(q, k, v) - expected).abs().max().item()
                 results["max_diff"][name] = max(results["max_diff"].get(name, 0.0), difference)
-                results["ms"][name] = results["ms"].get(name, 0.0) + time_call(function, q, k, v, grad, args.iters)
+                results["ms"][name] = results["ms"].get(name, 0.0) + time_call(
+                    function, q, k, v, grad, args.iters, args.forward_only)
         print(json.dumps({"L": length, "ms_so_far": results["ms"]}), flush=True)
-    print(f"\n{args.size} batch {args.batch}, {len(schedules)} schedules, one layer fwd+bwd:")
+    passes = "forward" if args.forward_only else "fwd+bwd"
+    print(f"\n{args.size} batch {args.batch}, {len(schedules)} schedules, one layer {passes}:")
     for name, ms in sorted(results["ms"].items(), key=lambda item: item[1]):
         print(f"  {name:16} {ms:8.2f} ms  (max diff vs masked sdpa {results['max_diff'][name]:.2e})")
     if args.json is not None:
