@@ -439,14 +439,21 @@ def test_to_device_copies_to_cuda_from_pinned_memory_without_blocking(monkeypatc
     assert calls == []
 
 
-def test_bench_train_defaulttiles_turns_the_librarys_flex_kernel_options_off_and_back_on(monkeypatch):
-    """bench_train's `defaulttiles` experiment empties `FLEX_KERNEL_OPTIONS` for its trainer; the next trainer
-    without it gets the library's settings back (the setting is module-wide, as Inductor's configuration)."""
+@pytest.fixture
+def bench_train(monkeypatch):
+    """benchmarks/bench_train.py as a module (it imports its neighbours, so the folder goes on the path), dropped
+    from `sys.modules` afterwards so that no other test sees its module-wide settings."""
     import sys
     from pathlib import Path
 
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    bench_train = __import__("bench_train")
+    yield __import__("bench_train")
+    sys.modules.pop("bench_train", None)
+
+
+def test_bench_train_defaulttiles_turns_the_librarys_flex_kernel_options_off_and_back_on(bench_train):
+    """bench_train's `defaulttiles` experiment empties `FLEX_KERNEL_OPTIONS` for its trainer; the next trainer
+    without it gets the library's settings back (the setting is module-wide, as Inductor's configuration)."""
     library = dict(block_causal.FLEX_KERNEL_OPTIONS)
     assert library, "the library names no kernel settings: nothing for the experiment to turn off"
     try:
@@ -456,26 +463,15 @@ def test_bench_train_defaulttiles_turns_the_librarys_flex_kernel_options_off_and
             assert block_causal.FLEX_KERNEL_OPTIONS == expected, config
     finally:
         block_causal.FLEX_KERNEL_OPTIONS.update(library)
-        sys.modules.pop("bench_train", None)
 
 
-def test_bench_train_rehearse_runs_every_timed_schedule_once_before_timing_it(monkeypatch):
+def test_bench_train_rehearse_runs_every_timed_schedule_once_before_timing_it(bench_train):
     """`timed_steps(..., rehearse=True)` runs the timed schedules untimed after the warm-up and then times them,
     so no timed step meets a length the code has not run; without it each schedule runs once."""
-    import sys
-    from pathlib import Path
-
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    bench_train = __import__("bench_train")
-    try:
-        schedules = [[1], [1, 2], [1, 3], [1, 2, 4], [1, 5]]
-        for rehearse, expected in ((False, schedules), (True, schedules + schedules[2:])):
-            calls = []
-            stats = bench_train.timed_steps(
-                calls.append, schedules, 2, 3, torch.device("cpu"), (2, 32), rehearse
-            )
-            assert calls == expected
-            assert stats["steps"] == 3 and stats["rehearsed"] is rehearse
-            assert stats["tokens_per_step"] == 3 * (10 + 21 + 26) / 3
-    finally:
-        sys.modules.pop("bench_train", None)
+    schedules = [[1], [1, 2], [1, 3], [1, 2, 4], [1, 5]]
+    for rehearse, expected in ((False, schedules), (True, schedules + schedules[2:])):
+        calls = []
+        stats = bench_train.timed_steps(calls.append, schedules, 2, 3, torch.device("cpu"), (2, 32), rehearse)
+        assert calls == expected
+        assert stats["steps"] == 3 and stats["rehearsed"] is rehearse
+        assert stats["tokens_per_step"] == 3 * (10 + 21 + 26) / 3
