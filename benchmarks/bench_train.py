@@ -120,7 +120,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--check", action="store_true", help="First compare each attention with sdpa (loss, grads).")
     parser.add_argument("--attention_micro", action="store_true", help="Time the attention call alone first.")
-    parser.add_argument("--profile", default=None, help="Profile a few steps of this config (first run's size).")
+    parser.add_argument(
+        "--profile", default=None,
+        help="Profile a few steps of this config, or of the original trainer with 'original' (first run's size).",
+    )
     parser.add_argument("--e2e", action="store_true", help="examples/train.py end to end (each config, first run).")
     parser.add_argument("--e2e_data", type=Path, default=Path("/tmp/flexvar-e2e-jpegs"))
     parser.add_argument(
@@ -145,9 +148,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.e2e_warmup < 1 or args.e2e_steps <= args.e2e_warmup:
         parser.error(f"--e2e_warmup must be at least 1 and below --e2e_steps, got {args.e2e_warmup} and "
                      f"{args.e2e_steps}.")
+    if args.profile == "original" and args.original is None:
+        parser.error("--profile original needs --original (a checkout of the original code).")
     try:
         args.runs = [parse_run(run) for run in args.runs]
-        for config in args.configs + ([args.profile] if args.profile else []):
+        for config in args.configs + ([args.profile] if args.profile not in (None, "original") else []):
             parse_config(config)
     except argparse.ArgumentTypeError as error:
         parser.error(str(error))
@@ -518,23 +523,65 @@ def attention_micro(args, results: dict, device: torch.device) -> None:
     print("attention fwd+bwd ms:", json.dumps(timings), flush=True)
 
 
+# Kernel categories of `--profile`: the first category with a name fragment in a kernel's (lower-case) name. Order
+# matters: cuDNN's convolution and attention kernels and the memory-efficient attention's are also named "gemm",
+# "fprop" or "cutlass".
+KERNEL_CATEGORIES = (
+    ("convolutions", ("implicit_gemm", "convolution", "nchwtonhwc", "nhwctonchw")),
+    ("attention backward", ("flex_attention_backward", "flash_bwd", "fmha_cutlassb", "bprop")),
+    ("attention forward", ("flex_attention", "flash_fwd", "fmha", "sdpa")),
+    ("matrix products", ("nvjet", "gemm", "cutlass", "xmma", "cublas")),
+    ("optimizer", ("multi_tensor", "adam")),
+    ("copies", ("memcpy", "memset")),
+    ("inductor kernels", ("triton_",)),
+)
+
+
+def kernel_category(name: str) -> str:
+    """The `KERNEL_CATEGORIES` entry of a GPU kernel's name, or "other" (ATen's own elementwise and reduction
+    kernels: in the original, its norms, GELU and cross-entropy)."""
+    lowered = name.lower()
+    for category, fragments in KERNEL_CATEGORIES:
+        if any(fragment in lowered for fragment in fragments):
+            return category
+    return "other"
+
+
+def kernel_time_by_category(kernels, steps: int) -> dict[str, float]:
+    """Milliseconds per step of each category, from (kernel name, microseconds) pairs of `steps` steps; "total"
+    is their sum (GPU busy time, which is below the step's time where the GPU waits)."""
+    totals = {category: 0.0 for category, _ in KERNEL_CATEGORIES} | {"other": 0.0}
+    for name, microseconds in kernels:
+        totals[kernel_category(name)] += microseconds / 1e3 / steps
+    totals["total"] = sum(totals.values())
+    return totals
+
+
 def profile_config(args, results: dict, device: torch.device, out_dir: Path) -> None:
-    """Kernel times of 3 steps of `--profile` on the first run's size and batch, after warm-up: a table (the
-    80 ops of most device time) and a gzipped Chrome trace beside `--json`."""
+    """Kernel times of 3 steps of `--profile` (one of our configs, or "original" for the original trainer in its
+    first `--original_amp`) on the first run's size and batch, after 10 warm-up steps (and, with `--rehearse`, the 3
+    profiled schedules once): a table (the 80 ops of most device time), the milliseconds per step of each kernel
+    category (`kernel_time_by_category`, in the JSON as `profile_ms_per_step`) and a gzipped Chrome trace beside
+    `--json`."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     size, batch = args.runs[0]
     dims = model_size(size, args.tiny)
-    trainer = OursTrainer(*dims, device, parse_config(args.profile), TINY_VQ if args.tiny else None)
+    schedules = draw_schedules(args.resolution, 13, seed=3)
+    if args.profile == "original":
+        trainer = OriginalTrainer(args.original, *dims, args.original_amp[0], device, tuple(schedules[0]))
+    else:
+        trainer = OursTrainer(*dims, device, parse_config(args.profile), TINY_VQ if args.tiny else None)
     pixels = torch.rand(batch, 3, args.resolution, args.resolution, device=device) * 2 - 1
     labels = torch.randint(0, NUM_CLASSES, (batch,), device=device)
-    schedules = draw_schedules(args.resolution, 13, seed=3)
-    for sides in schedules[:10]:
+    profiled = schedules[10:]
+    for sides in schedules[:10] + (profiled if args.rehearse else []):
         trainer.step(pixels, labels, sides)
     synchronize(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
-        for sides in schedules[10:]:
+        for sides in profiled:
             trainer.step(pixels, labels, sides)
         synchronize(device)
     sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
@@ -542,7 +589,12 @@ def profile_config(args, results: dict, device: torch.device, out_dir: Path) -> 
     name = f"profile-{args.profile.replace('+', '-')}"
     (out_dir / f"{name}.txt").write_text(table)
     prof.export_chrome_trace(str(out_dir / f"{name}.json.gz"))  # gzipped: a few MiB for the 3 steps
+    events = prof.events()
+    kernels = [(event.name, event.device_time_total) for event in events if event.device_type == DeviceType.CUDA]
+    categories = kernel_time_by_category(kernels, len(profiled))
+    results["profile_ms_per_step"] = {"config": args.profile, **categories}
     print(table[:12000], flush=True)
+    print("kernel ms per step:", json.dumps({key: round(value, 2) for key, value in categories.items()}), flush=True)
 
 
 def make_jpeg_folder(root: Path, num_images: int = MIN_JPEG_FILES, num_classes: int = 10, seed: int = 0) -> Path:

@@ -475,3 +475,29 @@ def test_bench_train_rehearse_runs_every_timed_schedule_once_before_timing_it(be
         assert calls == expected
         assert stats["steps"] == 3 and stats["rehearsed"] is rehearse
         assert stats["tokens_per_step"] == 3 * (10 + 21 + 26) / 3
+
+
+def test_bench_train_profile_sorts_kernels_into_categories(bench_train):
+    """`--profile`'s per-step table: each kernel of the names seen in the GPU profiles lands in its category (cuDNN's
+    attention and convolutions, and the memory-efficient attention, are not matrix products), per step."""
+    kernels = {
+        "nvjet_tst_192x192_64x4_1x2_h_bz_coopB_NNT": "matrix products",
+        "void cutlass::Kernel2<cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_16x16_128x1_tn>": "matrix products",
+        "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64": "convolutions",
+        "triton_tem_fused_flex_attention_0": "attention forward",
+        "triton_tem_fused_flex_attention_backward_1": "attention backward",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x64": "attention forward",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_4_64x128x64": "attention backward",
+        "fmha_cutlassB_bf16_aligned_64x64_k64_sm80": "attention backward",
+        "flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 64, 4>>": "attention forward",
+        "void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor<float, 4>>": "optimizer",
+        "Memcpy HtoD (Pinned -> Device)": "copies",
+        "triton_red_fused_native_layer_norm_backward_0": "inductor kernels",
+        "void at::native::vectorized_layer_norm_kernel<float, float>": "other",
+    }
+    for name, category in kernels.items():
+        assert bench_train.kernel_category(name) == category, name
+    timed = [(name, 2000.0) for name in kernels] + [("triton_poi_fused_1", 1000.0)]
+    per_step = bench_train.kernel_time_by_category(timed, 2)
+    assert per_step["matrix products"] == 2.0 and per_step["inductor kernels"] == 1.5 and per_step["other"] == 1.0
+    assert per_step["total"] == len(kernels) + 0.5
