@@ -57,15 +57,32 @@ def test_flex_block_mask_is_the_block_causal_mask(block_size):
         assert torch.equal(block_mask.full_kv_num_blocks[0, 0], blocks.all(3).all(1).sum(1, dtype=torch.int32))
 
 
+def test_no_kernel_setting_promises_contiguous_blocks():
+    """FlexAttention's `BLOCKS_ARE_CONTIGUOUS` lets its kernels step to the next block of each list instead of loading
+    its index. It took 8% off a d24 layer's attention on an H100 (benchmarks/RESULTS.md), but our masks break its
+    promise: where the length is not a multiple of the block size, the last query block holds padding and is a
+    partial block for every key block, so the backward pass's list of partial query blocks of the first key block
+    skips the full ones in between, and the backward would walk the wrong blocks. No kernel setting may set it."""
+    scales = [(side, side) for side in (1, 2, 3, 6, 8, 9, 10, 13, 16)]  # 680 tokens: 6 blocks, the last padded
+    block_mask = flex_block_mask(scales, "cpu")
+    count = int(block_mask.q_num_blocks[0, 0, 0])
+    partial = block_mask.q_indices[0, 0, 0, :count].tolist()
+    full = block_mask.full_q_indices[0, 0, 0, : int(block_mask.full_q_num_blocks[0, 0, 0])].tolist()
+    assert partial == [0, 5] and full == [1, 2, 3, 4]
+    for options in block_causal.FLEX_KERNEL_OPTIONS.values():
+        assert not options.get("BLOCKS_ARE_CONTIGUOUS", False)
+
+
 def test_flex_kernel_options_follow_the_gpu_and_head_size(monkeypatch):
     """`FLEX_KERNEL_OPTIONS` applies to its compute capability and head size only (a copy each time); elsewhere, on
     the CPU or without a head size, Inductor's defaults (no options)."""
     capability = [(9, 0)]
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[0])
+    hopper = {"BLOCK_M": 64, "BLOCK_N": 128}
     options = flex_kernel_options("cuda:0", 64)
-    assert options == {"BLOCK_M": 64, "BLOCK_N": 128}
+    assert options == hopper
     options["BLOCK_M"] = 16
-    assert flex_kernel_options(torch.device("cuda", 0), 64) == {"BLOCK_M": 64, "BLOCK_N": 128}
+    assert flex_kernel_options(torch.device("cuda", 0), 64) == hopper
     assert flex_kernel_options("cuda:0", 128) == {} and flex_kernel_options("cuda:0", None) == {}
     assert flex_kernel_options("cpu", 64) == {}
     capability[0] = (8, 0)
@@ -501,3 +518,21 @@ def test_bench_train_profile_sorts_kernels_into_categories(bench_train):
     per_step = bench_train.kernel_time_by_category(timed, 2)
     assert per_step["matrix products"] == 2.0 and per_step["inductor kernels"] == 1.5 and per_step["other"] == 1.0
     assert per_step["total"] == len(kernels) + 0.5
+
+
+def test_bench_train_profile_counts_device_kernels_once(bench_train):
+    """The per-step table sums kernels on the GPU; the optimizer's `record_function` range, which the profiler also
+    puts on the GPU's timeline over the optimizer's kernels, and host events are not counted."""
+    from types import SimpleNamespace
+
+    events = [
+        SimpleNamespace(name="multi_tensor_apply_kernel<FusedAdamMathFunctor>", device_type="cuda",
+                        device_time_total=900.0, is_user_annotation=False),
+        SimpleNamespace(name="Optimizer.step#AdamW.step", device_type="cuda", device_time_total=1000.0,
+                        is_user_annotation=True),
+        SimpleNamespace(name="aten::_fused_adamw_", device_type="cpu", device_time_total=900.0,
+                        is_user_annotation=False),
+    ]
+    kernels = bench_train.device_kernels(events, "cuda")
+    assert kernels == [("multi_tensor_apply_kernel<FusedAdamMathFunctor>", 900.0)]
+    assert bench_train.kernel_time_by_category(kernels, 1)["optimizer"] == 0.9
