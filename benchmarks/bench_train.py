@@ -29,11 +29,13 @@ classes, the default VQ-16), random pixels in [-1, 1] and random labels; nothing
 Every code runs the same list of random schedules, drawn by `FlexVARScaleScheduler.sample_training_scales(...,
 keep_final_scale=False)`, which is the original's `gen_curr_patch_nums` distribution (tests/test_scheduler.py); the
 original is handed each schedule in place of its own draw. Warm-up schedules first (new shapes cost more at first, and
-compilation happens there: `first_step_s` is the first step's time), then the timed ones. Nearly every timed schedule
-then has a length that neither code has run before (44 of the first 48 after 6 warm-up steps), while a long run meets
-few new ones (the draw has a few hundred lengths: after 1,000 steps about 97% of the draws repeat one seen before);
-`--rehearse` runs the timed schedules once untimed first, to time that state. tokens/s = tokens of the
-timed steps / their time. Peak memory = `max_memory_reserved` over the timed steps
+compilation happens there: `first_step_s` is the first step's time), then the timed ones, each run once untimed
+before it is timed (`--rehearse`, the default): a long run meets few new sequence lengths (the draw has a few hundred:
+after 1,000 steps about 97% of the draws repeat one seen before), and the original pays a large cost at each length
+it meets for the first time while ours compiles once for all, so unrehearsed timings (`--no-rehearse`, where 44 of
+the first 48 timed schedules after 6 warm-up steps have a length neither code has run) overstate the ratio of a
+long run (benchmarks/RESULTS.md, ninth session). tokens/s = tokens of the timed steps / their time. Peak memory =
+`max_memory_reserved` over the timed steps
 (what the process holds; `peak_allocated_gib` in the JSON: `max_memory_allocated`, what its tensors held).
 
 MFU = model FLOPs per second / 989 TFLOP/s (the dense bf16 peak on the datasheets of the H100 SXM and the H200);
@@ -109,9 +111,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=15, help="Warm-up steps (random schedules).")
     parser.add_argument("--iters", type=int, default=20, help="Timed steps.")
     parser.add_argument(
-        "--rehearse", action="store_true",
-        help="Run the timed schedules once untimed first, so that every timed step has a length each code has run "
-             "before (the state of a long run) instead of a new length at nearly every timed step.",
+        "--rehearse", action=argparse.BooleanOptionalAction, default=True,
+        help="Run the timed schedules once untimed first (default), so that every timed step has a length each code "
+             "has run before (the state of a long run) instead of a new length at nearly every timed step.",
     )
     parser.add_argument("--original", type=Path, default=None, help="Checkout of the original FlexVAR code.")
     parser.add_argument("--original_amp", nargs="+", default=["fp16"], choices=sorted(AMP_DTYPES))
