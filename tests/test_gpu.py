@@ -3,9 +3,9 @@
 Run on a GPU machine with `python -m pytest -q -m gpu` (docs/testing.md), which also runs the Triton kernel tests
 (tests/test_kv_cache_kernel.py, tests/test_float8_kernel.py) compiled on CUDA tensors and the fused GELU test of
 tests/test_models.py. Covered here: CUDA-graph replay of fast sampling against the plain loop (eager and compiled
-blocks), the kernels being compiled rather than interpreted, float8 inference on CUDA, the training
-attentions' gradients on CUDA, training steps that never make the host wait for the GPU, and the gradient clip
-folded into CUDA's fused AdamW kernel.
+blocks), the kernels being compiled rather than interpreted, float8 inference on CUDA, the training attentions'
+gradients on CUDA (cuDNN's masked backward kept finite where it gives NaN), training steps that never make the host
+wait for the GPU, and the gradient clip folded into CUDA's fused AdamW kernel.
 """
 
 from __future__ import annotations
@@ -182,6 +182,37 @@ def test_training_attentions_give_finite_equal_gradients_on_cuda(compiled):
         assert torch.isfinite(grads[backend]).all(), backend
     for backend in ("flex", "per_scale"):
         assert relative_error(grads[backend], grads["sdpa"]) < 0.02, backend
+
+
+def test_sdpa_training_bias_keeps_cudnns_masked_backward_finite():
+    """pytorch/pytorch issue 196678: with a mask, cuDNN's attention backward (torch >= 2.11, Hopper) gives NaN query
+    gradients at lengths L % 128 == 64 when a row's logsumexp is below -88.7, which FlexVAR's first token (it sees
+    only itself; scores down to -100) can reach. The "sdpa" training mask shifts the visible scores by
+    `SDPA_SCORE_SHIFT`: on cuDNN's kernel its gradients are finite and equal to the math kernel's with the boolean
+    mask, bf16 against float32."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from flexvar_hf.models.block_causal import block_causal_attention, block_causal_mask, training_attention_mask
+
+    scales = [(1, 1), (19, 37)]  # 704 tokens: 704 % 128 == 64
+    generator = torch.Generator("cuda").manual_seed(0)
+    key = torch.nn.functional.normalize(torch.randn(2, 4, 704, 64, generator=generator, device="cuda"), dim=-1)
+    query = 100 * torch.nn.functional.normalize(torch.randn_like(key), dim=-1)
+    query[:, :, 0] = -100 * key[:, :, 0]  # the first token's only score: -100
+    value, grad = torch.randn_like(key), torch.randn_like(key)
+
+    def gradients(mask, dtype, backend):
+        inputs = [tensor.to(dtype).requires_grad_() for tensor in (query, key, value)]
+        with sdpa_kernel([backend]):
+            block_causal_attention(*inputs, mask).backward(grad.to(dtype))
+        return [tensor.grad.float() for tensor in inputs]
+
+    shifted = gradients(training_attention_mask(scales, "sdpa", torch.device("cuda")), torch.bfloat16,
+                        SDPBackend.CUDNN_ATTENTION)
+    expected = gradients(block_causal_mask(scales, 0, "cuda"), torch.float32, SDPBackend.MATH)
+    for name, got, reference in zip("qkv", shifted, expected):
+        assert torch.isfinite(got).all(), name
+        assert relative_error(got, reference) < 0.02, name
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "flex"])

@@ -204,6 +204,37 @@ def test_folded_clip_needs_a_fused_adamw():
         clip_and_step(plain, model.parameters(), 1.0, fold_clip=True)
 
 
+def test_sdpa_training_bias_is_the_block_causal_mask_shifted():
+    """The "sdpa" training mask is the boolean mask as a bias, with visible scores shifted by `SDPA_SCORE_SHIFT`: the
+    same attention and gradients (float32, within 1e-5), every row's logsumexp above 0 even where the first token's
+    only score is -100 (what keeps cuDNN's masked backward finite, tests/test_gpu.py), and a bias that follows the
+    queries' dtype."""
+    scales = [(1, 1), (2, 3), (4, 4)]
+    bias = block_causal.training_attention_mask(scales, "sdpa", torch.device("cpu"))
+    visible = block_causal_mask(scales, 0, "cpu")
+    assert bias.dtype == torch.float32 and torch.equal(bias == block_causal.SDPA_SCORE_SHIFT, visible)
+    assert torch.isneginf(bias[~visible]).all()
+
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(2, 3, 23, 8, generator=generator) for _ in range(3))
+    key = torch.nn.functional.normalize(key, dim=-1)
+    query = 100 * torch.nn.functional.normalize(query, dim=-1)
+    query[:, :, 0] = -100 * key[:, :, 0]  # the first token's only visible score: -100
+    grad = torch.randn(2, 3, 23, 8, generator=generator)
+    results = {}
+    for name, mask in (("boolean", visible), ("shifted", bias)):
+        inputs = [tensor.clone().requires_grad_() for tensor in (query, key, value)]
+        output = block_causal.block_causal_attention(*inputs, mask)
+        output.backward(grad)
+        results[name] = [output.detach()] + [tensor.grad for tensor in inputs]
+    for expected, got in zip(results["boolean"], results["shifted"]):
+        assert relative_error(got, expected) < 1e-5
+    scores = query @ key.transpose(-1, -2) + bias
+    assert scores.logsumexp(-1).min() > 0 > (query @ key.transpose(-1, -2))[:, :, 0, 0].max() + 88
+    low = block_causal.block_causal_attention(*(tensor.bfloat16() for tensor in (query, key, value)), bias)
+    assert low.dtype == torch.bfloat16 and relative_error(low.float(), results["boolean"][0]) < 2e-2
+
+
 def test_per_scale_attention_never_lets_sdpa_take_cudnn(monkeypatch):
     """per_scale's calls run with cuDNN's kernel switched off (the kernel gave NaN gradients and illegal memory
     accesses on these strided prefixes on an H100); the flag is the one SDPA's dispatch reads on CUDA."""

@@ -3,8 +3,9 @@ scales, never to finer ones.
 
 Three ways to compute the same function (`FlexVARTransformer2DModel.set_training_attention`):
 
-- "sdpa": one `F.scaled_dot_product_attention` call with a boolean (L, L) mask (`block_causal_mask`). With a mask,
-  PyTorch's flash kernel cannot run, and every masked block is still computed.
+- "sdpa": one `F.scaled_dot_product_attention` call with an (L, L) additive bias (`training_score_bias`: the
+  block-causal mask, with every visible score shifted by `SDPA_SCORE_SHIFT` so that cuDNN's masked backward stays
+  finite). With a mask PyTorch's flash kernel cannot run, and every masked block is still computed.
 - "flex": PyTorch's FlexAttention with a `BlockMask` (`flex_block_mask`) built from the scales: blocks of 128 x 128
   query/key pairs that are all masked are skipped, blocks that are all visible run without the mask function. On
   CUDA the call is compiled (dynamic shapes, so one kernel serves every scale schedule); on the CPU it runs eagerly
@@ -49,6 +50,7 @@ __all__ = [
     "flex_kernel_options",
     "scale_ids",
     "training_attention_mask",
+    "training_score_bias",
 ]
 
 TRAINING_ATTENTION_BACKENDS = ("sdpa", "flex", "per_scale")
@@ -63,6 +65,16 @@ PER_SCALE_SDPA_BACKENDS = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTE
 FLEX_KERNEL_OPTIONS: dict[tuple[tuple[int, int], int], dict[str, int]] = {
     ((9, 0), 64): {"BLOCK_M": 64, "BLOCK_N": 128},
 }
+
+# Added by the "sdpa" training mask to every visible (query, key) score (`training_score_bias`). A softmax does not
+# change when every score of a row moves by one constant, so outputs and gradients are those of the boolean mask up to
+# float rounding; what moves is each row's logsumexp, which then stays above 0. cuDNN's masked backward (torch >= 2.11
+# on Hopper, the kernel SDPA prefers there) scores the padding of the last 128-key tile as 0 instead of -inf and
+# computes exp(0 - logsumexp), which overflows, and gives NaN query gradients, when a row's logsumexp is below -88.7
+# and the length is 64 more than a multiple of 128 (pytorch/pytorch issue 196678). FlexVAR's scores lie within about
+# +-100 (queries of norm at most 100, unit keys), so its first token, which sees only itself, can get there; shifted
+# by 128 every score is above 27.
+SDPA_SCORE_SHIFT = 128.0
 
 
 class FlexMask(NamedTuple):
@@ -142,6 +154,13 @@ def flex_block_mask(
     )
 
 
+def training_score_bias(scales: Sequence[tuple[int, int]], device: torch.device | str) -> torch.Tensor:
+    """The "sdpa" training mask: a float32 (L, L) bias added to the scores, `SDPA_SCORE_SHIFT` where
+    `block_causal_mask` lets a token attend and -inf elsewhere (cast to the queries' dtype at the call)."""
+    visible = block_causal_mask(scales, 0, device)
+    return torch.full(visible.shape, float("-inf"), device=visible.device).masked_fill_(visible, SDPA_SCORE_SHIFT)
+
+
 def check_training_attention(backend: str) -> str:
     """`backend` if it names one of `TRAINING_ATTENTION_BACKENDS`, else a ValueError listing them."""
     return check_choice("training_attention", backend, TRAINING_ATTENTION_BACKENDS)
@@ -173,7 +192,7 @@ def training_attention_mask(
             total += height * width
             ends.append(total)
         return ScaleBounds(tuple(ends))
-    return block_causal_mask(scales, 0, device)
+    return training_score_bias(scales, device)
 
 
 @functools.cache
@@ -220,4 +239,6 @@ def block_causal_attention(
         return _flex_attention(query, key, value, attention_mask)
     if isinstance(attention_mask, ScaleBounds):
         return _per_scale_attention(query, key, value, attention_mask)
+    if attention_mask is not None and attention_mask.is_floating_point():
+        attention_mask = attention_mask.to(query.dtype)  # SDPA takes a bias in the queries' dtype
     return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=1.0)
