@@ -232,7 +232,8 @@ def block_causal_attention(
     """Attention of (B, H, l, D) queries over (B, H, L, D) keys and values -> (B, H, l, D), with unscaled dot
     products (the queries carry the head temperatures). `attention_mask` from `training_attention_mask` or
     `block_causal_mask` picks the computation: a `FlexMask` or `BlockMask` runs FlexAttention, `ScaleBounds` one call
-    per scale, a boolean tensor (True where a token may attend) or None scaled-dot-product attention."""
+    per scale, a boolean tensor (True where a token may attend), a float bias added to the scores
+    (`training_score_bias`) or None scaled-dot-product attention."""
     if BlockMask is not None and isinstance(attention_mask, BlockMask):
         attention_mask = FlexMask(attention_mask, {})
     if isinstance(attention_mask, FlexMask):
