@@ -90,8 +90,8 @@ class ScaleBounds(NamedTuple):
     ends: tuple[int, ...]
 
 
-# What the attention functions accept as a mask: a boolean tensor, a FlexAttention block mask (bare or with kernel
-# settings), scale bounds or None.
+# What the attention functions accept as a mask: a boolean tensor or a float bias, a FlexAttention block mask (bare
+# or with kernel settings), scale bounds or None.
 AttentionMask = Union[torch.Tensor, "BlockMask", FlexMask, ScaleBounds, None]
 
 
