@@ -57,7 +57,7 @@ from flexvar_hf.training.data import (
     sample_seed,
     set_dataloader_epoch,
 )
-from flexvar_hf.training.distributed import gather_model, shards_weights
+from flexvar_hf.training.distributed import end_training, gather_model, shards_weights
 from flexvar_hf.training.flexvar_loss import token_accuracy, training_loss
 from flexvar_hf.training.growth import grow_depth, init_config
 from flexvar_hf.training.latent_cache import (
@@ -952,7 +952,9 @@ def main(args: argparse.Namespace) -> dict:
                 repo_id=repo_id, folder_path=pipeline_dir, commit_message="End of training", token=args.hub_token
             )
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    # The prepared objects go before the process group (a hang at exit otherwise: see `end_training`).
+    transformer = optimizer = lr_scheduler = train_dataloader = loader = None
+    end_training(accelerator)
     return {
         "global_step": global_step,
         "losses": losses,

@@ -59,6 +59,7 @@ from flexvar_hf.training.data import (
     crop_mode,
     load_image_dataset,
 )
+from flexvar_hf.training.distributed import end_training
 from flexvar_hf.training.optim import clip_and_step
 from flexvar_hf.training.vq_losses import (
     CodeUsageTracker,
@@ -399,7 +400,9 @@ def main(argv=None) -> int:
             }
             (staging / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         logger.info(f"Saved {output_dir / 'vqvae'} at step {global_step}")
-    accelerator.end_training()
+    # The prepared objects go before the process group (a hang at exit otherwise: see `end_training`).
+    trainer = optimizer = loader = epoch_loader = lr_scheduler = None
+    end_training(accelerator)
     return 0
 
 

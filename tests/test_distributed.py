@@ -122,3 +122,32 @@ def test_gather_model_without_sharding_is_the_unwrapped_model(fresh_accelerate):
     assert not shards_weights(accelerator)
     assert gather_model(accelerator, prepared, FlexVARTransformer2DModel) is model
     reset_accelerate()
+
+
+def test_end_training_frees_the_prepared_objects_before_the_process_group(fresh_accelerate, monkeypatch):  # noqa: F811
+    """Once the script drops its own references, `end_training` leaves nothing alive that `prepare` made (a DDP
+    wrapper alive past the process group's destruction can hang the process at exit), and only then ends the run."""
+    import gc
+    import weakref
+
+    from accelerate import Accelerator
+
+    from flexvar_hf.training.distributed import end_training
+
+    accelerator = Accelerator(cpu=True)
+    module = torch.nn.Linear(4, 4)
+    module.self_reference = [module]  # a reference cycle, as hooks can make: freed only by the garbage collector
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    prepared_module, prepared_optimizer = accelerator.prepare(module, optimizer)
+    left_alive = [weakref.ref(prepared_module), weakref.ref(prepared_optimizer)]
+    ended = []
+    monkeypatch.setattr(Accelerator, "end_training",
+                        lambda self: ended.append([reference() is not None for reference in left_alive]))
+    gc.disable()  # the collection must come from end_training itself
+    try:
+        module = optimizer = prepared_module = prepared_optimizer = None
+        end_training(accelerator)
+    finally:
+        gc.enable()
+    assert ended == [[False, False]]
+    reset_accelerate()

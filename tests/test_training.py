@@ -1044,19 +1044,28 @@ def test_two_processes_agree(assets, tmp_path, train_script, fresh_accelerate):
     """`examples/train.py` under torchrun with 2 CPU processes of 2 images each: both end with the same weights, and
     with those of one process trained on the same global batches of 4 (so the batches are sharded, not repeated, and
     the losses and gradients averaged over processes as over one batch). Class-label dropout is off: its draws
-    depend on the process."""
+    depend on the process. When the process group is destroyed no DDP wrapper is alive any more (one alive would
+    free the group later with the GIL held, which can deadlock Gloo's worker threads: `training.distributed
+    .end_training`)."""
     wrapper = tmp_path / "run_and_dump.py"
     wrapper.write_text(
-        "import faulthandler, importlib.util, sys, torch\n"
-        # A process still running after 200 s prints every thread's stack and exits, so that a hang (seen once in
-        # CI, not reproduced) fails below with the stacks instead of at the 240 s timeout without them.
+        "import faulthandler, gc, importlib.util, sys, torch\n"
+        # A process still running after 200 s prints every thread's stack and exits, so that a hang fails below
+        # with the stacks instead of at the 240 s timeout without them.
         "faulthandler.dump_traceback_later(200, exit=True)\n"
+        "alive_at_destroy, destroy = [], torch.distributed.destroy_process_group\n"
+        "def counting_destroy(*args, **kwargs):\n"
+        "    gc.collect()\n"
+        "    alive_at_destroy.append(sum(isinstance(o, torch.nn.parallel.DistributedDataParallel)"
+        " for o in gc.get_objects()))\n"
+        "    destroy(*args, **kwargs)\n"
+        "torch.distributed.destroy_process_group = counting_destroy\n"
         f"spec = importlib.util.spec_from_file_location('train', {str(REPO_ROOT / 'examples' / 'train.py')!r})\n"
         "train = importlib.util.module_from_spec(spec); spec.loader.exec_module(train)\n"
         "result = train.main(train.parse_args(sys.argv[2:]))\n"
         "rank = __import__('os').environ['RANK']\n"
-        "torch.save({'state': result['transformer'].state_dict(), 'losses': result['losses']},"
-        " f'{sys.argv[1]}/rank{rank}.pt')\n"
+        "torch.save({'state': result['transformer'].state_dict(), 'losses': result['losses'],"
+        " 'alive_at_destroy': alive_at_destroy}, f'{sys.argv[1]}/rank{rank}.pt')\n"
     )
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     command = [
@@ -1070,6 +1079,7 @@ def test_two_processes_agree(assets, tmp_path, train_script, fresh_accelerate):
     assert completed.returncode == 0, completed.stderr[hang:hang + 8000] if hang >= 0 else completed.stderr[-3000:]
     assert "DistributedType.MULTI_CPU" in completed.stderr
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    assert [rank["alive_at_destroy"] for rank in ranks] == [[0], [0]]
     assert ranks[0]["losses"] == ranks[1]["losses"] and len(ranks[0]["losses"]) == 3
     assert all(torch.equal(ranks[0]["state"][name], ranks[1]["state"][name]) for name in ranks[0]["state"])
     single = train_script.main(train_script.parse_args(scratch_args(
