@@ -89,6 +89,15 @@ class GraphCapture:
         return graph_module.forward
 
 
+def first_score_minus_100(shape, generator: torch.Generator, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(query, key) of `shape` (B, H, L, D) at the edge of FlexVAR's score range: unit keys, queries of norm 100, and
+    the first query pointing away from the first key, so that the first token's only visible score is -100."""
+    key = torch.nn.functional.normalize(torch.randn(shape, generator=generator, device=device), dim=-1)
+    query = 100 * torch.nn.functional.normalize(torch.randn(shape, generator=generator, device=device), dim=-1)
+    query[:, :, 0] = -100 * key[:, :, 0]
+    return query, key
+
+
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
 

@@ -18,7 +18,7 @@ import torch
 
 from flexvar_hf.models.float8 import Float8Linear
 
-from conftest import relative_error, requires_cuda
+from conftest import first_score_minus_100, relative_error, requires_cuda
 from test_pipeline import make_tiny_pipe
 
 pytestmark = [pytest.mark.gpu, requires_cuda]
@@ -196,9 +196,7 @@ def test_sdpa_training_bias_keeps_cudnns_masked_backward_finite():
 
     scales = [(1, 1), (19, 37)]  # 704 tokens: 704 % 128 == 64
     generator = torch.Generator("cuda").manual_seed(0)
-    key = torch.nn.functional.normalize(torch.randn(2, 4, 704, 64, generator=generator, device="cuda"), dim=-1)
-    query = 100 * torch.nn.functional.normalize(torch.randn_like(key), dim=-1)
-    query[:, :, 0] = -100 * key[:, :, 0]  # the first token's only score: -100
+    query, key = first_score_minus_100((2, 4, 704, 64), generator, "cuda")
     value, grad = torch.randn_like(key), torch.randn_like(key)
 
     def gradients(mask, dtype, backend):

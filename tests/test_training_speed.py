@@ -20,7 +20,13 @@ from flexvar_hf.models.block_causal import FlexMask, block_causal_mask, flex_blo
 from flexvar_hf.training.flexvar_loss import build_teacher_inputs, drop_path_factors, flexvar_loss
 from flexvar_hf.training.optim import build_optimizer, clip_and_step, flexvar_lr_factor, supports_folded_clip
 
-from conftest import RELATIVE_TOLERANCE, GraphCapture, relative_error, with_active_blocks
+from conftest import (
+    RELATIVE_TOLERANCE,
+    GraphCapture,
+    first_score_minus_100,
+    relative_error,
+    with_active_blocks,
+)
 
 SPEED_TOLERANCE = 1e-5  # float32 loss of an option against the plain path, relative
 PARITY_SCALES = [(1, 1), (2, 2), (3, 3), (4, 4)]
@@ -216,11 +222,8 @@ def test_sdpa_training_bias_is_the_block_causal_mask_shifted():
     assert torch.isneginf(bias[~visible]).all()
 
     generator = torch.Generator().manual_seed(0)
-    query, key, value = (torch.randn(2, 3, 23, 8, generator=generator) for _ in range(3))
-    key = torch.nn.functional.normalize(key, dim=-1)
-    query = 100 * torch.nn.functional.normalize(query, dim=-1)
-    query[:, :, 0] = -100 * key[:, :, 0]  # the first token's only visible score: -100
-    grad = torch.randn(2, 3, 23, 8, generator=generator)
+    query, key = first_score_minus_100((2, 3, 23, 8), generator)
+    value, grad = (torch.randn(2, 3, 23, 8, generator=generator) for _ in range(2))
     results = {}
     for name, mask in (("boolean", visible), ("shifted", bias)):
         inputs = [tensor.clone().requires_grad_() for tensor in (query, key, value)]
