@@ -18,9 +18,12 @@ classes, the default VQ-16), random pixels in [-1, 1] and random labels; nothing
   `compile` (`--torch_compile`), `autotune` (the same compilation in Inductor's "max-autotune-no-cudagraphs" mode),
   `autodynamic` (the blocks compiled with automatic dynamic shapes, only the sequence length symbolic after the first
   recompilation), `coordtune` (compiled with Inductor's coordinate-descent tuning of its own kernels' block sizes),
-  `defaulttiles` (FlexAttention with Inductor's default kernel settings, not the library's `FLEX_KERNEL_OPTIONS`),
-  `ckpt` (`--gradient_checkpointing`). `unfolded`, `autotune`, `autodynamic`, `coordtune` and `defaulttiles` are
-  experiments of the step mode alone (`STEP_ONLY_FLAGS`): train.py has no such option.
+  `cppwrap` (compiled with Inductor's C++ wrapper, which launches the kernels of each compiled block from C++ rather
+  than Python: less host time per kernel), `graphs` (compiled in Inductor's "reduce-overhead" mode: each block's
+  forward and backward replayed as CUDA graphs, recorded once per sequence length), `defaulttiles` (FlexAttention
+  with Inductor's default kernel settings, not the library's `FLEX_KERNEL_OPTIONS`), `ckpt`
+  (`--gradient_checkpointing`). `unfolded`, `autotune`, `autodynamic`, `coordtune`, `cppwrap`, `graphs` and
+  `defaulttiles` are experiments of the step mode alone (`STEP_ONLY_FLAGS`): train.py has no such option.
 - original (`--original PATH`, a checkout of github.com/jiaosiyu1999/FlexVAR, never committed here): its
   `VARTrainer.train_step` on its own FlexVAR, VQ-16, `AmpOptimizer` and `filter_params` groups as its train.py builds
   them (fused AdamW, TF32, drop path 0.1 * depth / 24). Its published commands pass `--fp16=1` (float16 autocast, a
@@ -88,9 +91,9 @@ LEARNING_RATE, WEIGHT_DECAY, BETAS, MAX_GRAD_NORM, CLASS_DROPOUT = 1e-4, 0.05, (
 PEAK_FLOPS, MEASURED_FLOPS = 989e12, 790e12
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # Flags that are experiments of the step mode alone (train.py has no such option), and those that compile the blocks.
-STEP_ONLY_FLAGS = ("unfolded", "autotune", "autodynamic", "coordtune", "defaulttiles")
+STEP_ONLY_FLAGS = ("unfolded", "autotune", "autodynamic", "coordtune", "cppwrap", "graphs", "defaulttiles")
 CONFIG_FLAGS = ("fused", "cache", "compile", "ckpt", *STEP_ONLY_FLAGS)
-COMPILE_FLAGS = ("compile", "autotune", "autodynamic", "coordtune")
+COMPILE_FLAGS = ("compile", "autotune", "autodynamic", "coordtune", "cppwrap", "graphs")
 MIN_JPEG_FILES = 1300  # the e2e folder's smallest size, and what --data_rate decodes
 TINY_VQ = {"base_channels": 16, "z_channels": 16, "norm_num_groups": 8}  # --tiny: a small VQ model for CPU checks
 # The original train.py's `nowd_keys` (its parameter groups come from utils.lr_control.filter_params with these).
@@ -275,15 +278,21 @@ class OursTrainer:
         # Experiments, not train.py options: "autotune", Inductor may pick Triton matrix-product templates with the
         # GELU, norm or residual fused in; "autodynamic", the blocks compiled for the first shape, then recompiled
         # with only the dimensions that changed (the sequence length) symbolic; "coordtune", Inductor tunes the
-        # block sizes of its own (norm, GELU, cast) kernels by timing them; "defaulttiles", FlexAttention without the
-        # library's kernel settings. Set by every trainer: module-wide.
+        # block sizes of its own (norm, GELU, cast) kernels by timing them; "cppwrap", Inductor's C++ wrapper launches
+        # each compiled graph's kernels; "graphs", the blocks replayed as CUDA graphs; "defaulttiles", FlexAttention
+        # without the library's kernel settings. Set by every trainer: module-wide.
         torch._inductor.config.coordinate_descent_tuning = options["coordtune"]
+        torch._inductor.config.cpp_wrapper = options["cppwrap"]
+        # Dynamo's cache does not key on Inductor's settings: without a reset, a config would reuse the blocks that an
+        # earlier config of the process compiled under other settings.
+        torch._dynamo.reset()
         block_causal.FLEX_KERNEL_OPTIONS.clear()
         if not options["defaulttiles"]:
             block_causal.FLEX_KERNEL_OPTIONS.update(LIBRARY_FLEX_KERNEL_OPTIONS)
         if any(options[flag] for flag in COMPILE_FLAGS):
-            mode = {"mode": "max-autotune-no-cudagraphs"} if options["autotune"] else {}
-            self.transformer.compile_repeated_blocks(dynamic=None if options["autodynamic"] else True, **mode)
+            modes = {"autotune": "max-autotune-no-cudagraphs", "graphs": "reduce-overhead"}
+            mode = next((modes[flag] for flag in modes if options[flag]), None)
+            self.transformer.compile_repeated_blocks(dynamic=None if options["autodynamic"] else True, mode=mode)
         # accelerate's mixed precision: the prepared model's forward runs under autocast, parameters stay float32.
         self.transformer.forward = torch.autocast(device.type, dtype=torch.bfloat16)(self.transformer.forward)
         self.vqvae = FlexVQModel(num_codes=VOCAB_SIZE, code_dim=CODE_DIM, **(vq_config or {}))
@@ -299,6 +308,8 @@ class OursTrainer:
         self.loss = None
 
     def step(self, pixels: torch.Tensor, labels: torch.Tensor, sides: list[int]) -> torch.Tensor:
+        if self.options["graphs"]:  # a new iteration: the graphs may overwrite the last step's outputs
+            torch.compiler.cudagraph_mark_step_begin()
         latents = None
         if self.options["cache"]:  # as --cache_latents: encoded once, the latents come with the batch
             if self.latents is None:

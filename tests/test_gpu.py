@@ -188,8 +188,10 @@ def test_sdpa_training_bias_keeps_cudnns_masked_backward_finite():
     """pytorch/pytorch issue 196678: with a mask, cuDNN's attention backward (torch >= 2.11, Hopper) gives NaN query
     gradients at lengths L % 128 == 64 when a row's logsumexp is below -88.7, which FlexVAR's first token (it sees
     only itself; scores down to -100) can reach. The "sdpa" training mask shifts the visible scores by
-    `SDPA_SCORE_SHIFT`: on cuDNN's kernel its gradients are finite and equal to the math kernel's with the boolean
-    mask, bf16 against float32."""
+    `SDPA_SCORE_SHIFT`: on cuDNN's kernel its bf16 gradients are finite and as close to the float32 math kernel's
+    with the boolean mask as bf16 allows: within 2%, or twice the error of the memory-efficient kernel's bf16
+    gradients, whichever is larger. All start from the same bf16-rounded inputs: at scores of +-100 the rounding
+    alone moves the float32 query gradient by 2%."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from flexvar_hf.models.block_causal import block_causal_attention, block_causal_mask, training_attention_mask
@@ -200,17 +202,20 @@ def test_sdpa_training_bias_keeps_cudnns_masked_backward_finite():
     value, grad = torch.randn_like(key), torch.randn_like(key)
 
     def gradients(mask, dtype, backend):
-        inputs = [tensor.to(dtype).requires_grad_() for tensor in (query, key, value)]
+        inputs = [tensor.bfloat16().to(dtype).requires_grad_() for tensor in (query, key, value)]
         with sdpa_kernel([backend]):
-            block_causal_attention(*inputs, mask).backward(grad.to(dtype))
+            block_causal_attention(*inputs, mask).backward(grad.bfloat16().to(dtype))
         return [tensor.grad.float() for tensor in inputs]
 
+    boolean = block_causal_mask(scales, 0, "cuda")
     shifted = gradients(training_attention_mask(scales, "sdpa", torch.device("cuda")), torch.bfloat16,
                         SDPBackend.CUDNN_ATTENTION)
-    expected = gradients(block_causal_mask(scales, 0, "cuda"), torch.float32, SDPBackend.MATH)
-    for name, got, reference in zip("qkv", shifted, expected):
+    efficient = gradients(boolean, torch.bfloat16, SDPBackend.EFFICIENT_ATTENTION)
+    expected = gradients(boolean, torch.float32, SDPBackend.MATH)
+    for name, got, other, reference in zip("qkv", shifted, efficient, expected):
         assert torch.isfinite(got).all(), name
-        assert relative_error(got, reference) < 0.02, name
+        bound = max(0.02, 2 * relative_error(other, reference))
+        assert relative_error(got, reference) < bound, (name, relative_error(other, reference))
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "flex"])
