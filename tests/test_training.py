@@ -502,17 +502,20 @@ def test_teacher_inputs_match_the_pipeline_and_the_original(parity_vq, reference
     assert torch.equal(teacher.targets, reference["teacher_targets"])
     assert relative_error(teacher.scale_inputs, reference["teacher_inputs"]) < RELATIVE_TOLERANCE
 
-    # Exactly what generation feeds: each scale's tokens through `next_scale_inputs` to the next scale.
+    # Exactly what generation feeds: each scale's tokens through `next_scale_inputs` to the next scale (also for
+    # grids taller than wide and wider than tall, which the one lookup for all scales must unflatten as h x w).
     latents = parity_vq.encode(reference["image"]).latents
-    indices = parity_vq.quantize_multiscale(latents, scales)
-    offset = 0
-    for scale_indices, next_scale in zip(indices[:-1], scales[1:]):
-        expected = pipe.next_scale_inputs(scale_indices, next_scale)
-        length = next_scale[0] * next_scale[1]
-        assert torch.equal(teacher.scale_inputs[:, offset : offset + length], expected)
-        offset += length
-    assert offset == teacher.scale_inputs.shape[1]
-    assert teacher.last_scale_tokens == 16
+    for schedule in (scales, [(1, 2), (3, 2), (2, 3), (4, 4)]):
+        teacher = build_teacher_inputs(parity_vq, schedule, latents=latents)
+        indices = parity_vq.quantize_multiscale(latents, schedule)
+        offset = 0
+        for scale_indices, next_scale in zip(indices[:-1], schedule[1:]):
+            expected = pipe.next_scale_inputs(scale_indices, next_scale)
+            length = next_scale[0] * next_scale[1]
+            assert torch.equal(teacher.scale_inputs[:, offset : offset + length], expected)
+            offset += length
+        assert offset == teacher.scale_inputs.shape[1]
+        assert teacher.last_scale_tokens == 16
 
     # Non-square scales and already encoded latents give the same.
     wide = [(1, 1), (1, 2), (2, 4)]

@@ -44,11 +44,12 @@ class CosineVectorQuantizer(nn.Module):
         """(num_codes, code_dim) unit-norm code vectors."""
         return F.normalize(self.embedding.weight, dim=-1)
 
-    def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        """(B, code_dim, h, w) latents -> (B, h, w) LongTensor of code indices."""
+    def forward(self, latents: torch.Tensor, codebook: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, code_dim, h, w) latents -> (B, h, w) LongTensor of code indices. `codebook`: `normalized_codebook()`,
+        passed by callers that quantise several maps so that it is computed once (computed here when None)."""
         batch, _, height, width = latents.shape
         vectors = F.normalize(latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1]), dim=-1)
-        codebook = self.normalized_codebook().to(vectors.dtype)
+        codebook = (self.normalized_codebook() if codebook is None else codebook).to(vectors.dtype)
         # Same expansion of ||z - e||^2 as the original so that near-ties break identically.
         distances = vectors.pow(2).sum(dim=1, keepdim=True) + codebook.pow(2).sum(dim=1) - 2 * vectors @ codebook.t()
         return distances.argmin(dim=1).view(batch, height, width)
@@ -153,7 +154,8 @@ class FlexVQModel(FlexVARModelMixin, ConfigMixin):
         Returns:
             One LongTensor of shape `(B, h_i, w_i)` per scale.
         """
-        return [self.quantize(F.interpolate(latents, size=as_hw(scale), mode="area")) for scale in scales]
+        codebook = self.quantize.normalized_codebook()
+        return [self.quantize(F.interpolate(latents, size=as_hw(scale), mode="area"), codebook) for scale in scales]
 
     def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
         """(B, h, w) code indices -> (B, code_dim, h, w) normalised code vectors."""

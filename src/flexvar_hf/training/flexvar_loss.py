@@ -132,13 +132,19 @@ def build_teacher_inputs(
         latents = vqvae.encode(pixels.to(encoder_dtype)).latents
     latents = latents.float()
     indices = vqvae.quantize_multiscale(latents, scales)
-    inputs = []
-    for scale_indices, next_scale in zip(indices[:-1], scales[1:]):
-        if input_token_noise:
-            scale_indices = mix_tokens_across_images(scale_indices, input_token_noise, generator)
-        codes = vqvae.indices_to_codes(scale_indices).float()
-        inputs.append(flatten_grid(resize_codes(codes, next_scale)))
-    scale_inputs = torch.cat(inputs, dim=1) if inputs else None
+    input_indices = indices[:-1]
+    if input_token_noise:
+        input_indices = [mix_tokens_across_images(grid, input_token_noise, generator) for grid in input_indices]
+    scale_inputs = None
+    if input_indices:
+        # One codebook lookup for all scales (a gather: the same numbers as one per scale, in fewer kernel launches).
+        codes = vqvae.indices_to_codes(torch.cat([grid.flatten(1) for grid in input_indices], dim=1)[:, None]).float()
+        lengths = [grid[0].numel() for grid in input_indices]
+        inputs = [
+            flatten_grid(resize_codes(scale_codes.unflatten(-1, grid.shape[1:]), next_scale))
+            for scale_codes, grid, next_scale in zip(codes[:, :, 0].split(lengths, dim=-1), input_indices, scales[1:])
+        ]
+        scale_inputs = torch.cat(inputs, dim=1)
     targets = torch.cat([scale_indices.flatten(1) for scale_indices in indices], dim=1)
     return TeacherForcingBatch(scale_inputs=scale_inputs, targets=targets, scales=scales)
 
