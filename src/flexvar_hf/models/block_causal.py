@@ -156,9 +156,11 @@ def flex_block_mask(
 
 def training_score_bias(scales: Sequence[tuple[int, int]], device: torch.device | str) -> torch.Tensor:
     """The "sdpa" training mask: a float32 (L, L) bias added to the scores, `SDPA_SCORE_SHIFT` where
-    `block_causal_mask` lets a token attend and -inf elsewhere (cast to the queries' dtype at the call)."""
-    visible = block_causal_mask(scales, 0, device)
-    return torch.full(visible.shape, float("-inf"), device=visible.device).masked_fill_(visible, SDPA_SCORE_SHIFT)
+    `block_causal_mask` lets a token attend and -inf elsewhere (cast to the queries' dtype at the call). Built in two
+    kernels from scale indices made on the CPU (one copy, not a kernel per scale): a training step's host time is
+    part of its time when the GPU waits for it."""
+    ids = to_device(scale_ids(scales), device)
+    return torch.where(ids[:, None] >= ids[None, :], SDPA_SCORE_SHIFT, float("-inf"))
 
 
 def check_training_attention(backend: str) -> str:
