@@ -238,6 +238,36 @@ def test_sdpa_training_bias_is_the_block_causal_mask_shifted():
     assert low.dtype == torch.bfloat16 and relative_error(low.float(), results["boolean"][0]) < 2e-2
 
 
+def test_sdpa_training_bias_is_built_in_the_dtype_attention_runs_in(monkeypatch):
+    """Under autocast SDPA runs in autocast's dtype whatever the queries' (float32 here, as the normalised queries
+    of a training step are), so the transformer builds the bias in that dtype: the same values, and no cast left for
+    each layer. Without autocast the bias follows the queries."""
+    import torch.nn.functional as F
+
+    scales = [(1, 1), (2, 3), (4, 4)]
+    query = torch.randn(2, 4, 23, 8)
+    assert block_causal.attention_dtype(query) == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert block_causal.attention_dtype(query) == torch.bfloat16
+    low = block_causal.training_attention_mask(scales, "sdpa", torch.device("cpu"), dtype=torch.bfloat16)
+    full = block_causal.training_attention_mask(scales, "sdpa", torch.device("cpu"))
+    assert low.dtype == torch.bfloat16 and torch.equal(low.float(), full)
+
+    biases, real = [], F.scaled_dot_product_attention
+
+    def spy(*args, attn_mask=None, **kwargs):
+        biases.append(attn_mask)
+        return real(*args, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    model = tiny_model().train()
+    model.set_training_attention("sdpa")
+    inputs = torch.randn(2, 13, model.config.code_dim)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.tensor([0, 1]), [(1, 1), (2, 2), (3, 3)], inputs)
+    assert biases and all(bias.dtype == torch.bfloat16 for bias in biases)
+
+
 def test_per_scale_attention_never_lets_sdpa_take_cudnn(monkeypatch):
     """per_scale's calls run with cuDNN's kernel switched off (the kernel gave NaN gradients and illegal memory
     accesses on these strided prefixes on an H100); the flag is the one SDPA's dispatch reads on CUDA."""

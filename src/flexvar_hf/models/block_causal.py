@@ -45,6 +45,7 @@ __all__ = [
     "check_training_attention",
     "ScaleBounds",
     "block_causal_attention",
+    "attention_dtype",
     "block_causal_mask",
     "flex_block_mask",
     "flex_kernel_options",
@@ -154,13 +155,23 @@ def flex_block_mask(
     )
 
 
-def training_score_bias(scales: Sequence[tuple[int, int]], device: torch.device | str) -> torch.Tensor:
-    """The "sdpa" training mask: a float32 (L, L) bias added to the scores, `SDPA_SCORE_SHIFT` where
-    `block_causal_mask` lets a token attend and -inf elsewhere (cast to the queries' dtype at the call). Built in two
-    kernels from scale indices made on the CPU (one copy, not a kernel per scale): a training step's host time is
-    part of its time when the GPU waits for it."""
+def training_score_bias(
+    scales: Sequence[tuple[int, int]], device: torch.device | str, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """The "sdpa" training mask: an (L, L) bias of `dtype` added to the scores, `SDPA_SCORE_SHIFT` where
+    `block_causal_mask` lets a token attend and -inf elsewhere (both exact in every float dtype).
+    `block_causal_attention` casts it to `attention_dtype`, a kernel in every layer unless it is of that dtype.
+    Built in two kernels from scale indices made on the CPU (one copy, not a kernel per scale): a training step's
+    host time is part of its time when the GPU waits for it."""
     ids = to_device(scale_ids(scales), device)
-    return torch.where(ids[:, None] >= ids[None, :], SDPA_SCORE_SHIFT, float("-inf"))
+    return torch.where(ids[:, None] >= ids[None, :], SDPA_SCORE_SHIFT, float("-inf")).to(dtype)
+
+
+def attention_dtype(query: torch.Tensor) -> torch.dtype:
+    """The dtype scaled-dot-product attention runs in for `query`: autocast's where autocast is on for its device
+    (which casts the inputs, a bias included), else the query's."""
+    device_type = query.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else query.dtype
 
 
 def check_training_attention(backend: str) -> str:
@@ -178,11 +189,16 @@ def flex_kernel_options(device: torch.device | str, head_dim: int | None) -> dic
 
 
 def training_attention_mask(
-    scales: Sequence[tuple[int, int]], backend: str, device: torch.device, head_dim: int | None = None
+    scales: Sequence[tuple[int, int]],
+    backend: str,
+    device: torch.device,
+    head_dim: int | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> AttentionMask:
     """What `block_causal_attention` needs for `backend` (see `TRAINING_ATTENTION_BACKENDS`) to attend block-causally
     over `scales` fed together without a cache; None for a single scale. `head_dim` (the attention's head size)
-    selects FlexAttention's kernel settings (`flex_kernel_options`)."""
+    selects FlexAttention's kernel settings (`flex_kernel_options`); `dtype` is the attention's (the "sdpa" bias is
+    built in it)."""
     check_training_attention(backend)
     if len(scales) == 1:
         return None
@@ -194,7 +210,7 @@ def training_attention_mask(
             total += height * width
             ends.append(total)
         return ScaleBounds(tuple(ends))
-    return training_score_bias(scales, device)
+    return training_score_bias(scales, device, dtype)
 
 
 @functools.cache
@@ -243,5 +259,5 @@ def block_causal_attention(
     if isinstance(attention_mask, ScaleBounds):
         return _per_scale_attention(query, key, value, attention_mask)
     if attention_mask is not None and attention_mask.is_floating_point():
-        attention_mask = attention_mask.to(query.dtype)  # SDPA takes a bias in the queries' dtype
+        attention_mask = attention_mask.to(attention_dtype(query))  # SDPA takes a bias in the dtype it runs in
     return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=1.0)

@@ -21,6 +21,7 @@ from ..guidance import combine_guidance
 from ..scales import ScaleLike, as_hw_list, flatten_grid, num_tokens
 from .block_causal import (
     AttentionMask,
+    attention_dtype,
     block_causal_attention,
     block_causal_mask,
     check_training_attention,
@@ -618,7 +619,9 @@ class FlexVARTransformer2DModel(FlexVARModelMixin, ConfigMixin):
                 )
         if kv_cache is None:
             head_dim = self.config.hidden_size // self.config.num_attention_heads
-            attention_mask = training_attention_mask(scales, self.training_attention, hidden_states.device, head_dim)
+            attention_mask = training_attention_mask(
+                scales, self.training_attention, hidden_states.device, head_dim, attention_dtype(hidden_states)
+            )
         else:
             attention_mask = block_causal_mask(scales, num_cached, hidden_states.device)
 
