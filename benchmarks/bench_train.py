@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import gzip
 import json
 import os
 import platform
@@ -581,12 +582,64 @@ def kernel_time_by_category(kernels, steps: int) -> dict[str, float]:
     return totals
 
 
+# Host ranges of a training step that `gpu_idle_by_host_region` names (prefixes of the profiler's range names): the
+# compiled blocks' forward and backward, the loss, the optimizer. Anything else is "outside" (the step's
+# tokenisation, embeddings, masks, random draws).
+HOST_REGIONS = (
+    "Torch-Compiled Region", "CompiledFunctionBackward", "RowCrossEntropy", "Optimizer.step", "Optimizer.zero_grad",
+)
+GPU_ACTIVITY = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def _is_host_region(event: dict) -> bool:
+    return (
+        event.get("ph") == "X"
+        and event.get("cat") in ("cpu_op", "user_annotation")
+        and event["name"].startswith(HOST_REGIONS)
+    )
+
+
+def gpu_idle_by_host_region(trace_events: list[dict], steps: int, min_gap_us: float = 5.0) -> dict[str, float]:
+    """Milliseconds per step that the GPU sat idle between its kernels, copies and fills (gaps longer than
+    `min_gap_us`), by where the host was when it queued the work that ended each gap: the outermost profiler range
+    named by `HOST_REGIONS` around that launch, or "outside"; "total" is their sum. A gap whose work was queued long
+    before it started is the GPU waiting on something else (a synchronisation, another stream), "queued early".
+    `trace_events`: a Chrome trace's "traceEvents" (`prof.export_chrome_trace`), whose GPU activity links to its
+    launch by the "correlation" argument."""
+    launches = {
+        event["args"]["correlation"]: event["ts"]
+        for event in trace_events
+        if event.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in event.get("args", {})
+    }
+    regions = sorted((event for event in trace_events if _is_host_region(event)), key=lambda event: event["ts"])
+    activity = sorted((event for event in trace_events if event.get("cat") in GPU_ACTIVITY), key=lambda e: e["ts"])
+    idle: dict[str, float] = {}
+    busy_until = None
+    for event in activity:
+        gap = event["ts"] - busy_until if busy_until is not None else 0.0
+        if gap > min_gap_us:
+            launched = launches.get(event.get("args", {}).get("correlation"))
+            if launched is None or launched < busy_until:
+                where = "queued early"
+            else:
+                where = next(
+                    (region["name"].split("#")[0] for region in regions
+                     if region["ts"] <= launched <= region["ts"] + region["dur"]),
+                    "outside",
+                )
+            idle[where] = idle.get(where, 0.0) + gap / 1e3 / steps
+        end = event["ts"] + event.get("dur", 0.0)
+        busy_until = end if busy_until is None else max(busy_until, end)
+    idle["total"] = sum(idle.values())
+    return idle
+
+
 def profile_config(args, results: dict, device: torch.device, out_dir: Path) -> None:
     """Kernel times of 3 steps of `--profile` (one of our configs, or "original" for the original trainer in its
     first `--original_amp`) on the first run's size and batch, after 10 warm-up steps (and, with `--rehearse`, the 3
     profiled schedules once): a table (the 80 ops of most device time), the milliseconds per step of each kernel
-    category (`kernel_time_by_category`, in the JSON as `profile_ms_per_step`) and a gzipped Chrome trace beside
-    `--json`."""
+    category (`kernel_time_by_category`, in the JSON as `profile_ms_per_step`), the GPU's idle time by where the host
+    was (`gpu_idle_by_host_region`, as `profile_gpu_idle_ms_per_step`) and a gzipped Chrome trace beside `--json`."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -612,11 +665,17 @@ def profile_config(args, results: dict, device: torch.device, out_dir: Path) -> 
     table = prof.key_averages().table(sort_by=sort, row_limit=80, max_name_column_width=70)
     name = f"profile-{args.profile.replace('+', '-')}"
     (out_dir / f"{name}.txt").write_text(table)
-    prof.export_chrome_trace(str(out_dir / f"{name}.json.gz"))  # gzipped: a few MiB for the 3 steps
+    trace = out_dir / f"{name}.json.gz"
+    prof.export_chrome_trace(str(trace))  # gzipped: a few MiB for the 3 steps
     categories = kernel_time_by_category(device_kernels(prof.events(), DeviceType.CUDA), len(profiled))
     results["profile_ms_per_step"] = {"config": args.profile, **categories}
+    with gzip.open(trace, "rt") as file:
+        idle = gpu_idle_by_host_region(json.load(file)["traceEvents"], len(profiled))
+    results["profile_gpu_idle_ms_per_step"] = idle
     print(table[:12000], flush=True)
     print("kernel ms per step:", json.dumps({key: round(value, 2) for key, value in categories.items()}), flush=True)
+    print("GPU idle ms per step, by where the host was:", json.dumps({key: round(value, 2) for key, value in
+                                                                       idle.items()}), flush=True)
 
 
 def make_jpeg_folder(root: Path, num_images: int = MIN_JPEG_FILES, num_classes: int = 10, seed: int = 0) -> Path:

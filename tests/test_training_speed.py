@@ -584,6 +584,38 @@ def test_bench_train_profile_sorts_kernels_into_categories(bench_train):
     assert per_step["total"] == len(kernels) + 0.5
 
 
+def test_bench_train_names_where_the_host_was_while_the_gpu_waited(bench_train):
+    """GPU idle time per step, from a Chrome trace: each gap between kernels is charged to the outermost named host
+    range around the launch of the kernel that ends it, "outside" any, or "queued early" when that kernel was
+    launched before the GPU went idle; short gaps and overlapping kernels are not idle time."""
+
+    def kernel(start, duration, correlation):
+        return {"cat": "kernel", "ts": start, "dur": duration, "args": {"correlation": correlation}}
+
+    def launch(time, correlation):
+        return {"cat": "cuda_runtime", "ph": "X", "name": "cudaLaunchKernel", "ts": time, "dur": 1,
+                "args": {"correlation": correlation}}
+
+    def host(name, start, duration):
+        return {"cat": "cpu_op", "ph": "X", "name": name, "ts": start, "dur": duration, "args": {}}
+
+    events = [
+        host("Torch-Compiled Region: 0/1", 0, 400), host("CompiledFunction", 10, 300),  # nested: the outer names it
+        kernel(0, 100, 1), launch(0, 1),
+        kernel(300, 50, 2), launch(290, 2),  # 200 us idle, launched in the compiled region
+        kernel(340, 100, 3), launch(100, 3),  # overlaps the previous one: no gap
+        kernel(443, 10, 4), launch(420, 4),  # a 3 us gap: too short to count
+        kernel(1453, 10, 5), launch(1450, 5),  # 1000 us idle, launched outside any named range
+        host("Optimizer.step#AdamW.step", 1500, 100),
+        kernel(1563, 10, 6), launch(1550, 6),  # 100 us idle, launched in the optimizer's range
+        {"cat": "gpu_memset", "ts": 1973, "dur": 10, "args": {"correlation": 7}}, launch(1560, 7),  # 400 us idle
+    ]
+    idle = bench_train.gpu_idle_by_host_region(events, steps=2)
+    assert idle == pytest.approx({
+        "Torch-Compiled Region: 0/1": 0.1, "outside": 0.5, "Optimizer.step": 0.05, "queued early": 0.2, "total": 0.85,
+    })
+
+
 def test_bench_train_profile_counts_device_kernels_once(bench_train):
     """The per-step table sums kernels on the GPU; the optimizer's `record_function` range, which the profiler also
     puts on the GPU's timeline over the optimizer's kernels, and host events are not counted."""
