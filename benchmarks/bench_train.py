@@ -20,10 +20,12 @@ classes, the default VQ-16), random pixels in [-1, 1] and random labels; nothing
   recompilation), `coordtune` (compiled with Inductor's coordinate-descent tuning of its own kernels' block sizes),
   `cppwrap` (compiled with Inductor's C++ wrapper, which launches the kernels of each compiled block from C++ rather
   than Python: less host time per kernel), `graphs` (compiled in Inductor's "reduce-overhead" mode: each block's
-  forward and backward replayed as CUDA graphs, recorded once per sequence length), `defaulttiles` (FlexAttention
-  with Inductor's default kernel settings, not the library's `FLEX_KERNEL_OPTIONS`), `ckpt`
-  (`--gradient_checkpointing`). `unfolded`, `autotune`, `autodynamic`, `coordtune`, `cppwrap`, `graphs` and
-  `defaulttiles` are experiments of the step mode alone (`STEP_ONLY_FLAGS`): train.py has no such option.
+  forward and backward replayed as CUDA graphs, recorded once per sequence length), `combo` (compiled with
+  Inductor's combo kernels: independent small kernels of a graph, such as the casts of each block's weights to
+  bf16, launched as one), `defaulttiles` (FlexAttention with Inductor's default kernel settings, not the
+  library's `FLEX_KERNEL_OPTIONS`), `ckpt` (`--gradient_checkpointing`). `unfolded`, `autotune`, `autodynamic`,
+  `coordtune`, `cppwrap`, `graphs`, `combo` and `defaulttiles` are experiments of the step mode alone
+  (`STEP_ONLY_FLAGS`): train.py has no such option.
 - original (`--original PATH`, a checkout of github.com/jiaosiyu1999/FlexVAR, never committed here): its
   `VARTrainer.train_step` on its own FlexVAR, VQ-16, `AmpOptimizer` and `filter_params` groups as its train.py builds
   them (fused AdamW, TF32, drop path 0.1 * depth / 24). Its published commands pass `--fp16=1` (float16 autocast, a
@@ -92,9 +94,9 @@ LEARNING_RATE, WEIGHT_DECAY, BETAS, MAX_GRAD_NORM, CLASS_DROPOUT = 1e-4, 0.05, (
 PEAK_FLOPS, MEASURED_FLOPS = 989e12, 790e12
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # Flags that are experiments of the step mode alone (train.py has no such option), and those that compile the blocks.
-STEP_ONLY_FLAGS = ("unfolded", "autotune", "autodynamic", "coordtune", "cppwrap", "graphs", "defaulttiles")
+STEP_ONLY_FLAGS = ("unfolded", "autotune", "autodynamic", "coordtune", "cppwrap", "graphs", "combo", "defaulttiles")
 CONFIG_FLAGS = ("fused", "cache", "compile", "ckpt", *STEP_ONLY_FLAGS)
-COMPILE_FLAGS = ("compile", "autotune", "autodynamic", "coordtune", "cppwrap", "graphs")
+COMPILE_FLAGS = ("compile", "autotune", "autodynamic", "coordtune", "cppwrap", "graphs", "combo")
 MIN_JPEG_FILES = 1300  # the e2e folder's smallest size, and what --data_rate decodes
 TINY_VQ = {"base_channels": 16, "z_channels": 16, "norm_num_groups": 8}  # --tiny: a small VQ model for CPU checks
 # The original train.py's `nowd_keys` (its parameter groups come from utils.lr_control.filter_params with these).
@@ -280,10 +282,12 @@ class OursTrainer:
         # GELU, norm or residual fused in; "autodynamic", the blocks compiled for the first shape, then recompiled
         # with only the dimensions that changed (the sequence length) symbolic; "coordtune", Inductor tunes the
         # block sizes of its own (norm, GELU, cast) kernels by timing them; "cppwrap", Inductor's C++ wrapper launches
-        # each compiled graph's kernels; "graphs", the blocks replayed as CUDA graphs; "defaulttiles", FlexAttention
+        # each compiled graph's kernels; "graphs", the blocks replayed as CUDA graphs; "combo", independent
+        # kernels launched as one; "defaulttiles", FlexAttention
         # without the library's kernel settings. Set by every trainer: module-wide.
         torch._inductor.config.coordinate_descent_tuning = options["coordtune"]
         torch._inductor.config.cpp_wrapper = options["cppwrap"]
+        torch._inductor.config.combo_kernels = options["combo"]
         # Dynamo's cache does not key on Inductor's settings: without a reset, a config would reuse the blocks that an
         # earlier config of the process compiled under other settings.
         torch._dynamo.reset()
