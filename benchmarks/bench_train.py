@@ -282,9 +282,9 @@ class OursTrainer:
         # GELU, norm or residual fused in; "autodynamic", the blocks compiled for the first shape, then recompiled
         # with only the dimensions that changed (the sequence length) symbolic; "coordtune", Inductor tunes the
         # block sizes of its own (norm, GELU, cast) kernels by timing them; "cppwrap", Inductor's C++ wrapper launches
-        # each compiled graph's kernels; "graphs", the blocks replayed as CUDA graphs; "combo", independent
-        # kernels launched as one; "defaulttiles", FlexAttention
-        # without the library's kernel settings. Set by every trainer: module-wide.
+        # each compiled graph's kernels; "graphs", the blocks replayed as CUDA graphs; "combo", independent kernels
+        # launched as one; "defaulttiles", FlexAttention without the library's kernel settings. Set by every
+        # trainer: module-wide.
         torch._inductor.config.coordinate_descent_tuning = options["coordtune"]
         torch._inductor.config.cpp_wrapper = options["cppwrap"]
         torch._inductor.config.combo_kernels = options["combo"]
@@ -606,8 +606,8 @@ def _is_host_region(event: dict) -> bool:
 def gpu_idle_by_host_region(trace_events: list[dict], steps: int, min_gap_us: float = 5.0) -> dict[str, float]:
     """Milliseconds per step that the GPU sat idle between its kernels, copies and fills (gaps longer than
     `min_gap_us`), by where the host was when it queued the work that ended each gap: the outermost profiler range
-    named by `HOST_REGIONS` around that launch, or "outside"; "total" is their sum. A gap whose work was queued long
-    before it started is the GPU waiting on something else (a synchronisation, another stream), "queued early".
+    named by `HOST_REGIONS` around that launch, or "outside"; "total" is their sum. A gap whose work was queued before
+    the GPU went idle is the GPU waiting on something else (a synchronisation, another stream): "queued early".
     `trace_events`: a Chrome trace's "traceEvents" (`prof.export_chrome_trace`), whose GPU activity links to its
     launch by the "correlation" argument."""
     launches = {
