@@ -546,6 +546,37 @@ def test_bench_train_defaulttiles_turns_the_librarys_flex_kernel_options_off_and
         block_causal.FLEX_KERNEL_OPTIONS.update(library)
 
 
+def test_bench_train_compile_experiments_set_inductor_and_start_from_a_fresh_dynamo_cache(bench_train, monkeypatch):
+    """Each trainer of bench_train sets the Inductor settings its config names (`cppwrap`: the C++ wrapper, `combo`:
+    combo kernels, off otherwise), compiles its blocks in its config's mode (`graphs`: "reduce-overhead", CUDA
+    graphs) and clears Dynamo's cache first, which does not key on Inductor's settings: without that a trainer
+    would run the blocks an earlier trainer of the process compiled under other settings."""
+    import torch._inductor.config as inductor_config
+
+    from flexvar_hf import FlexVARTransformer2DModel
+
+    modes, resets = [], []
+
+    def compile_repeated_blocks(self, **kwargs):
+        modes.append(kwargs)
+
+    monkeypatch.setattr(FlexVARTransformer2DModel, "compile_repeated_blocks", compile_repeated_blocks)
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(True))
+    monkeypatch.setattr(inductor_config, "cpp_wrapper", inductor_config.cpp_wrapper)  # restored afterwards
+    monkeypatch.setattr(inductor_config, "combo_kernels", inductor_config.combo_kernels)
+    expected = {
+        "sdpa+compile+cppwrap": (True, False, None),
+        "sdpa+compile+combo": (False, True, None),
+        "sdpa+compile+graphs": (False, False, "reduce-overhead"),
+        "sdpa+compile": (False, False, None),
+    }
+    for config, (cpp_wrapper, combo_kernels, mode) in expected.items():
+        bench_train.OursTrainer(2, 32, 2, torch.device("cpu"), bench_train.parse_config(config), bench_train.TINY_VQ)
+        assert (inductor_config.cpp_wrapper, inductor_config.combo_kernels) == (cpp_wrapper, combo_kernels), config
+        assert modes[-1] == {"dynamic": True, "mode": mode}, config
+    assert len(resets) == len(expected)
+
+
 def test_bench_train_rehearse_runs_every_timed_schedule_once_before_timing_it(bench_train):
     """`timed_steps(..., rehearse=True)` runs the timed schedules untimed after the warm-up and then times them,
     so no timed step meets a length the code has not run; without it each schedule runs once."""
