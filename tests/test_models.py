@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from flexvar_hf import FlexVARTransformer2DModel, FlexVQModel
 from flexvar_hf.models.transformer_flexvar import ResidualUpdate, feed_forward, linear_gelu, modulated_layer_norm
@@ -330,6 +331,22 @@ def test_vq_any_size_and_reconstruction_shapes():
     assert vq(pixels).sample.shape == pixels.shape
     with pytest.raises(ValueError, match="divisible by 4"):
         vq.encode(torch.zeros(1, 3, 10, 12))
+
+
+@torch.no_grad()
+def test_multiscale_quantisation_in_one_search_equals_one_search_per_scale():
+    """`quantize_multiscale` searches every scale's rows at once; each scale must get exactly the indices of
+    quantising its area-resized map alone (the rows are independent), for square and non-square scales."""
+    torch.manual_seed(0)
+    vq = FlexVQModel(base_channels=16, channel_multipliers=(1, 2), z_channels=8, num_codes=500, code_dim=32, norm_num_groups=8)
+    for latents, scales in (
+        (torch.randn(6, 32, 16, 16), [1, 2, 3, 4, 5, 6, 8, 10, 13, 16]),
+        (torch.randn(3, 32, 9, 14), [1, (2, 3), (3, 5), (6, 9), (9, 14)]),
+    ):
+        indices = vq.quantize_multiscale(latents, scales)
+        for scale, grid in zip(scales, indices):
+            size = (scale, scale) if isinstance(scale, int) else scale
+            assert torch.equal(grid, vq.quantize(F.interpolate(latents, size=size, mode="area")))
 
 
 @torch.no_grad()

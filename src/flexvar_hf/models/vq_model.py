@@ -48,11 +48,18 @@ class CosineVectorQuantizer(nn.Module):
         """(B, code_dim, h, w) latents -> (B, h, w) LongTensor of code indices. `codebook`: `normalized_codebook()`,
         passed by callers that quantise several maps so that it is computed once (computed here when None)."""
         batch, _, height, width = latents.shape
-        vectors = F.normalize(latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1]), dim=-1)
+        return self.nearest_codes(latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1]), codebook).view(
+            batch, height, width
+        )
+
+    def nearest_codes(self, vectors: torch.Tensor, codebook: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, code_dim) latent vectors (any norm) -> (N,) LongTensor: the index of each one's nearest normalised
+        code. Rows are independent, so quantising several maps' rows in one call gives each map's indices."""
+        vectors = F.normalize(vectors, dim=-1)
         codebook = (self.normalized_codebook() if codebook is None else codebook).to(vectors.dtype)
         # Same expansion of ||z - e||^2 as the original so that near-ties break identically.
         distances = vectors.pow(2).sum(dim=1, keepdim=True) + codebook.pow(2).sum(dim=1) - 2 * vectors @ codebook.t()
-        return distances.argmin(dim=1).view(batch, height, width)
+        return distances.argmin(dim=1)
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """(B, h, w) indices -> (B, code_dim, h, w) normalised code vectors."""
@@ -154,8 +161,12 @@ class FlexVQModel(FlexVARModelMixin, ConfigMixin):
         Returns:
             One LongTensor of shape `(B, h_i, w_i)` per scale.
         """
-        codebook = self.quantize.normalized_codebook()
-        return [self.quantize(F.interpolate(latents, size=as_hw(scale), mode="area"), codebook) for scale in scales]
+        sizes = [as_hw(scale) for scale in scales]
+        # Every scale's rows in one nearest-code search (a few kernel launches instead of a few per scale).
+        vectors = torch.cat([F.interpolate(latents, size=size, mode="area").flatten(2) for size in sizes], dim=2)
+        indices = self.quantize.nearest_codes(vectors.transpose(1, 2).reshape(-1, latents.shape[1]))
+        indices = indices.view(latents.shape[0], -1).split([height * width for height, width in sizes], dim=1)
+        return [grid.view(-1, *size) for grid, size in zip(indices, sizes)]
 
     def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
         """(B, h, w) code indices -> (B, code_dim, h, w) normalised code vectors."""
