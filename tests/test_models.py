@@ -338,7 +338,9 @@ def test_multiscale_quantisation_in_one_search_equals_one_search_per_scale():
     """`quantize_multiscale` searches every scale's rows at once; each scale must get exactly the indices of
     quantising its area-resized map alone (the rows are independent), for square and non-square scales."""
     torch.manual_seed(0)
-    vq = FlexVQModel(base_channels=16, channel_multipliers=(1, 2), z_channels=8, num_codes=500, code_dim=32, norm_num_groups=8)
+    vq = FlexVQModel(
+        base_channels=16, channel_multipliers=(1, 2), z_channels=8, num_codes=500, code_dim=32, norm_num_groups=8
+    )
     for latents, scales in (
         (torch.randn(6, 32, 16, 16), [1, 2, 3, 4, 5, 6, 8, 10, 13, 16]),
         (torch.randn(3, 32, 9, 14), [1, (2, 3), (3, 5), (6, 9), (9, 14)]),
