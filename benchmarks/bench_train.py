@@ -23,9 +23,11 @@ classes, the default VQ-16), random pixels in [-1, 1] and random labels; nothing
   forward and backward replayed as CUDA graphs, recorded once per sequence length), `combo` (compiled with
   Inductor's combo kernels: independent small kernels of a graph, such as the casts of each block's weights to
   bf16, launched as one), `defaulttiles` (FlexAttention with Inductor's default kernel settings, not the
-  library's `FLEX_KERNEL_OPTIONS`), `ckpt` (`--gradient_checkpointing`). `unfolded`, `autotune`, `autodynamic`,
-  `coordtune`, `cppwrap`, `graphs`, `combo` and `defaulttiles` are experiments of the step mode alone
-  (`STEP_ONLY_FLAGS`): train.py has no such option.
+  library's `FLEX_KERNEL_OPTIONS`), `stack` (the whole stack of blocks compiled as one graph,
+  `torch.compile(transformer.run_blocks)`, instead of each block: one compiled call per step instead of one per
+  layer; it takes the other compile flags' settings), `ckpt` (`--gradient_checkpointing`). `unfolded`, `autotune`,
+  `autodynamic`, `coordtune`, `cppwrap`, `graphs`, `combo`, `defaulttiles` and `stack` are experiments of the step
+  mode alone (`STEP_ONLY_FLAGS`): train.py has no such option.
 - original (`--original PATH`, a checkout of github.com/jiaosiyu1999/FlexVAR, never committed here): its
   `VARTrainer.train_step` on its own FlexVAR, VQ-16, `AmpOptimizer` and `filter_params` groups as its train.py builds
   them (fused AdamW, TF32, drop path 0.1 * depth / 24). Its published commands pass `--fp16=1` (float16 autocast, a
@@ -94,9 +96,11 @@ LEARNING_RATE, WEIGHT_DECAY, BETAS, MAX_GRAD_NORM, CLASS_DROPOUT = 1e-4, 0.05, (
 PEAK_FLOPS, MEASURED_FLOPS = 989e12, 790e12
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # Flags that are experiments of the step mode alone (train.py has no such option), and those that compile the blocks.
-STEP_ONLY_FLAGS = ("unfolded", "autotune", "autodynamic", "coordtune", "cppwrap", "graphs", "combo", "defaulttiles")
+STEP_ONLY_FLAGS = (
+    "unfolded", "autotune", "autodynamic", "coordtune", "cppwrap", "graphs", "combo", "defaulttiles", "stack"
+)
 CONFIG_FLAGS = ("fused", "cache", "compile", "ckpt", *STEP_ONLY_FLAGS)
-COMPILE_FLAGS = ("compile", "autotune", "autodynamic", "coordtune", "cppwrap", "graphs", "combo")
+COMPILE_FLAGS = ("compile", "autotune", "autodynamic", "coordtune", "cppwrap", "graphs", "combo", "stack")
 MIN_JPEG_FILES = 1300  # the e2e folder's smallest size, and what --data_rate decodes
 TINY_VQ = {"base_channels": 16, "z_channels": 16, "norm_num_groups": 8}  # --tiny: a small VQ model for CPU checks
 # The original train.py's `nowd_keys` (its parameter groups come from utils.lr_control.filter_params with these).
@@ -297,7 +301,11 @@ class OursTrainer:
         if any(options[flag] for flag in COMPILE_FLAGS):
             modes = {"autotune": "max-autotune-no-cudagraphs", "graphs": "reduce-overhead"}
             mode = next((modes[flag] for flag in modes if options[flag]), None)
-            self.transformer.compile_repeated_blocks(dynamic=None if options["autodynamic"] else True, mode=mode)
+            dynamic = None if options["autodynamic"] else True
+            if options["stack"]:  # all blocks as one graph: one call, one set of guards per step instead of 24
+                self.transformer.run_blocks = torch.compile(self.transformer.run_blocks, dynamic=dynamic, mode=mode)
+            else:
+                self.transformer.compile_repeated_blocks(dynamic=dynamic, mode=mode)
         # accelerate's mixed precision: the prepared model's forward runs under autocast, parameters stay float32.
         self.transformer.forward = torch.autocast(device.type, dtype=torch.bfloat16)(self.transformer.forward)
         self.vqvae = FlexVQModel(num_codes=VOCAB_SIZE, code_dim=CODE_DIM, **(vq_config or {}))

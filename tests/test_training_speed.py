@@ -577,6 +577,31 @@ def test_bench_train_compile_experiments_set_inductor_and_start_from_a_fresh_dyn
     assert len(resets) == len(expected)
 
 
+def test_bench_train_stack_compiles_all_blocks_as_one_graph_for_every_schedule(bench_train, monkeypatch):
+    """bench_train's `stack` experiment compiles `run_blocks` (every block, one graph) instead of each block: the
+    losses equal the eager trainer's, no block is compiled on its own, and schedules of other lengths reuse the one
+    graph (dynamic shapes: a recompilation per sequence length would cost a long run minutes)."""
+    from torch._dynamo.utils import counters
+
+    from flexvar_hf import FlexVARTransformer2DModel
+
+    regional = []
+    monkeypatch.setattr(FlexVARTransformer2DModel, "compile_repeated_blocks", lambda self, **kw: regional.append(kw))
+    pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    labels = torch.tensor([1, 7])
+    losses, graphs_before = {}, counters["stats"]["unique_graphs"]  # counters are the process's
+    for config in ("sdpa", "sdpa+stack"):
+        trainer = bench_train.OursTrainer(1, 32, 2, torch.device("cpu"), bench_train.parse_config(config),
+                                          bench_train.TINY_VQ)
+        losses[config] = []
+        for sides in ([1, 2, 3, 4], [1, 3, 4]):
+            trainer.step(pixels, labels, sides)
+            losses[config].append(trainer.loss.item())
+    assert counters["stats"]["unique_graphs"] - graphs_before == 1
+    assert regional == []
+    assert losses["sdpa+stack"] == pytest.approx(losses["sdpa"], rel=1e-3)
+
+
 def test_bench_train_rehearse_runs_every_timed_schedule_once_before_timing_it(bench_train):
     """`timed_steps(..., rehearse=True)` runs the timed schedules untimed after the warm-up and then times them,
     so no timed step meets a length the code has not run; without it each schedule runs once."""

@@ -551,6 +551,32 @@ class FlexVARTransformer2DModel(FlexVARModelMixin, ConfigMixin):
             device=self.device,
         )
 
+    def run_blocks(
+        self,
+        hidden_states: torch.Tensor,
+        modulations: Sequence,
+        attention_mask: AttentionMask,
+        kv_cache: FlexVARKVCache | None = None,
+        drop_path_factors: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """
+        The residual stream (B, L, hidden) through every block: `modulations[i]` is block `i`'s class embedding or
+        AdaLN terms, `drop_path_factors` (num_layers, 2, B) or None; the last block's feed-forward update is applied.
+        One method so that the whole stack can be compiled as one graph (`torch.compile(model.run_blocks)`), which
+        launches each layer's kernels without the per-call host work (guards, wrappers) of compiling the block alone.
+        """
+        update = None
+        for index, block in enumerate(self.blocks):
+            block_drop_path = None if drop_path_factors is None else drop_path_factors[index]
+            block_inputs = (
+                hidden_states, modulations[index], attention_mask, kv_cache, index, update, block_drop_path
+            )
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                hidden_states, update = self._gradient_checkpointing_func(block, *block_inputs)
+            else:
+                hidden_states, update = block(*block_inputs)
+        return update.apply(hidden_states)
+
     def forward(
         self,
         class_labels: torch.LongTensor,
@@ -635,17 +661,7 @@ class FlexVARTransformer2DModel(FlexVARModelMixin, ConfigMixin):
                 kv_cache.modulations = self.modulations(conditioning)
             modulations = kv_cache.modulations
 
-        update = None
-        for index, block in enumerate(self.blocks):
-            block_drop_path = None if drop_path_factors is None else drop_path_factors[index]
-            block_inputs = (
-                hidden_states, modulations[index], attention_mask, kv_cache, index, update, block_drop_path
-            )
-            if torch.is_grad_enabled() and self.gradient_checkpointing:
-                hidden_states, update = self._gradient_checkpointing_func(block, *block_inputs)
-            else:
-                hidden_states, update = block(*block_inputs)
-        hidden_states = update.apply(hidden_states)
+        hidden_states = self.run_blocks(hidden_states, modulations, attention_mask, kv_cache, drop_path_factors)
         if kv_cache is not None:
             kv_cache.advance(hidden_states.shape[1])
 
