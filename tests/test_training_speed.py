@@ -688,3 +688,33 @@ def test_bench_train_profile_counts_device_kernels_once(bench_train):
     kernels = bench_train.device_kernels(events, "cuda")
     assert kernels == [("multi_tensor_apply_kernel<FusedAdamMathFunctor>", 900.0)]
     assert bench_train.kernel_time_by_category(kernels, 1)["optimizer"] == 0.9
+
+
+def test_bench_block_calls_stack_mode_is_the_same_model_in_one_graph(monkeypatch):
+    """benchmarks/bench_block_calls.py's `stack` model (`run_blocks` compiled) gives the eager model's gradients for
+    schedules of different lengths from one graph; `main` reports each mode it timed."""
+    import sys
+    from pathlib import Path
+
+    from torch._dynamo.utils import counters
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_block_calls
+
+    cpu = torch.device("cpu")
+    eager, stack = bench_block_calls.build("eager", 2, cpu), bench_block_calls.build("stack", 2, cpu)
+    graphs_before = counters["stats"]["unique_graphs"]
+    for sides in bench_block_calls.SCHEDULES[:2]:
+        scales = [(side, side) for side in sides]
+        inputs = torch.randn(1, sum(side * side for side in sides) - 1, 8)
+        for model in (eager, stack):
+            model.zero_grad()
+            model(torch.tensor([1]), scales, inputs).logits.square().sum().backward()
+        for (name, got), (_, expected) in zip(stack.named_parameters(), eager.named_parameters()):
+            torch.testing.assert_close(got.grad, expected.grad, rtol=1e-4, atol=1e-5, msg=name)
+    assert counters["stats"]["unique_graphs"] - graphs_before == 1
+    results = bench_block_calls.main(
+        ["--device", "cpu", "--layers", "1", "--modes", "eager", "--iters", "1", "--repeats", "1"]
+    )
+    assert [result["mode"] for result in results] == ["eager"] and results[0]["ms_per_forward_backward"] > 0
+    sys.modules.pop("bench_block_calls", None)
