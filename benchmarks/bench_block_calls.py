@@ -36,7 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--iters", type=int, default=50, help="Rounds over the schedules per timing.")
     parser.add_argument("--repeats", type=int, default=3, help="Timings; the best is reported.")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads); default: torch's.")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's).")
     return parser.parse_args(argv)
 
 
