@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from bench_train import synchronize
 from flexvar_hf import FlexVARTransformer2DModel
 
 MODES = ("eager", "regional", "stack")
@@ -59,11 +60,6 @@ def forward_backward(model, sides: list[int], device: torch.device) -> None:
     scales = [(side, side) for side in sides]
     inputs = torch.randn(1, sum(side * side for side in sides) - 1, 8, device=device)
     model(torch.tensor([1], device=device), scales, inputs).logits.sum().backward()
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def time_mode(mode: str, args, device: torch.device) -> dict:

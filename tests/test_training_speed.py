@@ -717,4 +717,5 @@ def test_bench_block_calls_stack_mode_is_the_same_model_in_one_graph(monkeypatch
         ["--device", "cpu", "--layers", "1", "--modes", "eager", "--iters", "1", "--repeats", "1"]
     )
     assert [result["mode"] for result in results] == ["eager"] and results[0]["ms_per_forward_backward"] > 0
-    sys.modules.pop("bench_block_calls", None)
+    for name in ("bench_block_calls", "bench_train"):  # as the bench_train fixture: no module-wide settings leak
+        sys.modules.pop(name, None)
