@@ -352,6 +352,26 @@ def test_multiscale_quantisation_in_one_search_equals_one_search_per_scale():
 
 
 @torch.no_grad()
+def test_nearest_code_search_in_bounded_chunks_gives_the_same_indices(monkeypatch):
+    """`nearest_codes` searches at most `NEAREST_CODE_ROWS` rows at a time (bounded distance matrices); the
+    indices must not depend on where the rows are split."""
+    from flexvar_hf.models import vq_model
+
+    torch.manual_seed(0)
+    vq = FlexVQModel(
+        base_channels=16, channel_multipliers=(1, 2), z_channels=8, num_codes=300, code_dim=8, norm_num_groups=8
+    )
+    vectors = torch.randn(50, 8)
+    whole = vq.quantize.nearest_codes(vectors)
+    monkeypatch.setattr(vq_model, "NEAREST_CODE_ROWS", 7)
+    assert torch.equal(vq.quantize.nearest_codes(vectors), whole)
+    latents = torch.randn(2, 8, 6, 6)
+    sizes = [(1, 1), (2, 2), (3, 3), (4, 5), (6, 6)]  # 78 rows per image, split across scales
+    for grid, size in zip(vq.quantize_multiscale(latents, sizes), sizes):
+        assert torch.equal(grid, vq.quantize(F.interpolate(latents, size=size, mode="area")))
+
+
+@torch.no_grad()
 def test_quantizer_picks_most_similar_code():
     torch.manual_seed(0)
     vq = FlexVQModel(base_channels=32, channel_multipliers=(1, 2), z_channels=8, num_codes=30, code_dim=6)

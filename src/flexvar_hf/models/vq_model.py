@@ -17,6 +17,10 @@ from ..scales import ScaleLike, as_hw
 from .modeling_utils import FlexVARModelMixin
 from .normalization import use_channels_last_group_norms
 
+# Latent vectors per nearest-code search: its distance matrices are (rows, num_codes) float32, 584 MB each at the
+# released codebook's 8912 codes; a d24 training batch's every scale (24 images x 680 tokens) fits in one search.
+NEAREST_CODE_ROWS = 16384
+
 
 @dataclass
 class VQEncoderOutput(BaseOutput):
@@ -54,12 +58,17 @@ class CosineVectorQuantizer(nn.Module):
 
     def nearest_codes(self, vectors: torch.Tensor, codebook: torch.Tensor | None = None) -> torch.Tensor:
         """(N, code_dim) latent vectors (any norm) -> (N,) LongTensor: the index of each one's nearest normalised
-        code. Rows are independent, so quantising several maps' rows in one call gives each map's indices."""
+        code. Rows are independent, so quantising several maps' rows in one call gives each map's indices; they are
+        searched `NEAREST_CODE_ROWS` at a time, which bounds the (rows, num_codes) distance matrices."""
         vectors = F.normalize(vectors, dim=-1)
         codebook = (self.normalized_codebook() if codebook is None else codebook).to(vectors.dtype)
+        codebook_norms = codebook.pow(2).sum(dim=1)
         # Same expansion of ||z - e||^2 as the original so that near-ties break identically.
-        distances = vectors.pow(2).sum(dim=1, keepdim=True) + codebook.pow(2).sum(dim=1) - 2 * vectors @ codebook.t()
-        return distances.argmin(dim=1)
+        indices = [
+            (rows.pow(2).sum(dim=1, keepdim=True) + codebook_norms - 2 * rows @ codebook.t()).argmin(dim=1)
+            for rows in vectors.split(NEAREST_CODE_ROWS)
+        ]
+        return indices[0] if len(indices) == 1 else torch.cat(indices)
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """(B, h, w) indices -> (B, code_dim, h, w) normalised code vectors."""
