@@ -48,20 +48,17 @@ class CosineVectorQuantizer(nn.Module):
         """(num_codes, code_dim) unit-norm code vectors."""
         return F.normalize(self.embedding.weight, dim=-1)
 
-    def forward(self, latents: torch.Tensor, codebook: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, code_dim, h, w) latents -> (B, h, w) LongTensor of code indices. `codebook`: `normalized_codebook()`,
-        passed by callers that quantise several maps so that it is computed once (computed here when None)."""
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, code_dim, h, w) latents -> (B, h, w) LongTensor of code indices."""
         batch, _, height, width = latents.shape
-        return self.nearest_codes(latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1]), codebook).view(
-            batch, height, width
-        )
+        return self.nearest_codes(latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])).view(batch, height, width)
 
-    def nearest_codes(self, vectors: torch.Tensor, codebook: torch.Tensor | None = None) -> torch.Tensor:
+    def nearest_codes(self, vectors: torch.Tensor) -> torch.Tensor:
         """(N, code_dim) latent vectors (any norm) -> (N,) LongTensor: the index of each one's nearest normalised
         code. Rows are independent, so quantising several maps' rows in one call gives each map's indices; they are
         searched `NEAREST_CODE_ROWS` at a time, which bounds the (rows, num_codes) distance matrices."""
         vectors = F.normalize(vectors, dim=-1)
-        codebook = (self.normalized_codebook() if codebook is None else codebook).to(vectors.dtype)
+        codebook = self.normalized_codebook().to(vectors.dtype)
         codebook_norms = codebook.pow(2).sum(dim=1)
         # Same expansion of ||z - e||^2 as the original so that near-ties break identically.
         indices = [
