@@ -8,9 +8,9 @@ to run the blocks:
   compiled call per layer, each with its guards and wrappers;
 - `stack`: every block in one graph (`torch.compile(model.run_blocks, dynamic=True)`): one compiled call per step.
 
-Prints ms per forward + backward (best of `--repeats` rounds over `--schedules` schedules) and the first passes'
-seconds (compilation). On a GPU the narrow model's kernels are a few microseconds each, so the figure is the host's;
-on a CPU it includes the (small) CPU compute.
+Prints ms per forward + backward (the best of `--repeats` timings of `--iters` rounds over `SCHEDULES`) and the
+first passes' seconds (compilation). On a GPU the narrow model's kernels are a few microseconds each, so the figure
+is the host's; on a CPU it includes the (small) CPU compute.
 
     python benchmarks/bench_block_calls.py --layers 16 --device cpu --threads 1
 """

@@ -521,15 +521,23 @@ def test_to_device_copies_to_cuda_from_pinned_memory_without_blocking(monkeypatc
 
 
 @pytest.fixture
-def bench_train(monkeypatch):
-    """benchmarks/bench_train.py as a module (it imports its neighbours, so the folder goes on the path), dropped
-    from `sys.modules` afterwards so that no other test sees its module-wide settings."""
+def import_benchmark(monkeypatch):
+    """Imports benchmarks/NAME.py as a module (they import their neighbours, so the folder goes on the path); what
+    it imported from there is dropped from `sys.modules` when the test ends, so that no other test sees the
+    benchmarks' module-wide settings."""
     import sys
     from pathlib import Path
 
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    yield __import__("bench_train")
-    sys.modules.pop("bench_train", None)
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(folder))
+    yield __import__
+    for path in folder.glob("*.py"):
+        sys.modules.pop(path.stem, None)
+
+
+@pytest.fixture
+def bench_train(import_benchmark):
+    return import_benchmark("bench_train")
 
 
 def test_bench_train_defaulttiles_turns_the_librarys_flex_kernel_options_off_and_back_on(bench_train):
@@ -690,17 +698,12 @@ def test_bench_train_profile_counts_device_kernels_once(bench_train):
     assert bench_train.kernel_time_by_category(kernels, 1)["optimizer"] == 0.9
 
 
-def test_bench_block_calls_stack_mode_is_the_same_model_in_one_graph(monkeypatch):
+def test_bench_block_calls_stack_mode_is_the_same_model_in_one_graph(import_benchmark):
     """benchmarks/bench_block_calls.py's `stack` model (`run_blocks` compiled) gives the eager model's gradients for
     schedules of different lengths from one graph; `main` reports each mode it timed."""
-    import sys
-    from pathlib import Path
-
     from torch._dynamo.utils import counters
 
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import bench_block_calls
-
+    bench_block_calls = import_benchmark("bench_block_calls")
     cpu = torch.device("cpu")
     eager, stack = bench_block_calls.build("eager", 2, cpu), bench_block_calls.build("stack", 2, cpu)
     graphs_before = counters["stats"]["unique_graphs"]
@@ -717,5 +720,3 @@ def test_bench_block_calls_stack_mode_is_the_same_model_in_one_graph(monkeypatch
         ["--device", "cpu", "--layers", "1", "--modes", "eager", "--iters", "1", "--repeats", "1"]
     )
     assert [result["mode"] for result in results] == ["eager"] and results[0]["ms_per_forward_backward"] > 0
-    for name in ("bench_block_calls", "bench_train"):  # as the bench_train fixture: no module-wide settings leak
-        sys.modules.pop(name, None)
