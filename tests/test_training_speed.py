@@ -585,6 +585,48 @@ def test_bench_train_compile_experiments_set_inductor_and_start_from_a_fresh_dyn
     assert len(resets) == len(expected)
 
 
+def test_bench_train_persistent_experiment_widens_inductors_persistent_rows_then_restores_them(
+    bench_train, monkeypatch
+):
+    """bench_train's `persistent` experiment makes Inductor reduce contiguous rows of up to 2,048 elements (a d24
+    LayerNorm's 1,536) in registers and turns its graph caches off (their keys do not hold that choice); wider rows,
+    other reductions and cooperative ones keep Inductor's own decision; a trainer without it restores Inductor's
+    heuristic and caches."""
+    import types
+
+    import sympy
+    from torch._functorch import config as functorch_config
+    from torch._inductor import config as inductor_config
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.runtime.hints import ReductionHint
+
+    monkeypatch.setattr(FlexVARTransformer2DModel, "compile_repeated_blocks", lambda self, **kwargs: None)
+    # Restored when the test ends, whatever the experiment set.
+    monkeypatch.setattr(InductorChoices, "should_use_persistent_reduction", InductorChoices.__dict__[
+        "should_use_persistent_reduction"])
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", inductor_config.fx_graph_cache)
+    monkeypatch.setattr(functorch_config, "enable_autograd_cache", functorch_config.enable_autograd_cache)
+    inductors_own = staticmethod(lambda features, cooperative_reduction: "Inductor's own")
+    monkeypatch.setattr(bench_train, "_INDUCTOR_DEFAULTS", {"persistent": inductors_own, "caches": (True, True)})
+
+    def rows(width: int, hint=ReductionHint.INNER):
+        return types.SimpleNamespace(reduction_numel=sympy.Integer(width), get_reduction_hint=lambda: hint)
+
+    def trainer(config: str):
+        bench_train.OursTrainer(2, 32, 2, torch.device("cpu"), bench_train.parse_config(config), bench_train.TINY_VQ)
+        return InductorChoices.should_use_persistent_reduction
+
+    decide = trainer("sdpa+compile+persistent")
+    assert decide(rows(1536), False) is True and decide(rows(2048), False) is True
+    assert decide(rows(4096), False) == "Inductor's own"
+    assert decide(rows(1536, ReductionHint.OUTER), False) == "Inductor's own"
+    assert decide(rows(1536), True) == "Inductor's own"
+    assert (inductor_config.fx_graph_cache, functorch_config.enable_autograd_cache) == (False, False)
+    trainer("sdpa+compile")
+    assert InductorChoices.__dict__["should_use_persistent_reduction"] is inductors_own
+    assert (inductor_config.fx_graph_cache, functorch_config.enable_autograd_cache) == (True, True)
+
+
 def test_bench_train_stack_compiles_all_blocks_as_one_graph_for_every_schedule(bench_train, monkeypatch):
     """bench_train's `stack` experiment compiles `run_blocks` (every block, one graph) instead of each block: the
     losses equal the eager trainer's, no block is compiled on its own, and schedules of other lengths reuse the one
