@@ -315,7 +315,6 @@ def persistent_wide_rows(enabled: bool) -> None:
     )
 
 
-
 class OursTrainer:
     """Our transformer, VQ model and optimizer, one step as examples/train.py's under bf16 mixed precision."""
 
