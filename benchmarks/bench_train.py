@@ -25,10 +25,10 @@ classes, the default VQ-16), random pixels in [-1, 1] and random labels; nothing
   bf16, launched as one), `defaulttiles` (FlexAttention with Inductor's default kernel settings, not the
   library's `FLEX_KERNEL_OPTIONS`), `stack` (the whole stack of blocks compiled as one graph,
   `torch.compile(transformer.run_blocks)`, instead of each block: one compiled call per step instead of one per
-  layer; it takes the other compile flags' settings), `persistent` (compiled with Inductor's persistent reductions
-  for rows of up to `PERSISTENT_ROW_WIDTH` elements instead of 1,024: each LayerNorm row of a d24 block, 1,536 wide,
-  read once instead of once for its statistics and again to apply them, forward and backward; Inductor's graph
-  caches are off for it, since their keys do not hold this choice), `ckpt` (`--gradient_checkpointing`).
+  layer; it takes the other compile flags' settings), `persistent` (compiled with fast sampling's persistent
+  reductions for rows of up to 2,048 elements instead of Inductor's 1,024: each LayerNorm row of a d24 block, 1,536
+  wide, read once instead of once for its statistics and again to apply them, forward and backward; Inductor's
+  graph caches are off for it, since their keys do not hold this choice), `ckpt` (`--gradient_checkpointing`).
   `unfolded`, `autotune`, `autodynamic`, `coordtune`, `cppwrap`, `graphs`, `combo`, `defaulttiles`, `stack` and
   `persistent` are experiments of the step mode alone (`STEP_ONLY_FLAGS`): train.py has no such option.
 - original (`--original PATH`, a checkout of github.com/jiaosiyu1999/FlexVAR, never committed here): its
@@ -107,8 +107,6 @@ CONFIG_FLAGS = ("fused", "cache", "compile", "ckpt", *STEP_ONLY_FLAGS)
 COMPILE_FLAGS = (
     "compile", "autotune", "autodynamic", "coordtune", "cppwrap", "graphs", "combo", "stack", "persistent"
 )
-# `persistent`: the widest rows whose reductions Inductor then keeps in registers (Inductor's own limit is 1,024).
-PERSISTENT_ROW_WIDTH = 2048
 MIN_JPEG_FILES = 1300  # the e2e folder's smallest size, and what --data_rate decodes
 TINY_VQ = {"base_channels": 16, "z_channels": 16, "norm_num_groups": 8}  # --tiny: a small VQ model for CPU checks
 # The original train.py's `nowd_keys` (its parameter groups come from utils.lr_control.filter_params with these).
@@ -276,42 +274,32 @@ def timed_steps(
     }
 
 
-# Inductor's own settings that `persistent_wide_rows` replaces, kept at its first call to restore them.
-_INDUCTOR_DEFAULTS: dict = {}
+# Inductor's graph-cache settings, kept at `persistent_wide_rows`' first call to restore them.
+_INDUCTOR_CACHE_DEFAULTS: list = []
 
 
 def persistent_wide_rows(enabled: bool) -> None:
-    """The `persistent` experiment on or off: Inductor makes reductions along contiguous rows of up to
-    `PERSISTENT_ROW_WIDTH` elements persistent (the row read once into registers) where its own limit is 1,024 (a
-    wider row is looped over, and a LayerNorm's reads it twice). Set on the class, not through
-    `V.set_choices_handler`, whose setting is per thread: the backward compiles in the autograd engine's thread. With
-    it, Inductor's graph caches are off (their keys do not hold this choice: a cached graph of another config would
-    come back with its looped kernels); without it, their defaults are restored."""
+    """The `persistent` experiment on or off: Inductor compiles with `flexvar_hf.utils.inductor.WideRowChoices`'
+    heuristic (fast sampling's), which makes reductions along contiguous rows of up to `PERSISTENT_ROW_LIMIT`
+    elements persistent (the row read once into registers) where Inductor's own limit is 1,024 (a wider row is
+    looped over, and a LayerNorm's reads it twice). Installed on `InductorChoices` itself, not through
+    `wide_row_persistent_reductions()`, whose handler is per thread: the backward compiles in the autograd engine's
+    thread. With it, Inductor's graph caches are off (their keys do not hold a heuristic set this way: a cached graph
+    of another config would come back with its looped kernels); without it, Inductor's heuristic and caches return."""
     from torch._functorch import config as functorch_config
     from torch._inductor.choices import InductorChoices
-    from torch._inductor.runtime.hints import ReductionHint
 
-    default = _INDUCTOR_DEFAULTS.setdefault("persistent", InductorChoices.__dict__["should_use_persistent_reduction"])
-    cache_defaults = _INDUCTOR_DEFAULTS.setdefault(
-        "caches", (torch._inductor.config.fx_graph_cache, functorch_config.enable_autograd_cache)
+    from flexvar_hf.utils.inductor import INDUCTORS_PERSISTENT_REDUCTION, WideRowChoices
+
+    if not _INDUCTOR_CACHE_DEFAULTS:
+        _INDUCTOR_CACHE_DEFAULTS.extend(
+            (torch._inductor.config.fx_graph_cache, functorch_config.enable_autograd_cache)
+        )
+    InductorChoices.should_use_persistent_reduction = (
+        WideRowChoices.__dict__["should_use_persistent_reduction"] if enabled else INDUCTORS_PERSISTENT_REDUCTION
     )
-
-    def should_use_persistent_reduction(features, cooperative_reduction: bool) -> bool:
-        width = features.reduction_numel
-        if (
-            torch._inductor.config.triton.persistent_reductions
-            and not cooperative_reduction
-            and features.get_reduction_hint() == ReductionHint.INNER
-            and width.is_number
-            and int(width) <= PERSISTENT_ROW_WIDTH
-        ):
-            return True
-        return default.__func__(features, cooperative_reduction)
-
-    widened = staticmethod(should_use_persistent_reduction)
-    InductorChoices.should_use_persistent_reduction = widened if enabled else default
     torch._inductor.config.fx_graph_cache, functorch_config.enable_autograd_cache = (
-        (False, False) if enabled else cache_defaults
+        (False, False) if enabled else tuple(_INDUCTOR_CACHE_DEFAULTS)
     )
 
 

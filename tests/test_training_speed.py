@@ -588,42 +588,43 @@ def test_bench_train_compile_experiments_set_inductor_and_start_from_a_fresh_dyn
 def test_bench_train_persistent_experiment_widens_inductors_persistent_rows_then_restores_them(
     bench_train, monkeypatch
 ):
-    """bench_train's `persistent` experiment makes Inductor reduce contiguous rows of up to 2,048 elements (a d24
-    LayerNorm's 1,536) in registers and turns its graph caches off (their keys do not hold that choice); wider rows,
-    other reductions and cooperative ones keep Inductor's own decision; a trainer without it restores Inductor's
-    heuristic and caches."""
-    import types
-
+    """bench_train's `persistent` experiment installs fast sampling's wide-row heuristic on `InductorChoices` itself
+    (every thread: the backward compiles in the autograd engine's), so that a d24 LayerNorm's 1,536-wide rows are
+    reduced in registers, and turns Inductor's graph caches off (their keys do not hold that choice); a trainer
+    without it restores Inductor's heuristic and caches."""
     import sympy
     from torch._functorch import config as functorch_config
     from torch._inductor import config as inductor_config
     from torch._inductor.choices import InductorChoices
     from torch._inductor.runtime.hints import ReductionHint
+    from torch._inductor.sizevars import SizeVarAllocator
+    from torch._inductor.virtualized import V
+
+    from flexvar_hf.utils.inductor import INDUCTORS_PERSISTENT_REDUCTION
 
     monkeypatch.setattr(FlexVARTransformer2DModel, "compile_repeated_blocks", lambda self, **kwargs: None)
     # Restored when the test ends, whatever the experiment set.
-    monkeypatch.setattr(InductorChoices, "should_use_persistent_reduction", InductorChoices.__dict__[
-        "should_use_persistent_reduction"])
-    monkeypatch.setattr(inductor_config, "fx_graph_cache", inductor_config.fx_graph_cache)
-    monkeypatch.setattr(functorch_config, "enable_autograd_cache", functorch_config.enable_autograd_cache)
-    inductors_own = staticmethod(lambda features, cooperative_reduction: "Inductor's own")
-    monkeypatch.setattr(bench_train, "_INDUCTOR_DEFAULTS", {"persistent": inductors_own, "caches": (True, True)})
+    monkeypatch.setattr(InductorChoices, "should_use_persistent_reduction", INDUCTORS_PERSISTENT_REDUCTION)
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", True)
+    monkeypatch.setattr(functorch_config, "enable_autograd_cache", True)
+    monkeypatch.setattr(bench_train, "_INDUCTOR_CACHE_DEFAULTS", [])
 
-    def rows(width: int, hint=ReductionHint.INNER):
-        return types.SimpleNamespace(reduction_numel=sympy.Integer(width), get_reduction_hint=lambda: hint)
+    class Rows:  # what the heuristic reads of a kernel: rows of `width` contiguous elements
+        def __init__(self, width):
+            self.reduction_numel = sympy.Integer(width)
 
-    def trainer(config: str):
+        def get_reduction_hint(self):
+            return ReductionHint.INNER
+
+    def persistent_after(config: str) -> list[bool]:
         bench_train.OursTrainer(2, 32, 2, torch.device("cpu"), bench_train.parse_config(config), bench_train.TINY_VQ)
-        return InductorChoices.should_use_persistent_reduction
+        with V.set_graph_handler(type("Graph", (), {"sizevars": SizeVarAllocator()})()):
+            # a fresh instance, as each compilation's thread makes its own
+            return [InductorChoices().should_use_persistent_reduction(Rows(n), False) for n in (1024, 1536, 4096)]
 
-    decide = trainer("sdpa+compile+persistent")
-    assert decide(rows(1536), False) is True and decide(rows(2048), False) is True
-    assert decide(rows(4096), False) == "Inductor's own"
-    assert decide(rows(1536, ReductionHint.OUTER), False) == "Inductor's own"
-    assert decide(rows(1536), True) == "Inductor's own"
+    assert persistent_after("sdpa+compile+persistent") == [True, True, False]
     assert (inductor_config.fx_graph_cache, functorch_config.enable_autograd_cache) == (False, False)
-    trainer("sdpa+compile")
-    assert InductorChoices.__dict__["should_use_persistent_reduction"] is inductors_own
+    assert persistent_after("sdpa+compile") == [True, False, False]
     assert (inductor_config.fx_graph_cache, functorch_config.enable_autograd_cache) == (True, True)
 
 

@@ -24,6 +24,9 @@ if list(inspect.signature(InductorChoices.should_use_persistent_reduction).param
 # 1536- and 1920-wide rows of d24 and d30 got looped reductions, which took d24's modulated LayerNorm to about four
 # times its memory-bound time.
 PERSISTENT_ROW_LIMIT = 2048
+# Inductor's own heuristic, taken at import: `WideRowChoices` defers to it, and a caller that installs
+# `WideRowChoices`' heuristic on `InductorChoices` itself (for every thread) restores it from here.
+INDUCTORS_PERSISTENT_REDUCTION = InductorChoices.__dict__["should_use_persistent_reduction"]
 
 
 class WideRowChoices(InductorChoices):
@@ -39,7 +42,7 @@ class WideRowChoices(InductorChoices):
             and V.graph.sizevars.statically_known_leq(features.reduction_numel, PERSISTENT_ROW_LIMIT)
         ):
             return True
-        return InductorChoices.should_use_persistent_reduction(features, cooperative_reduction)
+        return INDUCTORS_PERSISTENT_REDUCTION.__func__(features, cooperative_reduction)
 
     @staticmethod
     def uuid() -> str:
