@@ -15,7 +15,8 @@ classes, the default VQ-16), random pixels in [-1, 1] and random labels; nothing
   attention `sdpa` (one masked call; `plain` is `sdpa` alone), `flex` or `per_scale` (`--training_attention`),
   `fused` (`--fused_adamw`: fused AdamW, the clip factor applied inside its kernel as train.py does; `unfolded` adds
   the clipping's own pass back), `cache` (latents encoded once, as `--cache_latents`: the step starts from them),
-  `compile` (`--torch_compile`), `autotune` (the same compilation in Inductor's "max-autotune-no-cudagraphs" mode),
+  `compile` (`--torch_compile`: Inductor with `flexvar_hf.utils.inductor.wide_row_inductor`'s one-pass reductions of
+  rows up to 2,048 wide), `autotune` (the same compilation in Inductor's "max-autotune-no-cudagraphs" mode),
   `autodynamic` (the blocks compiled with automatic dynamic shapes, only the sequence length symbolic after the first
   recompilation), `coordtune` (compiled with Inductor's coordinate-descent tuning of its own kernels' block sizes),
   `cppwrap` (compiled with Inductor's C++ wrapper, which launches the kernels of each compiled block from C++ rather
@@ -25,12 +26,12 @@ classes, the default VQ-16), random pixels in [-1, 1] and random labels; nothing
   bf16, launched as one), `defaulttiles` (FlexAttention with Inductor's default kernel settings, not the
   library's `FLEX_KERNEL_OPTIONS`), `stack` (the whole stack of blocks compiled as one graph,
   `torch.compile(transformer.run_blocks)`, instead of each block: one compiled call per step instead of one per
-  layer; it takes the other compile flags' settings), `persistent` (compiled with fast sampling's persistent
-  reductions for rows of up to 2,048 elements instead of Inductor's 1,024: each LayerNorm row of a d24 block, 1,536
-  wide, read once instead of once for its statistics and again to apply them, forward and backward; Inductor's
-  graph caches are off for it, since their keys do not hold this choice), `ckpt` (`--gradient_checkpointing`).
-  `unfolded`, `autotune`, `autodynamic`, `coordtune`, `cppwrap`, `graphs`, `combo`, `defaulttiles`, `stack` and
-  `persistent` are experiments of the step mode alone (`STEP_ONLY_FLAGS`): train.py has no such option.
+  layer; it takes the other compile flags' settings), `inductorrows` (compiled with Inductor's own limit of 1,024
+  elements for one-pass row reductions: a d24 block's LayerNorm rows, 1,536 wide, read once for their statistics
+  and again to apply them, forward and backward), `ckpt` (`--gradient_checkpointing`). The Inductor modes
+  (`autotune`, `graphs`) compile with Inductor's own limit too. `unfolded`, `autotune`, `autodynamic`, `coordtune`,
+  `cppwrap`, `graphs`, `combo`, `defaulttiles`, `stack` and `inductorrows` are experiments of the step mode alone
+  (`STEP_ONLY_FLAGS`): train.py has no such option.
 - original (`--original PATH`, a checkout of github.com/jiaosiyu1999/FlexVAR, never committed here): its
   `VARTrainer.train_step` on its own FlexVAR, VQ-16, `AmpOptimizer` and `filter_params` groups as its train.py builds
   them (fused AdamW, TF32, drop path 0.1 * depth / 24). Its published commands pass `--fp16=1` (float16 autocast, a
@@ -92,6 +93,7 @@ from flexvar_hf.models import block_causal
 from flexvar_hf.models.block_causal import TRAINING_ATTENTION_BACKENDS
 from flexvar_hf.training.flexvar_loss import build_teacher_inputs, training_loss
 from flexvar_hf.training.optim import build_optimizer, clip_and_step
+from flexvar_hf.utils.inductor import wide_row_inductor
 
 LIBRARY_FLEX_KERNEL_OPTIONS = dict(block_causal.FLEX_KERNEL_OPTIONS)  # what "defaulttiles" turns off
 LEARNING_RATE, WEIGHT_DECAY, BETAS, MAX_GRAD_NORM, CLASS_DROPOUT = 1e-4, 0.05, (0.9, 0.95), 2.0, 0.1
@@ -101,11 +103,11 @@ AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # Flags that are experiments of the step mode alone (train.py has no such option), and those that compile the blocks.
 STEP_ONLY_FLAGS = (
     "unfolded", "autotune", "autodynamic", "coordtune", "cppwrap", "graphs", "combo", "defaulttiles", "stack",
-    "persistent",
+    "inductorrows",
 )
 CONFIG_FLAGS = ("fused", "cache", "compile", "ckpt", *STEP_ONLY_FLAGS)
 COMPILE_FLAGS = (
-    "compile", "autotune", "autodynamic", "coordtune", "cppwrap", "graphs", "combo", "stack", "persistent"
+    "compile", "autotune", "autodynamic", "coordtune", "cppwrap", "graphs", "combo", "stack", "inductorrows"
 )
 MIN_JPEG_FILES = 1300  # the e2e folder's smallest size, and what --data_rate decodes
 TINY_VQ = {"base_channels": 16, "z_channels": 16, "norm_num_groups": 8}  # --tiny: a small VQ model for CPU checks
@@ -274,35 +276,6 @@ def timed_steps(
     }
 
 
-# Inductor's graph-cache settings, kept at `persistent_wide_rows`' first call to restore them.
-_INDUCTOR_CACHE_DEFAULTS: list = []
-
-
-def persistent_wide_rows(enabled: bool) -> None:
-    """The `persistent` experiment on or off: Inductor compiles with `flexvar_hf.utils.inductor.WideRowChoices`'
-    heuristic (fast sampling's), which makes reductions along contiguous rows of up to `PERSISTENT_ROW_LIMIT`
-    elements persistent (the row read once into registers) where Inductor's own limit is 1,024 (a wider row is
-    looped over, and a LayerNorm's reads it twice). Installed on `InductorChoices` itself, not through
-    `wide_row_persistent_reductions()`, whose handler is per thread: the backward compiles in the autograd engine's
-    thread. With it, Inductor's graph caches are off (their keys do not hold a heuristic set this way: a cached graph
-    of another config would come back with its looped kernels); without it, Inductor's heuristic and caches return."""
-    from torch._functorch import config as functorch_config
-    from torch._inductor.choices import InductorChoices
-
-    from flexvar_hf.utils.inductor import INDUCTORS_PERSISTENT_REDUCTION, WideRowChoices
-
-    if not _INDUCTOR_CACHE_DEFAULTS:
-        _INDUCTOR_CACHE_DEFAULTS.extend(
-            (torch._inductor.config.fx_graph_cache, functorch_config.enable_autograd_cache)
-        )
-    InductorChoices.should_use_persistent_reduction = (
-        WideRowChoices.__dict__["should_use_persistent_reduction"] if enabled else INDUCTORS_PERSISTENT_REDUCTION
-    )
-    torch._inductor.config.fx_graph_cache, functorch_config.enable_autograd_cache = (
-        (False, False) if enabled else tuple(_INDUCTOR_CACHE_DEFAULTS)
-    )
-
-
 class OursTrainer:
     """Our transformer, VQ model and optimizer, one step as examples/train.py's under bf16 mixed precision."""
 
@@ -322,12 +295,11 @@ class OursTrainer:
         # with only the dimensions that changed (the sequence length) symbolic; "coordtune", Inductor tunes the
         # block sizes of its own (norm, GELU, cast) kernels by timing them; "cppwrap", Inductor's C++ wrapper launches
         # each compiled graph's kernels; "graphs", the blocks replayed as CUDA graphs; "combo", independent kernels
-        # launched as one; "defaulttiles", FlexAttention without the library's kernel settings; "persistent", wider
-        # rows reduced in registers (`persistent_wide_rows`). Set by every trainer: module-wide.
+        # launched as one; "defaulttiles", FlexAttention without the library's kernel settings; "inductorrows", rows
+        # over 1,024 elements reduced in two passes (Inductor's heuristic). Set by every trainer: module-wide.
         torch._inductor.config.coordinate_descent_tuning = options["coordtune"]
         torch._inductor.config.cpp_wrapper = options["cppwrap"]
         torch._inductor.config.combo_kernels = options["combo"]
-        persistent_wide_rows(options["persistent"])
         # Dynamo's cache does not key on Inductor's settings: without a reset, a config would reuse the blocks that an
         # earlier config of the process compiled under other settings.
         torch._dynamo.reset()
@@ -337,11 +309,15 @@ class OursTrainer:
         if any(options[flag] for flag in COMPILE_FLAGS):
             modes = {"autotune": "max-autotune-no-cudagraphs", "graphs": "reduce-overhead"}
             mode = next((modes[flag] for flag in modes if options[flag]), None)
-            dynamic = None if options["autodynamic"] else True
+            compile_options = {"dynamic": None if options["autodynamic"] else True}
+            if mode is not None:  # a backend of our own takes no Inductor mode
+                compile_options["mode"] = mode
+            elif not options["inductorrows"]:  # as train.py's --torch_compile
+                compile_options["backend"] = wide_row_inductor
             if options["stack"]:  # all blocks as one graph: one call, one set of guards per step instead of 24
-                self.transformer.run_blocks = torch.compile(self.transformer.run_blocks, dynamic=dynamic, mode=mode)
+                self.transformer.run_blocks = torch.compile(self.transformer.run_blocks, **compile_options)
             else:
-                self.transformer.compile_repeated_blocks(dynamic=dynamic, mode=mode)
+                self.transformer.compile_repeated_blocks(**compile_options)
         # accelerate's mixed precision: the prepared model's forward runs under autocast, parameters stay float32.
         self.transformer.forward = torch.autocast(device.type, dtype=torch.bfloat16)(self.transformer.forward)
         self.vqvae = FlexVQModel(num_codes=VOCAB_SIZE, code_dim=CODE_DIM, **(vq_config or {}))

@@ -156,7 +156,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "--torch_compile",
         action="store_true",
         help="torch.compile the transformer's blocks (regional compilation with dynamic shapes: one graph for every "
-        "layer and scale schedule); the first steps compile.",
+        "layer and scale schedule; LayerNorm rows up to 2048 wide in one pass, see flexvar_hf.utils.inductor); the "
+        "first steps compile.",
     )
     training.add_argument(
         "--training_attention",
@@ -755,7 +756,9 @@ def main(args: argparse.Namespace) -> dict:
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     if args.torch_compile:
-        transformer.compile_repeated_blocks(dynamic=True)
+        from flexvar_hf.utils.inductor import wide_row_inductor  # imports Inductor
+
+        transformer.compile_repeated_blocks(dynamic=True, backend=wide_row_inductor)
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
 

@@ -6,6 +6,8 @@ On CPU the static-buffer loop runs eagerly; graph capture itself is checked on t
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -248,10 +250,66 @@ def test_wide_row_heuristic_makes_rows_up_to_2048_persistent_and_is_scoped():
         assert [persistent(WideRowChoices, n) for n in (1024, 1536, 1920, 4096)] == [True, True, True, False]
         assert not persistent(WideRowChoices, 1536, hint=ReductionHint.OUTER)  # only row reductions change
 
+    def in_a_new_thread(function):
+        seen = []
+        thread = threading.Thread(target=lambda: seen.append(function()))
+        thread.start()
+        thread.join()
+        return seen[0]
+
     default = type(V.choices)
     with wide_row_persistent_reductions():
         assert type(V.choices) is WideRowChoices
     assert type(V.choices) is default  # nothing leaks to other compiled code of the process
+
+    def first_use_inside():  # a thread whose first compilation is inside keeps nothing of it either
+        with wide_row_persistent_reductions():
+            inside = type(V.choices)
+        return inside, type(V.choices)
+
+    assert in_a_new_thread(first_use_inside) == (WideRowChoices, default)
+
+
+def test_wide_row_backend_compiles_the_backward_under_the_heuristic_on_any_thread(monkeypatch, tmp_path):
+    """`wide_row_inductor` (train.py's `--torch_compile`): the forward and the backward graph get the wide-row
+    heuristic, also when the backward compiles later on another thread (the autograd engine's, on a GPU); the
+    gradients are Inductor's; graphs that Inductor cached without the heuristic are not reused."""
+    import torch._inductor.graph as inductor_graph
+    from torch._inductor.virtualized import V
+
+    from flexvar_hf.utils.inductor import WideRowChoices, wide_row_inductor
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # caches on, and empty
+    compiled_graphs = []
+    lowering_init = inductor_graph.GraphLowering.__init__
+
+    def spy(self, *args, **kwargs):
+        compiled_graphs.append((threading.current_thread().name, type(V.choices), kwargs.get("is_backward")))
+        lowering_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(inductor_graph.GraphLowering, "__init__", spy)
+
+    def loss_and_grad(backend):
+        torch._dynamo.reset()
+        weight = torch.linspace(0.5, 1.5, 48, requires_grad=True)
+
+        def loss(x):  # static shapes: the backward compiles when it first runs
+            return (torch.nn.functional.layer_norm(x, (48,), weight) * x).relu().square().sum()
+
+        value = torch.compile(loss, backend=backend)(torch.linspace(-2, 2, 8 * 48).reshape(8, 48))
+        thread = threading.Thread(target=value.backward, name="backward")
+        thread.start()
+        thread.join()
+        return value.detach(), weight.grad
+
+    default = type(V.choices)
+    reference = loss_and_grad("inductor")
+    assert [graph[1] for graph in compiled_graphs] == [default, default]
+    compiled_graphs.clear()
+    value, grad = loss_and_grad(wide_row_inductor)
+    assert compiled_graphs == [("MainThread", WideRowChoices, False), ("backward", WideRowChoices, True)]
+    assert type(V.choices) is default
+    torch.testing.assert_close((value, grad), reference)
 
 
 def test_compiled_fast_sampling_generates_under_the_wide_row_heuristic(tiny_pipe, monkeypatch):
@@ -281,9 +339,9 @@ def test_compiled_fast_sampling_generates_under_the_wide_row_heuristic(tiny_pipe
 
 
 def test_compiled_fast_sampling_falls_back_to_inductors_heuristics_on_other_torch_versions(tiny_pipe, monkeypatch):
-    import sys
+    from flexvar_hf.utils import inductor
 
-    monkeypatch.setitem(sys.modules, "flexvar_hf.utils.inductor", None)  # its import now raises ImportError
+    monkeypatch.setattr(inductor, "SUPPORTED", False)  # as on a torch whose Inductor has other extension points
     monkeypatch.setattr(tiny_pipe.transformer, "compile_repeated_blocks", lambda **kw: None)
     monkeypatch.setattr(tiny_pipe.vqvae.decoder, "compile", lambda **kw: None)
     tiny_pipe.enable_fast_sampling(use_cuda_graph=False, torch_compile=True)

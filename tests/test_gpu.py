@@ -282,3 +282,35 @@ def test_folded_clip_gives_the_clipped_update_on_cuda():
     assert min(norms) > 0.1  # every step clipped
     assert folded_norms == pytest.approx(norms, rel=1e-5)
     assert relative_error(folded_weights, weights) < 1e-6
+
+
+def test_wide_row_backend_reduces_d24_layernorm_rows_in_one_pass_forward_and_backward():
+    """`wide_row_inductor` (train.py's `--torch_compile`) compiles a d24 block's LayerNorm (rows of 1,536) into
+    persistent reductions (`triton_per_` kernels) in the forward and in the backward, which Inductor's own heuristic
+    loops over (`triton_red_`); the gradients agree with Inductor's."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from flexvar_hf.utils.inductor import wide_row_inductor
+
+    def layer_norm_loss(x, scale):  # as the blocks' AdaLN: no affine weights, whose gradients are column sums
+        return (torch.nn.functional.layer_norm(x, (1536,)) * scale).float().square().sum()
+
+    def reduction_kernels_and_grads(backend):
+        torch._dynamo.reset()
+        generator = torch.Generator("cuda").manual_seed(0)
+        x = torch.randn(4096, 1536, device="cuda", dtype=torch.bfloat16, generator=generator, requires_grad=True)
+        scale = torch.linspace(0.5, 1.5, 1536, device="cuda", dtype=torch.bfloat16)
+        loss = torch.compile(layer_norm_loss, backend=backend, dynamic=True)
+        loss(x, scale).backward()  # compiles both graphs
+        x.grad = None
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            loss(x, scale).backward()
+            torch.cuda.synchronize()
+        names = {event.name for event in prof.events() if event.name.startswith(("triton_per", "triton_red"))}
+        return {name.split("_fused")[0] for name in names}, x.grad.float()
+
+    wide_kinds, wide_grad = reduction_kernels_and_grads(wide_row_inductor)
+    inductor_kinds, inductor_grad = reduction_kernels_and_grads("inductor")
+    assert "triton_red" in inductor_kinds
+    assert wide_kinds == {"triton_per"}
+    torch.testing.assert_close(wide_grad, inductor_grad, rtol=2e-2, atol=2e-2)

@@ -822,13 +822,24 @@ def test_expandable_segments_unless_the_allocator_is_configured(train_script, mo
         monkeypatch.delenv(name)
 
 
-def test_torch_compile_trains_like_eager(assets, tmp_path, train_script, fresh_accelerate):
+def test_torch_compile_trains_like_eager(assets, tmp_path, train_script, fresh_accelerate, monkeypatch):
+    from flexvar_hf.utils.inductor import wide_row_inductor
+
     options = ["--max_train_steps", "3", "--max_train_samples", "8", "--seed", "5", "--random_flip"]
     eager = train_script.main(train_script.parse_args(scratch_args(assets, tmp_path / "eager", *options)))
     reset_accelerate()
+    compile_calls = []
+    compile_blocks = FlexVARTransformer2DModel.compile_repeated_blocks
+
+    def spy(self, **kwargs):
+        compile_calls.append(kwargs)
+        return compile_blocks(self, **kwargs)
+
+    monkeypatch.setattr(FlexVARTransformer2DModel, "compile_repeated_blocks", spy)
     compiled = train_script.main(
         train_script.parse_args(scratch_args(assets, tmp_path / "compiled", *options, "--torch_compile"))
     )
+    assert compile_calls == [{"dynamic": True, "backend": wide_row_inductor}]  # LayerNorms of d24 rows in one pass
     assert compiled["losses"] == pytest.approx(eager["losses"], rel=1e-4)
     assert compiled["losses"][0] != compiled["losses"][-1]  # it trained
     first = load_file(tmp_path / "eager" / "pipeline" / "transformer" / "diffusion_pytorch_model.safetensors")

@@ -556,12 +556,14 @@ def test_bench_train_defaulttiles_turns_the_librarys_flex_kernel_options_off_and
 
 def test_bench_train_compile_experiments_set_inductor_and_start_from_a_fresh_dynamo_cache(bench_train, monkeypatch):
     """Each trainer of bench_train sets the Inductor settings its config names (`cppwrap`: the C++ wrapper, `combo`:
-    combo kernels, off otherwise), compiles its blocks in its config's mode (`graphs`: "reduce-overhead", CUDA
-    graphs) and clears Dynamo's cache first, which does not key on Inductor's settings: without that a trainer
-    would run the blocks an earlier trainer of the process compiled under other settings."""
+    combo kernels, off otherwise), compiles its blocks as train.py's `--torch_compile` does (the wide-row backend),
+    or in its config's Inductor mode (`graphs`: "reduce-overhead", CUDA graphs), or with Inductor's own heuristics
+    (`inductorrows`), and clears Dynamo's cache first, which does not key on Inductor's settings: without that a
+    trainer would run the blocks an earlier trainer of the process compiled under other settings."""
     import torch._inductor.config as inductor_config
 
     from flexvar_hf import FlexVARTransformer2DModel
+    from flexvar_hf.utils.inductor import wide_row_inductor
 
     modes, resets = [], []
 
@@ -572,60 +574,19 @@ def test_bench_train_compile_experiments_set_inductor_and_start_from_a_fresh_dyn
     monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(True))
     monkeypatch.setattr(inductor_config, "cpp_wrapper", inductor_config.cpp_wrapper)  # restored afterwards
     monkeypatch.setattr(inductor_config, "combo_kernels", inductor_config.combo_kernels)
+    wide_rows, graphs = {"backend": wide_row_inductor}, {"mode": "reduce-overhead"}
     expected = {
-        "sdpa+compile+cppwrap": (True, False, None),
-        "sdpa+compile+combo": (False, True, None),
-        "sdpa+compile+graphs": (False, False, "reduce-overhead"),
-        "sdpa+compile": (False, False, None),
+        "sdpa+compile+cppwrap": (True, False, wide_rows),
+        "sdpa+compile+combo": (False, True, wide_rows),
+        "sdpa+compile+graphs": (False, False, graphs),
+        "sdpa+compile+inductorrows": (False, False, {}),
+        "sdpa+compile": (False, False, wide_rows),
     }
-    for config, (cpp_wrapper, combo_kernels, mode) in expected.items():
+    for config, (cpp_wrapper, combo_kernels, compile_options) in expected.items():
         bench_train.OursTrainer(2, 32, 2, torch.device("cpu"), bench_train.parse_config(config), bench_train.TINY_VQ)
         assert (inductor_config.cpp_wrapper, inductor_config.combo_kernels) == (cpp_wrapper, combo_kernels), config
-        assert modes[-1] == {"dynamic": True, "mode": mode}, config
+        assert modes[-1] == {"dynamic": True, **compile_options}, config
     assert len(resets) == len(expected)
-
-
-def test_bench_train_persistent_experiment_widens_inductors_persistent_rows_then_restores_them(
-    bench_train, monkeypatch
-):
-    """bench_train's `persistent` experiment installs fast sampling's wide-row heuristic on `InductorChoices` itself
-    (every thread: the backward compiles in the autograd engine's), so that a d24 LayerNorm's 1,536-wide rows are
-    reduced in registers, and turns Inductor's graph caches off (their keys do not hold that choice); a trainer
-    without it restores Inductor's heuristic and caches."""
-    import sympy
-    from torch._functorch import config as functorch_config
-    from torch._inductor import config as inductor_config
-    from torch._inductor.choices import InductorChoices
-    from torch._inductor.runtime.hints import ReductionHint
-    from torch._inductor.sizevars import SizeVarAllocator
-    from torch._inductor.virtualized import V
-
-    from flexvar_hf.utils.inductor import INDUCTORS_PERSISTENT_REDUCTION
-
-    monkeypatch.setattr(FlexVARTransformer2DModel, "compile_repeated_blocks", lambda self, **kwargs: None)
-    # Restored when the test ends, whatever the experiment set.
-    monkeypatch.setattr(InductorChoices, "should_use_persistent_reduction", INDUCTORS_PERSISTENT_REDUCTION)
-    monkeypatch.setattr(inductor_config, "fx_graph_cache", True)
-    monkeypatch.setattr(functorch_config, "enable_autograd_cache", True)
-    monkeypatch.setattr(bench_train, "_INDUCTOR_CACHE_DEFAULTS", [])
-
-    class Rows:  # what the heuristic reads of a kernel: rows of `width` contiguous elements
-        def __init__(self, width):
-            self.reduction_numel = sympy.Integer(width)
-
-        def get_reduction_hint(self):
-            return ReductionHint.INNER
-
-    def persistent_after(config: str) -> list[bool]:
-        bench_train.OursTrainer(2, 32, 2, torch.device("cpu"), bench_train.parse_config(config), bench_train.TINY_VQ)
-        with V.set_graph_handler(type("Graph", (), {"sizevars": SizeVarAllocator()})()):
-            # a fresh instance, as each compilation's thread makes its own
-            return [InductorChoices().should_use_persistent_reduction(Rows(n), False) for n in (1024, 1536, 4096)]
-
-    assert persistent_after("sdpa+compile+persistent") == [True, True, False]
-    assert (inductor_config.fx_graph_cache, functorch_config.enable_autograd_cache) == (False, False)
-    assert persistent_after("sdpa+compile") == [True, False, False]
-    assert (inductor_config.fx_graph_cache, functorch_config.enable_autograd_cache) == (True, True)
 
 
 def test_bench_train_stack_compiles_all_blocks_as_one_graph_for_every_schedule(bench_train, monkeypatch):

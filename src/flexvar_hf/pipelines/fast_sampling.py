@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections import OrderedDict
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -82,12 +81,8 @@ class FastTokenGenerator:
         LayerNorms over rows up to 2048 wide (d24 and d30), see `utils.inductor`."""
         if not self.compiled:
             return nullcontext()
-        try:
-            from ..utils.inductor import wide_row_persistent_reductions  # imports Inductor (about 0.8 s)
-        except ImportError as error:  # private Inductor API, newer than the oldest torch we support
-            message = f"Compiling with Inductor's own heuristics (slower LayerNorms at d24 and d30): {error}"
-            warnings.warn(message, stacklevel=2)
-            return nullcontext()
+        from ..utils.inductor import wide_row_persistent_reductions  # imports Inductor (about 0.8 s)
+
         return wide_row_persistent_reductions()
 
     def _generate(self, loop: _StaticLoop, sampling: tuple) -> None:
