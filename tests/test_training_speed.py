@@ -8,6 +8,7 @@ steps are compared on the GPU by `benchmarks/bench_train.py --check`; here its f
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import pytest
@@ -724,3 +725,19 @@ def test_bench_block_calls_stack_mode_is_the_same_model_in_one_graph(import_benc
         ["--device", "cpu", "--layers", "1", "--modes", "eager", "--iters", "1", "--repeats", "1"]
     )
     assert [result["mode"] for result in results] == ["eager"] and results[0]["ms_per_forward_backward"] > 0
+
+
+def test_bench_optimizer_methods_take_the_same_clipped_adamw_steps(import_benchmark, tmp_path):
+    """benchmarks/bench_optimizer.py times train.py's fused AdamW with the folded clip against the clipping and a
+    multi-tensor AdamW compiled together: after the same steps from the same gradients (which the clip at 2.0
+    scales down) both give the same parameters, and the report says what it timed."""
+    bench_optimizer = import_benchmark("bench_optimizer")
+    output = tmp_path / "optimizer.json"
+    results = bench_optimizer.main(
+        ["--size", "tiny", "--device", "cpu", "--warmup", "1", "--iters", "2", "--json", str(output)]
+    )
+    assert [result["method"] for result in results] == ["fused", "compiled"]
+    assert results[0]["max_relative_difference"] == 0.0
+    assert 0.0 < results[1]["max_relative_difference"] < 1e-5  # another order of float32 operations, same update
+    assert all(result["ms_per_step"] > 0 and result["gb_per_step"] > 0 for result in results)
+    assert json.loads(output.read_text()) == results
