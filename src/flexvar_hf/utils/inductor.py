@@ -21,8 +21,8 @@ from torch._inductor.virtualized import V
 PERSISTENT_ROW_LIMIT = 2048
 
 # These are Inductor's private extension points (the tests run them on torch 2.13, the benchmarks on 2.11). A torch
-# whose heuristic has another signature, or that cannot set a heuristic class for every thread, compiles with
-# Inductor's own heuristics (`wide_row_persistent_reductions` warns).
+# whose heuristic has another signature, or without the config entry that puts a heuristics class into the cache
+# keys, compiles with Inductor's own heuristics (`wide_row_persistent_reductions` warns).
 SUPPORTED = hasattr(config, "inductor_choices_class") and list(
     inspect.signature(InductorChoices.should_use_persistent_reduction).parameters
 ) == ["features", "cooperative_reduction"]
