@@ -292,25 +292,26 @@ def test_wide_row_backend_reduces_d24_layernorm_rows_in_one_pass_forward_and_bac
 
     from flexvar_hf.utils.inductor import wide_row_inductor
 
-    def layer_norm_loss(x, scale):  # as the blocks' AdaLN: no affine weights, whose gradients are column sums
-        return (torch.nn.functional.layer_norm(x, (1536,)) * scale).float().square().sum()
+    def modulated_norm(x, scale):  # as the blocks' AdaLN: no affine weights, whose gradients are column sums
+        return torch.nn.functional.layer_norm(x, (1536,)) * scale
 
-    def reduction_kernels_and_grads(backend):
+    def reduction_kernels_and_grad(backend):
         torch._dynamo.reset()
         generator = torch.Generator("cuda").manual_seed(0)
         x = torch.randn(4096, 1536, device="cuda", dtype=torch.bfloat16, generator=generator, requires_grad=True)
+        grad_output = torch.randn(4096, 1536, device="cuda", dtype=torch.bfloat16, generator=generator)
         scale = torch.linspace(0.5, 1.5, 1536, device="cuda", dtype=torch.bfloat16)
-        loss = torch.compile(layer_norm_loss, backend=backend, dynamic=True)
-        loss(x, scale).backward()  # compiles both graphs
+        norm = torch.compile(modulated_norm, backend=backend, dynamic=True)
+        norm(x, scale).backward(grad_output)  # compiles both graphs; every reduction is along a row
         x.grad = None
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            loss(x, scale).backward()
+            norm(x, scale).backward(grad_output)
             torch.cuda.synchronize()
         names = {event.name for event in prof.events() if event.name.startswith(("triton_per", "triton_red"))}
         return {name.split("_fused")[0] for name in names}, x.grad.float()
 
-    wide_kinds, wide_grad = reduction_kernels_and_grads(wide_row_inductor)
-    inductor_kinds, inductor_grad = reduction_kernels_and_grads("inductor")
+    wide_kinds, wide_grad = reduction_kernels_and_grad(wide_row_inductor)
+    inductor_kinds, inductor_grad = reduction_kernels_and_grad("inductor")
     assert "triton_red" in inductor_kinds
     assert wide_kinds == {"triton_per"}
     torch.testing.assert_close(wide_grad, inductor_grad, rtol=2e-2, atol=2e-2)
