@@ -24,6 +24,7 @@ import time
 
 import torch
 
+from bench_generate import CODE_DIM, NUM_CLASSES, VOCAB_SIZE
 from bench_train import BETAS, LEARNING_RATE, MAX_GRAD_NORM, WEIGHT_DECAY, model_size, synchronize
 from flexvar_hf import FlexVARTransformer2DModel
 from flexvar_hf.training.optim import build_optimizer, clip_and_step
@@ -44,11 +45,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build_model(size: str, device: torch.device) -> FlexVARTransformer2DModel:
-    depth, width, heads = model_size("d2" if size == "tiny" else size, tiny=size == "tiny")
+    depth, width, heads = model_size(size, tiny=size == "tiny")
     torch.manual_seed(0)
     return FlexVARTransformer2DModel(
-        num_layers=depth, hidden_size=width, num_attention_heads=heads, num_classes=1000, vocab_size=8912,
-        code_dim=32,
+        num_layers=depth, hidden_size=width, num_attention_heads=heads, num_classes=NUM_CLASSES,
+        vocab_size=VOCAB_SIZE, code_dim=CODE_DIM,
     ).to(device)
 
 
@@ -62,9 +63,10 @@ def fixed_gradients(model: torch.nn.Module) -> list[torch.Tensor]:
 
 def fused_step(model: torch.nn.Module):
     optimizer = build_optimizer(model, LEARNING_RATE, weight_decay=WEIGHT_DECAY, betas=BETAS, fused=True)
+    parameters = list(model.parameters())
 
     def step():
-        return clip_and_step(optimizer, list(model.parameters()), MAX_GRAD_NORM, fold_clip=True)
+        return clip_and_step(optimizer, parameters, MAX_GRAD_NORM, fold_clip=True)
 
     return step
 
