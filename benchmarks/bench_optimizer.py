@@ -5,12 +5,17 @@ weight decay 0.05 on train.py's groups) over a FlexVAR transformer's parameters,
 - `fused`: what train.py runs with `--fused_adamw` (`clip_and_step(..., fold_clip=True)`: the norm, then PyTorch's
   fused AdamW kernel with the clip factor applied inside it);
 - `compiled`: the norm, the clip and a multi-tensor AdamW step compiled together by Inductor (`torch.compile` of
-  the whole function; the learning rate a tensor, so that a changing rate does not recompile).
+  the whole function; the learning rate a tensor, so that a changing rate does not recompile);
+- `bf16weights`: the linear layers' weights in bfloat16 with float32 masters in the optimizer
+  (`build_optimizer(..., bf16_weights=True)`: `MasterWeightAdamW`, its update compiled on a GPU), bfloat16
+  gradients, the norm in float32 and the clip folded into the update. What it saves in the model's forward and
+  backward passes (autocast's casts of the weights and their gradients) shows in `bench_train.py`'s `bf16weights`.
 
 Prints ms per step (the median of `--iters` steps after `--warmup`, timed with CUDA events on a GPU), the bytes a
-step must move at the least (28 per parameter for AdamW's reads and writes in float32, 4 more to read the gradients
-for their norm) and the rate that gives, the first step's seconds, and how far each method's parameters are from
-the first method's after the same steps.
+step must move at the least (28 per parameter for AdamW's reads and writes, float32 but for bfloat16 gradients and
+weight copies, and the gradients' size again for their norm) and the rate that gives, the first step's seconds, and
+how far each method's float32 weights are from the first method's after the same steps. The gradients are drawn
+once as bfloat16 values, so that every method steps from the same ones.
 
     python benchmarks/bench_optimizer.py --size d24 --json optimizer.json
 """
@@ -29,8 +34,10 @@ from bench_train import BETAS, LEARNING_RATE, MAX_GRAD_NORM, WEIGHT_DECAY, model
 from flexvar_hf import FlexVARTransformer2DModel
 from flexvar_hf.training.optim import build_optimizer, clip_and_step
 
-METHODS = ("fused", "compiled")
-BYTES_PER_PARAMETER = 28 + 4  # AdamW: parameter, gradient and two moments read, three written; the norm's read
+METHODS = ("fused", "compiled", "bf16weights")
+# AdamW: parameter (or master), gradient and two moments read, three written (and a bfloat16 copy of a master) is
+# 28 bytes a parameter with float32 gradients and with bfloat16 gradients and copies; the norm reads the gradients.
+ADAMW_BYTES = 28
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -54,21 +61,23 @@ def build_model(size: str, device: torch.device) -> FlexVARTransformer2DModel:
 
 
 def fixed_gradients(model: torch.nn.Module) -> list[torch.Tensor]:
-    """One gradient per parameter, drawn once: large enough that the clipping at 2.0 acts."""
+    """One float32 gradient per parameter, drawn once as bfloat16 values: large enough that the clipping at 2.0
+    acts."""
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(1)
     return [
-        torch.randn(param.shape, generator=generator, device=param.device) * 1e-2 for param in model.parameters()
+        (torch.randn(param.shape, generator=generator, device=param.device) * 1e-2).bfloat16().float()
+        for param in model.parameters()
     ]
 
 
-def fused_step(model: torch.nn.Module):
-    optimizer = build_optimizer(model, LEARNING_RATE, weight_decay=WEIGHT_DECAY, betas=BETAS, fused=True)
+def folded_clip_step(model: torch.nn.Module, **optimizer_options):
+    optimizer = build_optimizer(model, LEARNING_RATE, weight_decay=WEIGHT_DECAY, betas=BETAS, **optimizer_options)
     parameters = list(model.parameters())
 
     def step():
         return clip_and_step(optimizer, parameters, MAX_GRAD_NORM, fold_clip=True)
 
-    return step
+    return step, optimizer
 
 
 def compiled_step(model: torch.nn.Module):
@@ -91,17 +100,22 @@ def compiled_step(model: torch.nn.Module):
         optimizer.zero_grad(set_to_none=True)
         return norm
 
-    return step
+    return step, optimizer
 
 
-STEPS = {"fused": fused_step, "compiled": compiled_step}
+STEPS = {
+    "fused": lambda model: folded_clip_step(model, fused=True),
+    "compiled": compiled_step,
+    "bf16weights": lambda model: folded_clip_step(model, bf16_weights=True),
+}
 
 
 def run(method: str, size: str, device: torch.device, warmup: int, iters: int) -> tuple[dict, list[torch.Tensor]]:
     model = build_model(size, device)
     gradients = fixed_gradients(model)
     parameters = list(model.parameters())
-    step = STEPS[method](model)
+    step, optimizer = STEPS[method](model)
+    gradients = [grad.to(param.dtype) for param, grad in zip(parameters, gradients)]
     times = []
     for index in range(warmup + iters):
         for param, grad in zip(parameters, gradients):
@@ -121,12 +135,14 @@ def run(method: str, size: str, device: torch.device, warmup: int, iters: int) -
         if index == 0:
             first_step_s = time.perf_counter() - start
     count = sum(param.numel() for param in parameters)
+    moved = sum(param.numel() * (ADAMW_BYTES + grad.element_size()) for param, grad in zip(parameters, gradients))
     ms = statistics.median(times[warmup:])
     result = {
         "method": method, "size": size, "parameters_m": count / 1e6, "ms_per_step": ms, "first_step_s": first_step_s,
-        "gb_per_step": count * BYTES_PER_PARAMETER / 1e9, "tb_per_s": count * BYTES_PER_PARAMETER / ms / 1e9,
+        "gb_per_step": moved / 1e9, "tb_per_s": moved / ms / 1e9,
     }
-    return result, [param.detach().clone() for param in parameters]
+    float32_weights = [optimizer.state[param].get("master", param) for param in parameters]
+    return result, [weight.detach().clone() for weight in float32_weights]
 
 
 def main(argv=None) -> list[dict]:

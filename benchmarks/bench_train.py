@@ -28,10 +28,13 @@ classes, the default VQ-16), random pixels in [-1, 1] and random labels; nothing
   `torch.compile(transformer.run_blocks)`, instead of each block: one compiled call per step instead of one per
   layer; it takes the other compile flags' settings), `inductorrows` (compiled with Inductor's own limit of 1,024
   elements for one-pass row reductions: a d24 block's LayerNorm rows, 1,536 wide, read once for their statistics
-  and again to apply them, forward and backward), `ckpt` (`--gradient_checkpointing`). The Inductor modes
-  (`autotune`, `graphs`) compile with Inductor's own limit too. `unfolded`, `autotune`, `autodynamic`, `coordtune`,
-  `cppwrap`, `graphs`, `combo`, `defaulttiles`, `stack` and `inductorrows` are experiments of the step mode alone
-  (`STEP_ONLY_FLAGS`): train.py has no such option.
+  and again to apply them, forward and backward), `bf16weights` (the linear layers' weights kept in bfloat16 with
+  float32 masters in the optimizer, `build_optimizer(..., bf16_weights=True)`: no casts of the weights and their
+  gradients in the forward and backward passes, the clip folded into the compiled update), `ckpt`
+  (`--gradient_checkpointing`). The Inductor modes (`autotune`, `graphs`) compile with Inductor's own limit too.
+  `unfolded`, `autotune`, `autodynamic`, `coordtune`, `cppwrap`, `graphs`, `combo`, `defaulttiles`, `stack`,
+  `inductorrows` and `bf16weights` are experiments of the step mode alone (`STEP_ONLY_FLAGS`): train.py has no such
+  option.
 - original (`--original PATH`, a checkout of github.com/jiaosiyu1999/FlexVAR, never committed here): its
   `VARTrainer.train_step` on its own FlexVAR, VQ-16, `AmpOptimizer` and `filter_params` groups as its train.py builds
   them (fused AdamW, TF32, drop path 0.1 * depth / 24). Its published commands pass `--fp16=1` (float16 autocast, a
@@ -103,7 +106,7 @@ AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # Flags that are experiments of the step mode alone (train.py has no such option), and those that compile the blocks.
 STEP_ONLY_FLAGS = (
     "unfolded", "autotune", "autodynamic", "coordtune", "cppwrap", "graphs", "combo", "defaulttiles", "stack",
-    "inductorrows",
+    "inductorrows", "bf16weights",
 )
 CONFIG_FLAGS = ("fused", "cache", "compile", "ckpt", *STEP_ONLY_FLAGS)
 COMPILE_FLAGS = (
@@ -325,7 +328,8 @@ class OursTrainer:
         self.vqvae.to(device, dtype=torch.bfloat16)
         self.vqvae.quantize.to(torch.float32)  # as examples/train.py: codebook search in float32
         self.optimizer = build_optimizer(
-            self.transformer, LEARNING_RATE, weight_decay=WEIGHT_DECAY, betas=BETAS, fused=options["fused"] or None
+            self.transformer, LEARNING_RATE, weight_decay=WEIGHT_DECAY, betas=BETAS, fused=options["fused"] or None,
+            bf16_weights=options["bf16weights"],
         )
         self.drop_path_rate = 0.1 * depth / 24
         self.generator = torch.Generator().manual_seed(1)
@@ -347,7 +351,7 @@ class OursTrainer:
         )
         output.loss.backward()
         self.loss = output.loss.detach()
-        fold_clip = self.options["fused"] and not self.options["unfolded"]
+        fold_clip = (self.options["fused"] or self.options["bf16weights"]) and not self.options["unfolded"]
         return clip_and_step(self.optimizer, self.transformer.parameters(), MAX_GRAD_NORM, fold_clip=fold_clip)
 
     def tokenise(self, pixels: torch.Tensor, sides: list[int]):

@@ -5,7 +5,8 @@ Run on a GPU machine with `python -m pytest -q -m gpu` (docs/testing.md), which 
 tests/test_models.py. Covered here: CUDA-graph replay of fast sampling against the plain loop (eager and compiled
 blocks), the kernels being compiled rather than interpreted, float8 inference on CUDA, the training attentions'
 gradients on CUDA (cuDNN's masked backward kept finite where it gives NaN), training steps that never make the host
-wait for the GPU, and the gradient clip folded into CUDA's fused AdamW kernel.
+wait for the GPU, the gradient clip folded into CUDA's fused AdamW kernel, and bfloat16 linear weights with float32
+masters and a compiled update.
 """
 
 from __future__ import annotations
@@ -282,6 +283,56 @@ def test_folded_clip_gives_the_clipped_update_on_cuda():
     assert min(norms) > 0.1  # every step clipped
     assert folded_norms == pytest.approx(norms, rel=1e-5)
     assert relative_error(folded_weights, weights) < 1e-6
+
+
+def test_bf16_weights_train_like_the_fused_adamw_on_cuda_without_waiting():
+    """`build_optimizer(..., bf16_weights=True)` on CUDA (bfloat16 linear weights, float32 masters, the update
+    compiled, the clip folded in) under bfloat16 autocast: the first loss and gradients equal the fused AdamW's with
+    float32 weights, so the float32 weights after the first step agree to float32 rounding; later losses follow
+    (the rounded weights may differ by a unit where the masters do); the model's weights are the masters rounded;
+    a warmed-up step queues its kernels without making the host wait for the GPU (the update's learning rate and
+    bias corrections change every step without a copy from the host or a recompilation)."""
+    from flexvar_hf.training.flexvar_loss import flexvar_loss
+    from flexvar_hf.training.optim import build_optimizer, clip_and_step
+
+    def train(bf16_weights: bool) -> tuple[list[float], list[torch.Tensor]]:
+        model = make_tiny_pipe().transformer.cuda().train()
+        optimizer = build_optimizer(
+            model, 1e-3, weight_decay=0.05, betas=(0.9, 0.95), fused=not bf16_weights or None,
+            bf16_weights=bf16_weights,
+        )
+        generator = torch.Generator("cuda").manual_seed(0)
+        labels = torch.tensor([0, 3, 5, 9], device="cuda")
+        scales, losses = [(1, 1), (2, 2), (4, 4)], []
+        for step in range(4):
+            if step == 2:
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                inputs = torch.randn(4, 20, model.config.code_dim, device="cuda", generator=generator)
+                targets = torch.randint(0, model.config.vocab_size, (4, 21), device="cuda", generator=generator)
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = flexvar_loss(model(labels, scales, inputs).logits, targets)
+                loss.backward()
+                clip_and_step(optimizer, list(model.parameters()), 1e-3, fold_clip=True)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            losses.append(loss.item())
+            if step == 0:
+                first_weights = [optimizer.state[param].get("master", param).clone() for param in model.parameters()]
+        for param in model.parameters():
+            if "master" in optimizer.state[param]:
+                assert param.dtype == torch.bfloat16
+                assert torch.equal(param, optimizer.state[param]["master"].to(torch.bfloat16))
+        return losses, first_weights
+
+    losses, weights = train(bf16_weights=False)
+    bf16_losses, bf16_weights = train(bf16_weights=True)
+    assert bf16_losses[0] == losses[0]
+    assert bf16_losses == pytest.approx(losses, rel=1e-4) and losses[0] != losses[-1]
+    for mine, fused in zip(bf16_weights, weights):
+        assert mine.dtype == torch.float32
+        assert relative_error(mine, fused) < 1e-5
 
 
 def test_wide_row_backend_reduces_d24_layernorm_rows_in_one_pass_forward_and_backward():

@@ -615,6 +615,26 @@ def test_bench_train_stack_compiles_all_blocks_as_one_graph_for_every_schedule(b
     assert losses["sdpa+stack"] == pytest.approx(losses["sdpa"], rel=1e-3)
 
 
+def test_bench_train_bf16weights_steps_like_the_fused_adamw(bench_train):
+    """bench_train's `bf16weights` experiment trains the bfloat16 linear weights with float32 masters: the same
+    losses as `fused` (train.py's fused AdamW with the folded clip), the weights in bfloat16 in the model."""
+    pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    labels = torch.tensor([1, 7])
+    losses, trainers = {}, {}
+    for config in ("sdpa+fused", "sdpa+bf16weights"):
+        trainers[config] = trainer = bench_train.OursTrainer(
+            1, 32, 2, torch.device("cpu"), bench_train.parse_config(config), bench_train.TINY_VQ
+        )
+        losses[config] = []
+        for _ in range(3):
+            trainer.step(pixels, labels, [1, 2, 4])
+            losses[config].append(trainer.loss.item())
+    assert losses["sdpa+bf16weights"][0] == losses["sdpa+fused"][0]
+    assert losses["sdpa+bf16weights"] == pytest.approx(losses["sdpa+fused"], rel=SPEED_TOLERANCE)
+    assert losses["sdpa+fused"][0] != losses["sdpa+fused"][-1]
+    assert trainers["sdpa+bf16weights"].transformer.proj_out.weight.dtype == torch.bfloat16
+
+
 def test_bench_train_rehearse_runs_every_timed_schedule_once_before_timing_it(bench_train):
     """`timed_steps(..., rehearse=True)` runs the timed schedules untimed after the warm-up and then times them,
     so no timed step meets a length the code has not run; without it each schedule runs once."""
@@ -729,15 +749,22 @@ def test_bench_block_calls_stack_mode_is_the_same_model_in_one_graph(import_benc
 
 def test_bench_optimizer_methods_take_the_same_clipped_adamw_steps(import_benchmark, tmp_path):
     """benchmarks/bench_optimizer.py times train.py's fused AdamW with the folded clip against the clipping and a
-    multi-tensor AdamW compiled together: after the same steps from the same gradients (which the clip at 2.0
-    scales down) both give the same parameters, and the report says what it timed."""
+    multi-tensor AdamW compiled together and against bfloat16 linear weights with float32 masters: after the same
+    steps from the same gradients (which the clip at 2.0 scales down) all give the same float32 weights, and the
+    report says what it timed."""
     bench_optimizer = import_benchmark("bench_optimizer")
     output = tmp_path / "optimizer.json"
     results = bench_optimizer.main(
         ["--size", "tiny", "--device", "cpu", "--warmup", "1", "--iters", "2", "--json", str(output)]
     )
-    assert [result["method"] for result in results] == ["fused", "compiled"]
+    assert [result["method"] for result in results] == ["fused", "compiled", "bf16weights"]
     assert results[0]["max_relative_difference"] == 0.0
-    assert 0.0 < results[1]["max_relative_difference"] < 1e-5  # another order of float32 operations, same update
-    assert all(result["ms_per_step"] > 0 and result["gb_per_step"] > 0 for result in results)
+    for result in results[1:]:  # another order of float32 operations, the same update (of the masters)
+        assert 0.0 < result["max_relative_difference"] < 1e-5, result["method"]
+    assert all(result["ms_per_step"] > 0 for result in results)
+    # 32 bytes a parameter with float32 gradients; bfloat16 gradients save 2 bytes of the linear weights' 32.
+    assert results[0]["gb_per_step"] == results[1]["gb_per_step"] == pytest.approx(
+        results[0]["parameters_m"] * 32e-3
+    )
+    assert 30 / 32 < results[2]["gb_per_step"] / results[0]["gb_per_step"] < 31 / 32
     assert json.loads(output.read_text()) == results

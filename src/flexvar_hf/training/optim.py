@@ -9,6 +9,8 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.nn as nn
 
+from flexvar_hf.training.master_weights import MasterWeightAdamW, float32_total_norm, linear_weights
+
 # Parameters named like this are never decayed, whatever their shape: FlexVAR's start token, position grid and
 # attention temperatures, the original's `pos_start`, `pos_1LC` and `scale_mul_1H11` (its `nowd_keys` that exist).
 NO_DECAY_NAMES = ("start_token", "pos_grid", "log_scale")
@@ -86,12 +88,22 @@ def build_optimizer(
     eps: float = 1e-8,
     fused: bool | None = None,
     decay_embeddings: bool = True,
-) -> torch.optim.AdamW:
+    bf16_weights: bool = False,
+) -> torch.optim.Optimizer:
     """AdamW over `parameter_groups(model, weight_decay, decay_embeddings=decay_embeddings)` (the original's betas
     and decay by default). `fused=True` takes PyTorch's single-kernel AdamW (CUDA; the original's `--afuse`),
-    None its default (the multi-tensor "foreach" implementation on CUDA)."""
+    None its default (the multi-tensor "foreach" implementation on CUDA). `bf16_weights=True` instead keeps the
+    linear layers' weights in bfloat16 in the model (`master_weights.linear_weights`) with float32 masters in a
+    `MasterWeightAdamW`, its update compiled where the model is on CUDA; for bfloat16 autocast only."""
     groups = parameter_groups(model, weight_decay, decay_embeddings=decay_embeddings)
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=tuple(betas), eps=eps, fused=fused)
+    if not bf16_weights:
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=tuple(betas), eps=eps, fused=fused)
+    if fused:
+        raise ValueError("bf16_weights takes its own optimizer (MasterWeightAdamW): pass fused=None or False.")
+    on_cuda = any(param.is_cuda for group in groups for param in group["params"])
+    return MasterWeightAdamW(
+        groups, lr=learning_rate, betas=tuple(betas), eps=eps, low_precision=linear_weights(model), compile=on_cuda
+    )
 
 
 def flexvar_warmup_steps(total_steps: int) -> int:
@@ -121,9 +133,10 @@ def _unwrapped(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
 
 def supports_folded_clip(optimizer: torch.optim.Optimizer) -> bool:
     """Whether `optimizer` (or the optimizer an accelerate wrapper holds) is a fused torch Adam/AdamW, whose update
-    kernel can divide the gradients by a `grad_scale` tensor (the hook `torch.amp.GradScaler` uses)."""
+    kernel can divide the gradients by a `grad_scale` tensor (the hook `torch.amp.GradScaler` uses), or a
+    `MasterWeightAdamW`, which takes the same attribute."""
     inner = _unwrapped(optimizer)
-    return (
+    return isinstance(inner, MasterWeightAdamW) or (
         isinstance(inner, torch.optim.Adam | torch.optim.AdamW)
         and getattr(inner, "_step_supports_amp_scaling", False)
         and all(group.get("fused") for group in inner.param_groups)
@@ -133,9 +146,10 @@ def supports_folded_clip(optimizer: torch.optim.Optimizer) -> bool:
 def _folded_clip_step(optimizer: torch.optim.Optimizer, parameters: Iterable[torch.Tensor], max_grad_norm: float):
     """`clip_grad_norm_` + `optimizer.step()` with the clip factor applied inside the fused update kernel: the
     gradients are divided by max(1, (norm + 1e-6) / max_grad_norm), the reciprocal of `clip_grad_norm_`'s factor,
-    instead of being multiplied in a pass of their own. Returns the norm before clipping."""
+    instead of being multiplied in a pass of their own. Returns the norm before clipping (in float32, also of
+    bfloat16 gradients)."""
     grads = [param.grad for param in parameters if param.grad is not None]
-    grad_norm = torch.nn.utils.get_total_norm(grads, 2.0)
+    grad_norm = float32_total_norm(grads)
     inner = _unwrapped(optimizer)
     if max_grad_norm > 0 and grads:
         inner.grad_scale = ((grad_norm + 1e-6) / max_grad_norm).clamp(min=1.0).to(torch.float32)
@@ -164,11 +178,16 @@ def clip_and_step(
     `supports_folded_clip`) measures the norm and lets the optimizer's kernel apply the clip factor, saving a pass
     over the gradients; the updates equal the clipped ones to float32 rounding. It bypasses `clip_grad_norm_`, so
     it is only right where the gradients are whole and unscaled: no GradScaler (fp16), no sharded (FSDP, DeepSpeed)
-    gradients. Returns the total gradient norm before clipping, or None when `clip` is False.
+    gradients. A `MasterWeightAdamW` needs `fold_clip` (clipping its bfloat16 gradients in place would round them).
+    Returns the total gradient norm before clipping, or None when `clip` is False.
     """
     grad_norm = None
     if fold_clip and not supports_folded_clip(optimizer):
-        raise ValueError("fold_clip needs a fused torch Adam/AdamW (build_optimizer(..., fused=True)).")
+        raise ValueError(
+            "fold_clip needs a fused torch Adam/AdamW (build_optimizer(..., fused=True)) or a MasterWeightAdamW."
+        )
+    if clip and not fold_clip and isinstance(_unwrapped(optimizer), MasterWeightAdamW):
+        raise ValueError("A MasterWeightAdamW applies the clip factor in its update: pass fold_clip=True.")
     if clip and fold_clip:
         grad_norm = _folded_clip_step(optimizer, parameters, max_grad_norm)
     else:

@@ -1,0 +1,183 @@
+"""bfloat16 linear weights with float32 masters in the optimizer (`build_optimizer(..., bf16_weights=True)`) train
+as float32 weights under bfloat16 autocast with train.py's fused AdamW and folded clip: the same forward pass and
+gradients, bit for bit, and the same updates up to float32 rounding."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+import torch._dynamo.utils
+
+from flexvar_hf.training.flexvar_loss import flexvar_loss
+from flexvar_hf.training.master_weights import MasterWeightAdamW, float32_total_norm, linear_weights
+from flexvar_hf.training.optim import build_optimizer, clip_and_step, parameter_groups
+from test_training_speed import SPEED_TOLERANCE, random_schedules, tiny_model
+
+MAX_GRAD_NORM = 0.05  # below the tiny model's gradient norms: the clip acts at every step
+
+
+def autocast_steps(model, optimizer, schedules, seed: int = 1) -> tuple[list[float], list[list[torch.Tensor]]]:
+    """AdamW steps under bfloat16 autocast on random teacher-forcing batches, the clip folded into the update; the
+    losses and every step's gradients in float32."""
+    generator = torch.Generator().manual_seed(seed)
+    losses, grads = [], []
+    for scales in schedules:
+        length = sum(h * w for h, w in scales)
+        inputs = torch.randn(3, length - 1, 4, generator=generator)
+        targets = torch.randint(0, 32, (3, length), generator=generator)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = flexvar_loss(model(torch.tensor([0, 2, 5]), scales, inputs).logits, targets)
+        loss.backward()
+        grads.append([param.grad.to(torch.float32, copy=True) for param in model.parameters()])
+        assert clip_and_step(optimizer, list(model.parameters()), MAX_GRAD_NORM, fold_clip=True) > MAX_GRAD_NORM
+        losses.append(loss.item())
+    return losses, grads
+
+
+def float32_weights(optimizer) -> list[torch.Tensor]:
+    if isinstance(optimizer, MasterWeightAdamW):
+        return [weight.detach().clone() for weight in optimizer.master_weights()]
+    return [param.detach().clone() for group in optimizer.param_groups for param in group["params"]]
+
+
+def assert_copies_are_rounded_masters(model, optimizer):
+    for param in linear_weights_of(model):
+        assert torch.equal(param, optimizer.state[param]["master"].to(torch.bfloat16))
+
+
+def linear_weights_of(model) -> list[torch.nn.Parameter]:
+    return [module.weight for module in model.modules() if isinstance(module, torch.nn.Linear)]
+
+
+def test_bf16_weights_train_like_float32_weights_under_autocast():
+    schedules = random_schedules(4, seed=2, size=96)
+    plain_model = tiny_model()
+    plain_optimizer = build_optimizer(plain_model, 1e-2, fused=True)
+    plain_losses, plain_grads = autocast_steps(plain_model, plain_optimizer, schedules)
+
+    model = tiny_model()
+    selected = linear_weights(model)
+    optimizer = build_optimizer(model, 1e-2, bf16_weights=True)
+    assert {id(param) for param in selected} == {id(param) for param in linear_weights_of(model)}
+    assert all(param.dtype == torch.bfloat16 for param in selected)
+    others = [param for param in model.parameters() if all(param is not weight for weight in selected)]
+    assert others and all(param.dtype == torch.float32 for param in others)
+    assert optimizer.param_groups[0]["weight_decay"] == 0.05 and optimizer.param_groups[1]["weight_decay"] == 0.0
+    losses, grads = autocast_steps(model, optimizer, schedules)
+
+    assert losses[0] == plain_losses[0]  # the same bfloat16 weights
+    for grad, plain in zip(grads[0], plain_grads[0]):  # autocast's float32 gradients are the bfloat16 ones
+        assert torch.equal(grad, plain)
+    assert losses == pytest.approx(plain_losses, rel=SPEED_TOLERANCE) and losses[0] != losses[-1]
+    for master, plain in zip(float32_weights(optimizer), float32_weights(plain_optimizer)):
+        assert master.dtype == torch.float32
+        assert ((master - plain).abs().max() / plain.abs().max()).item() < SPEED_TOLERANCE
+    assert_copies_are_rounded_masters(model, optimizer)
+    for param in selected:
+        assert optimizer.state[param]["exp_avg"].dtype == torch.float32 and param.grad is None
+
+
+def test_bf16_weights_keep_the_float32_weights_they_were_built_from():
+    """The masters start from the float32 weights, not from their bfloat16 rounding."""
+    reference = tiny_model()
+    model = tiny_model()
+    optimizer = build_optimizer(model, 1e-2, bf16_weights=True)
+    for master, weight in zip(optimizer.master_weights(), float32_weights(build_optimizer(reference, 1e-2))):
+        assert torch.equal(master, weight)
+    assert any(
+        not torch.equal(param.float(), optimizer.state[param]["master"]) for param in linear_weights_of(model)
+    )
+
+
+def test_resuming_from_the_state_dict_continues_the_same_run():
+    """A checkpoint's model weights (bfloat16) and optimizer state (float32 masters and moments) resume the run:
+    two steps, save, a new model and optimizer, load, two steps equal four steps without the interruption."""
+    schedules = random_schedules(4, seed=3, size=96)
+    model = tiny_model()
+    optimizer = build_optimizer(model, 1e-2, bf16_weights=True)
+    losses, _ = autocast_steps(model, optimizer, schedules)
+
+    first = tiny_model()
+    first_optimizer = build_optimizer(first, 1e-2, bf16_weights=True)
+    first_losses, _ = autocast_steps(first, first_optimizer, schedules[:2])
+    buffer = io.BytesIO()
+    torch.save({"model": first.state_dict(), "optimizer": first_optimizer.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+
+    resumed = tiny_model()
+    resumed_optimizer = build_optimizer(resumed, 1e-2, bf16_weights=True)
+    resumed.load_state_dict(saved["model"])
+    with torch.no_grad():  # what the loaded model weights would not restore: the masters' low bits
+        for param in linear_weights_of(resumed):
+            param.add_(1.0)
+    resumed_optimizer.load_state_dict(saved["optimizer"])
+    for state in resumed_optimizer.state.values():
+        assert all(state[key].dtype == torch.float32 for key in ("exp_avg", "exp_avg_sq"))
+    assert_copies_are_rounded_masters(resumed, resumed_optimizer)
+    resumed_losses, _ = autocast_steps(resumed, resumed_optimizer, schedules[2:], seed=1)
+    # The batches after the interruption come from a fresh generator: compare with the same batches.
+    again = tiny_model()
+    again_optimizer = build_optimizer(again, 1e-2, bf16_weights=True)
+    autocast_steps(again, again_optimizer, schedules[:2])
+    again_losses, _ = autocast_steps(again, again_optimizer, schedules[2:], seed=1)
+    assert first_losses == losses[:2] and resumed_losses == again_losses
+    for mine, theirs in zip(resumed_optimizer.master_weights(), again_optimizer.master_weights()):
+        assert torch.equal(mine, theirs)
+
+
+def test_compiled_update_equals_the_eager_one_and_is_compiled_once_per_group():
+    """`compile=True`: a new learning rate, step and clip factor at every step reuse the compiled update (one graph
+    per parameter group); the masters equal the eager update's to float32 rounding, the copies are their rounding."""
+    results = {}
+    for compile in (False, True):
+        model = tiny_model()
+        optimizer = MasterWeightAdamW(
+            parameter_groups(model, 0.05), lr=1e-2, betas=(0.9, 0.95), low_precision=linear_weights(model),
+            compile=compile,
+        )
+        generator = torch.Generator().manual_seed(0)
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        for step in range(3):
+            for param in model.parameters():
+                param.grad = torch.randn(param.shape, generator=generator).to(param.dtype)
+            for group in optimizer.param_groups:
+                group["lr"] = 1e-2 * (step + 1)
+            optimizer.grad_scale = torch.tensor(1.5 + step)
+            optimizer.step()
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        assert graphs == (len(optimizer.param_groups) if compile else 0)
+        assert_copies_are_rounded_masters(model, optimizer)
+        results[compile] = optimizer.master_weights()
+    for compiled, eager in zip(results[True], results[False]):
+        assert ((compiled - eager).abs().max() / eager.abs().max()).item() < 1e-6
+
+
+def test_float32_total_norm_keeps_bfloat16_norms_in_float32():
+    generator = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(300, generator=generator), torch.randn(7, 5, generator=generator).to(torch.bfloat16)]
+    norm = float32_total_norm(tensors)
+    expected = torch.cat([tensor.double().flatten() for tensor in tensors]).norm()
+    assert norm.dtype == torch.float32 and norm.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert float32_total_norm(tensors[:1]) == torch.nn.utils.get_total_norm(tensors[:1])
+    assert float32_total_norm([]).item() == 0.0
+
+
+def test_bad_master_weight_arguments_are_refused():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="torch.bfloat16"):
+        MasterWeightAdamW(model.parameters(), low_precision=linear_weights(model), dtype=torch.float16)
+    with pytest.raises(ValueError, match="betas"):
+        MasterWeightAdamW(model.parameters(), betas=(0.9, 1.0))
+    with pytest.raises(ValueError, match="one of the optimizer's parameters"):
+        MasterWeightAdamW([model.start_token], low_precision=linear_weights(model))
+    with pytest.raises(TypeError, match="float32 parameters"):
+        MasterWeightAdamW([torch.nn.Parameter(torch.zeros(2, dtype=torch.float16))])
+    with pytest.raises(ValueError, match="fused=None"):
+        build_optimizer(model, 1e-3, fused=True, bf16_weights=True)
+    optimizer = build_optimizer(model, 1e-3, bf16_weights=True)
+    with pytest.raises(ValueError, match="fold_clip=True"):
+        clip_and_step(optimizer, model.parameters(), 1.0)
