@@ -28,13 +28,12 @@ classes, the default VQ-16), random pixels in [-1, 1] and random labels; nothing
   `torch.compile(transformer.run_blocks)`, instead of each block: one compiled call per step instead of one per
   layer; it takes the other compile flags' settings), `inductorrows` (compiled with Inductor's own limit of 1,024
   elements for one-pass row reductions: a d24 block's LayerNorm rows, 1,536 wide, read once for their statistics
-  and again to apply them, forward and backward), `bf16weights` (the linear layers' weights kept in bfloat16 with
-  float32 masters in the optimizer, `build_optimizer(..., bf16_weights=True)`: no casts of the weights and their
-  gradients in the forward and backward passes, the clip folded into the compiled update), `ckpt`
+  and again to apply them, forward and backward), `bf16weights` (`--bf16_weights`: the linear layers' weights kept
+  in bfloat16 with float32 masters in the optimizer, no casts of the weights and their gradients in the forward and
+  backward passes, the clip folded into the compiled update; instead of `fused`), `ckpt`
   (`--gradient_checkpointing`). The Inductor modes (`autotune`, `graphs`) compile with Inductor's own limit too.
-  `unfolded`, `autotune`, `autodynamic`, `coordtune`, `cppwrap`, `graphs`, `combo`, `defaulttiles`, `stack`,
-  `inductorrows` and `bf16weights` are experiments of the step mode alone (`STEP_ONLY_FLAGS`): train.py has no such
-  option.
+  `unfolded`, `autotune`, `autodynamic`, `coordtune`, `cppwrap`, `graphs`, `combo`, `defaulttiles`, `stack` and
+  `inductorrows` are experiments of the step mode alone (`STEP_ONLY_FLAGS`): train.py has no such option.
 - original (`--original PATH`, a checkout of github.com/jiaosiyu1999/FlexVAR, never committed here): its
   `VARTrainer.train_step` on its own FlexVAR, VQ-16, `AmpOptimizer` and `filter_params` groups as its train.py builds
   them (fused AdamW, TF32, drop path 0.1 * depth / 24). Its published commands pass `--fp16=1` (float16 autocast, a
@@ -106,9 +105,9 @@ AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # Flags that are experiments of the step mode alone (train.py has no such option), and those that compile the blocks.
 STEP_ONLY_FLAGS = (
     "unfolded", "autotune", "autodynamic", "coordtune", "cppwrap", "graphs", "combo", "defaulttiles", "stack",
-    "inductorrows", "bf16weights",
+    "inductorrows",
 )
-CONFIG_FLAGS = ("fused", "cache", "compile", "ckpt", *STEP_ONLY_FLAGS)
+CONFIG_FLAGS = ("fused", "cache", "compile", "ckpt", "bf16weights", *STEP_ONLY_FLAGS)
 COMPILE_FLAGS = (
     "compile", "autotune", "autodynamic", "coordtune", "cppwrap", "graphs", "combo", "stack", "inductorrows"
 )
@@ -794,7 +793,7 @@ def e2e_runs(args, results: dict, budget: Budget, device: torch.device, save) ->
             continue
         flags = ["--training_attention", options["attention"]]
         flags += ["--fused_adamw"] * options["fused"] + ["--torch_compile"] * options["compile"]
-        flags += ["--gradient_checkpointing"] * options["ckpt"]
+        flags += ["--gradient_checkpointing"] * options["ckpt"] + ["--bf16_weights"] * options["bf16weights"]
         # The original's augmentation (random crop keeping 88-100% of the short side, flips); the cache needs centre
         # crops.
         flags += ["--cache_latents", "--random_flip"] if options["cache"] else [

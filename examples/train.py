@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import datasets
@@ -66,6 +67,7 @@ from flexvar_hf.training.latent_cache import (
     check_cacheable,
     prepare_latent_cache,
 )
+from flexvar_hf.training.master_weights import float32_mean_allreduce_hook
 from flexvar_hf.training.metrics import StepMetrics
 from flexvar_hf.training.optim import build_optimizer, clip_and_step, flexvar_lr_factor, flexvar_warmup_steps
 from flexvar_hf.utils.io import atomic_directory, check_run_folder
@@ -74,6 +76,8 @@ from flexvar_hf.utils.model_card import flexvar_model_card
 logger = get_logger(__name__, log_level="INFO")
 
 PIPELINE_SUBFOLDER = "pipeline"
+# Where the gradients are whole on every process (no sharding): the clip factor can go into the optimizer's update.
+PLAIN_OR_DDP = (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
 LR_SCHEDULERS = (
     "linear",
     "cosine",
@@ -169,6 +173,15 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     )
     training.add_argument(
         "--fused_adamw", action="store_true", help="PyTorch's fused AdamW kernel (CUDA), as the original's --afuse."
+    )
+    training.add_argument(
+        "--bf16_weights",
+        action="store_true",
+        help="Keep the linear layers' weights in bfloat16 with float32 masters in the optimizer (MasterWeightAdamW, "
+        "its update compiled on CUDA): the same forward pass, gradients and AdamW update as float32 weights under "
+        "bf16 autocast, without casting the weights and their gradients every step. Needs --mixed_precision bf16 "
+        "and --gradient_accumulation_steps 1; replaces --fused_adamw. On several processes the mean gradient of a "
+        "bfloat16 weight is rounded to bfloat16 once.",
     )
     training.add_argument(
         "--cache_latents",
@@ -431,6 +444,11 @@ def check_recipe_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--drop_path_rate must be in [0, 1), got {args.drop_path_rate}.")
     if args.init_adaln_gate is not None and not args.init_adaln_gate > 0:
         raise ValueError(f"--init_adaln_gate must be positive, got {args.init_adaln_gate}.")
+    if args.bf16_weights and (args.gradient_accumulation_steps != 1 or args.fused_adamw):
+        raise ValueError(
+            "--bf16_weights needs --gradient_accumulation_steps 1 (it would sum gradients in bfloat16) and replaces "
+            "--fused_adamw (drop it)."
+        )
     if args.cache_latents and crop_mode(args) != "center":
         raise ValueError("--cache_latents stores one latent per image and flip, so it needs centre crops: drop "
                          "--random_crop.")
@@ -700,6 +718,12 @@ def main(args: argparse.Namespace) -> dict:
         datasets.utils.logging.set_verbosity_error()
         diffusers.utils.logging.set_verbosity_error()
     set_seed(args.seed)
+    plain_or_ddp = accelerator.distributed_type in PLAIN_OR_DDP
+    if args.bf16_weights and (accelerator.mixed_precision != "bf16" or not plain_or_ddp):
+        raise ValueError(
+            "--bf16_weights needs bf16 mixed precision (its weights are what bf16 autocast computes with) on one "
+            f"process or under DDP; got {accelerator.mixed_precision} mixed precision, {accelerator.distributed_type}."
+        )
     if args.use_ema and shards_weights(accelerator):
         # EMAModel keeps a full copy of the weights next to the sharded ones, and accelerate saves it from the main
         # process alone; the original trainer keeps no EMA either.
@@ -773,7 +797,11 @@ def main(args: argparse.Namespace) -> dict:
         eps=args.adam_epsilon,
         fused=args.fused_adamw or None,
         decay_embeddings=not args.exclude_embeddings_from_weight_decay,
+        bf16_weights=args.bf16_weights,
     )
+    # With --bf16_weights the model holds bfloat16 copies; the EMA, validation and the saved model take the float32
+    # masters.
+    float32_weights = optimizer.float32_weights if args.bf16_weights else lambda parameters: list(parameters)
 
     transform = ImageTransform(
         (height, width), crop=crop_mode(args), random_flip=args.random_flip,
@@ -800,7 +828,7 @@ def main(args: argparse.Namespace) -> dict:
     ema_model = None
     if args.use_ema:
         ema_model = EMAModel(
-            transformer.parameters(),
+            float32_weights(transformer.parameters()),
             decay=args.ema_max_decay,
             use_ema_warmup=True,
             inv_gamma=args.ema_inv_gamma,
@@ -815,12 +843,12 @@ def main(args: argparse.Namespace) -> dict:
     )
     if ema_model is not None:
         ema_model.to(accelerator.device)
+    if args.bf16_weights and accelerator.distributed_type != DistributedType.NO:
+        transformer.register_comm_hook(None, float32_mean_allreduce_hook)  # DDP: average bfloat16 in float32
     # A fused AdamW applies the clip factor inside its update kernel (a pass over the gradients fewer) where the
-    # gradients are whole and unscaled: no fp16 GradScaler, no FSDP or DeepSpeed sharding.
-    fold_clip = (
-        args.fused_adamw
-        and accelerator.scaler is None
-        and accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU)
+    # gradients are whole and unscaled: no fp16 GradScaler, no FSDP or DeepSpeed sharding. --bf16_weights always.
+    fold_clip = args.bf16_weights or (
+        args.fused_adamw and accelerator.scaler is None and plain_or_ddp
     )
 
     weight_dtype = mixed_precision_dtype(accelerator)
@@ -899,7 +927,7 @@ def main(args: argparse.Namespace) -> dict:
             if not accelerator.sync_gradients:
                 continue
             if ema_model is not None:
-                ema_model.step(accelerator.unwrap_model(transformer).parameters())
+                ema_model.step(float32_weights(accelerator.unwrap_model(transformer).parameters()))
             global_step += 1
             micro_step = 0
             progress_bar.update(1)
@@ -924,8 +952,10 @@ def main(args: argparse.Namespace) -> dict:
                 )
             if validation_due:
                 model = gather_model(accelerator, transformer, FlexVARTransformer2DModel)  # on every process
-                if accelerator.is_main_process:
-                    log_validation(args, accelerator, model, vqvae, scheduler, id2label, ema_model, global_step)
+                # Generation runs without autocast: the float32 weights, for the time of the validation.
+                with optimizer.optimizer.float32_model() if args.bf16_weights else nullcontext():
+                    if accelerator.is_main_process:
+                        log_validation(args, accelerator, model, vqvae, scheduler, id2label, ema_model, global_step)
             if out_of_time:
                 logger.info(f"Stopping after {args.max_train_minutes} minutes at step {global_step}.")
                 max_train_steps = global_step
@@ -934,6 +964,8 @@ def main(args: argparse.Namespace) -> dict:
     progress_bar.close()
 
     accelerator.wait_for_everyone()
+    if args.bf16_weights:  # the trained model (saved and returned) gets its float32 weights back
+        optimizer.optimizer.restore_float32_weights()
     pipeline_dir = output_dir / PIPELINE_SUBFOLDER
     model = gather_model(accelerator, transformer, FlexVARTransformer2DModel)  # on every process
     if accelerator.is_main_process:

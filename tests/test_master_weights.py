@@ -11,7 +11,12 @@ import torch
 import torch._dynamo.utils
 
 from flexvar_hf.training.flexvar_loss import flexvar_loss
-from flexvar_hf.training.master_weights import MasterWeightAdamW, float32_total_norm, linear_weights
+from flexvar_hf.training.master_weights import (
+    MasterWeightAdamW,
+    float32_mean_allreduce_hook,
+    float32_total_norm,
+    linear_weights,
+)
 from flexvar_hf.training.optim import build_optimizer, clip_and_step, parameter_groups
 from test_training_speed import SPEED_TOLERANCE, random_schedules, tiny_model
 
@@ -181,3 +186,41 @@ def test_bad_master_weight_arguments_are_refused():
     optimizer = build_optimizer(model, 1e-3, bf16_weights=True)
     with pytest.raises(ValueError, match="fold_clip=True"):
         clip_and_step(optimizer, model.parameters(), 1.0)
+
+
+def _mean_of_ranks(rank: int, world_size: int, port: int, values: list[float], results) -> None:
+    """One process of `test_float32_mean_allreduce_hook_rounds_the_float32_mean_once`: a bfloat16 weight under DDP
+    whose gradient on this rank is `values[rank]` everywhere."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        layer = torch.nn.Linear(4, 1, bias=False).to(torch.bfloat16)
+        model = torch.nn.parallel.DistributedDataParallel(layer)
+        model.register_comm_hook(None, float32_mean_allreduce_hook)
+        inputs = torch.full((1, 4), values[rank], dtype=torch.bfloat16)
+        model(inputs).sum().backward()  # the weight's gradient is the input row
+        results[rank] = layer.weight.grad.float().tolist()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_float32_mean_allreduce_hook_rounds_the_float32_mean_once():
+    """Three processes whose bfloat16 gradients lose bits when summed in bfloat16: the hook's mean is the float32
+    mean rounded once, the same on every process."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    values = [1.0, 2**-8, 2**-8]  # exact in bfloat16
+    expected = torch.tensor(sum(values) / 3).to(torch.bfloat16).item()
+    summed = divided = torch.tensor(0.0, dtype=torch.bfloat16)  # bfloat16 sums: of the values, of their thirds
+    for value in torch.tensor(values, dtype=torch.bfloat16):
+        summed, divided = summed + value, divided + value / 3
+    assert expected not in ((summed / 3).item(), divided.item())  # the hook is needed for these values
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_mean_of_ranks, args=(3, port, values, results), nprocs=3, join=True)
+    assert [results[rank] for rank in range(3)] == [[[expected] * 4]] * 3

@@ -848,6 +848,55 @@ def test_torch_compile_trains_like_eager(assets, tmp_path, train_script, fresh_a
     assert all(torch.allclose(first[name], second[name], atol=1e-5) for name in first)
 
 
+def test_bf16_weights_train_like_the_fused_adamw_resume_and_save_float32(
+    assets, tmp_path, train_script, fresh_accelerate
+):
+    """`--bf16_weights` against `--fused_adamw` under bf16 autocast: the same first loss (the same bfloat16
+    weights) and the others to bfloat16 rounding; validation images from the float32 weights; the saved pipeline and
+    the returned model in float32 with the masters' values (the EMA's in the pipeline), which a resumed run
+    reproduces exactly from the checkpoint's bfloat16 weights and float32 masters."""
+    options = ["--mixed_precision", "bf16", "--max_train_steps", "4", "--checkpointing_steps", "2", "--use_ema",
+               "--max_train_samples", "8", "--seed", "5", "--validation_steps", "4", "--validation_class_labels", "0",
+               "--validation_num_inference_steps", "2"]
+    fused = train_script.main(train_script.parse_args(scratch_args(assets, tmp_path / "fused", *options,
+                                                                   "--fused_adamw")))
+    reset_accelerate()
+    bf16 = train_script.main(train_script.parse_args(scratch_args(assets, tmp_path / "a", *options, "--bf16_weights")))
+    assert bf16["losses"][0] == fused["losses"][0]
+    assert bf16["losses"] == pytest.approx(fused["losses"], rel=1e-3) and len(set(bf16["losses"])) == 4
+    assert (tmp_path / "a" / "validation" / "step-0000004" / "00-0.png").is_file()
+    weights = bf16["transformer"].state_dict()
+    assert all(tensor.dtype == torch.float32 for tensor in weights.values())
+    for name, tensor in fused["transformer"].state_dict().items():
+        assert relative_error(weights[name], tensor) < 0.02, name
+    file = Path("pipeline/transformer/diffusion_pytorch_model.safetensors")
+    saved = load_file(tmp_path / "a" / file)
+    names = [name for name, _ in bf16["transformer"].named_parameters()]
+    assert all(torch.equal(saved[name], ema) for name, ema in zip(names, bf16["ema_model"].shadow_params))
+    checkpoint = load_file(tmp_path / "a" / "checkpoint-2" / "model.safetensors")
+    assert checkpoint["blocks.0.attn.to_qkv.weight"].dtype == torch.bfloat16
+
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "checkpoint-4")
+    shutil.rmtree(tmp_path / "b" / "pipeline")
+    reset_accelerate()
+    resumed = train_script.main(train_script.parse_args(
+        scratch_args(assets, tmp_path / "b", *options, "--bf16_weights", "--resume_from_checkpoint", "latest")
+    ))
+    assert resumed["losses"] == bf16["losses"][2:]
+    assert all(torch.equal(tensor, weights[name]) for name, tensor in resumed["transformer"].state_dict().items())
+    assert load_file(tmp_path / "b" / file).keys() == saved.keys()
+    assert all(torch.equal(load_file(tmp_path / "b" / file)[name], saved[name]) for name in saved)
+
+    # A checkpoint of float32 weights has no masters: resuming it with --bf16_weights would lose them.
+    reset_accelerate()
+    with pytest.raises(ValueError, match="no float32 master"):
+        train_script.main(train_script.parse_args(scratch_args(
+            assets, tmp_path / "fused", *options, "--bf16_weights", "--max_train_steps", "6",
+            "--resume_from_checkpoint", str(tmp_path / "fused" / "checkpoint-4"),
+        )))
+
+
 def test_scale_weight_power_and_input_token_noise_reach_the_loss(assets, tmp_path, train_script, fresh_accelerate):
     def first_loss(*extra):
         reset_accelerate()
@@ -967,6 +1016,10 @@ def test_bad_input_is_rejected_before_training(assets, tmp_path, train_script, f
                                                         "--validation_class_labels", "hexagon"])
     fails("fine-tuning cannot change the number of classes",
           ["--pretrained_model_name_or_path", str(assets["pipe"]), *base[4:], "--num_classes", "7"])
+    fails("--bf16_weights needs bf16 mixed precision", [*base, "--bf16_weights"])
+    fails("--bf16_weights needs --gradient_accumulation_steps 1",
+          [*base, "--mixed_precision", "bf16", "--bf16_weights", "--gradient_accumulation_steps", "2"])
+    fails("replaces --fused_adamw", [*base, "--mixed_precision", "bf16", "--bf16_weights", "--fused_adamw"])
     # Nothing was trained or saved for any of them.
     assert not (out / "pipeline").exists() and not list(out.glob("*checkpoint-*"))
 
@@ -1054,13 +1107,18 @@ def test_label_smoothing_reaches_the_loss(assets, tmp_path, train_script, fresh_
     assert fifth - plain == pytest.approx(2 * (tenth - plain), rel=1e-2)
 
 
-def test_two_processes_agree(assets, tmp_path, train_script, fresh_accelerate):
+@pytest.mark.parametrize("precision", ["float32", "bf16_weights"])
+def test_two_processes_agree(assets, tmp_path, train_script, fresh_accelerate, precision):
     """`examples/train.py` under torchrun with 2 CPU processes of 2 images each: both end with the same weights, and
     with those of one process trained on the same global batches of 4 (so the batches are sharded, not repeated, and
     the losses and gradients averaged over processes as over one batch). Class-label dropout is off: its draws
     depend on the process. When the process group is destroyed no DDP wrapper is alive any more (one alive would
     free the group later with the GIL held, which can deadlock Gloo's worker threads: `training.distributed
-    .end_training`)."""
+    .end_training`). `bf16_weights`: bf16 autocast with `--bf16_weights`, the bfloat16 gradients averaged in
+    float32 (`float32_mean_allreduce_hook`) and rounded once, so one process agrees to bfloat16 rounding; the
+    returned weights are the float32 masters."""
+    extra = [] if precision == "float32" else ["--mixed_precision", "bf16", "--bf16_weights"]
+    loss_tolerance = 1e-3 if extra else 1e-5
     wrapper = tmp_path / "run_and_dump.py"
     wrapper.write_text(
         "import faulthandler, gc, importlib.util, sys, torch\n"
@@ -1086,7 +1144,7 @@ def test_two_processes_agree(assets, tmp_path, train_script, fresh_accelerate):
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         str(wrapper), str(tmp_path),
         *scratch_args(assets, tmp_path / "ddp", "--max_train_steps", "3", "--train_batch_size", "2",
-                      "--checkpointing_steps", "2", "--use_ema", "--class_dropout_prob", "0"),
+                      "--checkpointing_steps", "2", "--use_ema", "--class_dropout_prob", "0", *extra),
     ]
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     hang = completed.stderr.find("Timeout (")  # faulthandler's stacks of a hung process, if any
@@ -1098,11 +1156,15 @@ def test_two_processes_agree(assets, tmp_path, train_script, fresh_accelerate):
     assert all(torch.equal(ranks[0]["state"][name], ranks[1]["state"][name]) for name in ranks[0]["state"])
     single = train_script.main(train_script.parse_args(scratch_args(
         assets, tmp_path / "single", "--max_train_steps", "3", "--train_batch_size", "4", "--use_ema",
-        "--class_dropout_prob", "0")))
-    assert ranks[0]["losses"] == pytest.approx(single["losses"], rel=1e-5)
+        "--class_dropout_prob", "0", *extra)))
+    assert ranks[0]["losses"] == pytest.approx(single["losses"], rel=loss_tolerance)
     assert len(set(single["losses"])) == 3  # three different batches
     for name, tensor in single["transformer"].state_dict().items():
-        torch.testing.assert_close(ranks[0]["state"][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+        assert tensor.dtype == ranks[0]["state"][name].dtype == torch.float32
+        if extra:  # tensors that start at zero are their updates: 1% of them is 0.1 of a step's size at most
+            assert relative_error(ranks[0]["state"][name], tensor) < 0.02, name
+        else:
+            torch.testing.assert_close(ranks[0]["state"][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
     assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoint-2").iterdir()) == [
         "custom_checkpoint_0.pkl", "model.safetensors", "optimizer.bin", "random_states_0.pkl",
         "random_states_1.pkl", "scheduler.bin", "training_state.json"]

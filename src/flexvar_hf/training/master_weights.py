@@ -16,13 +16,17 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from itertools import chain
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
-__all__ = ["MasterWeightAdamW", "adamw_update", "float32_total_norm", "linear_weights"]
+__all__ = [
+    "MasterWeightAdamW", "adamw_update", "float32_mean_allreduce_hook", "float32_total_norm", "linear_weights",
+]
 
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 
@@ -55,6 +59,23 @@ def float32_total_norm(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
         for norm in torch._foreach_norm(device_tensors, 2.0, dtype=torch.float32)
     ]
     return torch.linalg.vector_norm(torch.stack(norms))
+
+
+def float32_mean_allreduce_hook(process_group, bucket):
+    """DDP communication hook (`DistributedDataParallel.register_comm_hook(None, hook)`): for a `dist.GradBucket`,
+    a `torch.futures.Future` of the mean of its gradients over the processes, summed in float32 and rounded once to
+    the bucket's dtype. DDP's own hook would sum bfloat16 gradients in bfloat16; float32 buckets are averaged as by
+    DDP's own hook. (No annotations: DDP compares them with its types, which this module's postponed annotations
+    are not.)
+
+    With float32 weights under autocast DDP averages the gradients in float32 and keeps the mean in float32; here a
+    bfloat16 weight's mean gradient is rounded to bfloat16 before the optimizer reads it: the one difference of
+    `MasterWeightAdamW`'s training from the float32 weights' on several processes."""
+    group = process_group if process_group is not None else dist.group.WORLD
+    buffer = bucket.buffer()
+    mean = buffer.to(torch.float32).div_(dist.get_world_size(group))
+    future = dist.all_reduce(mean, group=group, async_op=True).get_future()
+    return future.then(lambda done: buffer.copy_(done.value()[0]))
 
 
 def adamw_update(
@@ -118,8 +139,12 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         compile (`bool`, defaults to False): Run the update through `torch.compile`, which fuses it into a few
             multi-tensor kernels (CUDA); eagerly it is a sequence of multi-tensor operations.
 
-    `master_weights()` lists the float32 weights in parameter order (what to save or evaluate); the state dict
-    holds them, and `load_state_dict` rounds them back into the model.
+    `master_weights()` lists the float32 weights in parameter-group order and `float32_weights(parameters)` those of
+    given parameters (what to evaluate or average: an EMA); `float32_model()` puts copies of them in the model for a
+    while (generation, which runs without autocast) and `restore_float32_weights()` for good (the end of training).
+    The state dict holds the masters, and `load_state_dict` rounds them back into the model. The masters carry their
+    parameter's `requires_grad`, so that code that treats frozen tensors apart (diffusers' `EMAModel.step`) treats
+    them as their parameters.
     """
 
     def __init__(
@@ -149,7 +174,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
             if id(param) not in own:
                 raise ValueError("Every `low_precision` parameter must be one of the optimizer's parameters.")
             if "master" not in self.state[param]:
-                self.state[param]["master"] = param.detach().clone()
+                self.state[param]["master"] = param.detach().clone().requires_grad_(param.requires_grad)
                 param.data = param.data.to(dtype)
         self._update = torch.compile(adamw_update, fullgraph=True, dynamic=False) if compile else adamw_update
 
@@ -159,7 +184,37 @@ class MasterWeightAdamW(torch.optim.Optimizer):
     def master_weights(self) -> list[torch.Tensor]:
         """The float32 value of every parameter, in parameter-group order: the master copy of a low-precision one,
         the parameter itself otherwise."""
-        return [self.state[param].get("master", param) for param in self._parameters()]
+        return self.float32_weights(self._parameters())
+
+    def float32_weights(self, parameters: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+        """The float32 value of each of `parameters` (e.g. `model.parameters()`, in that order): its master copy
+        if it is kept in low precision, the parameter itself otherwise."""
+        return [self.state[param].get("master", param) if param in self.state else param for param in parameters]
+
+    def _low_precision(self) -> list[nn.Parameter]:
+        return [param for param in self._parameters() if "master" in self.state[param]]
+
+    @contextmanager
+    def float32_model(self) -> Iterator[None]:
+        """Within the block the low-precision parameters hold float32 copies of their masters (the model as float32
+        weights would have it, e.g. to generate validation images); after it their low-precision values again.
+        Changes to the parameters inside are dropped."""
+        low_precision = self._low_precision()
+        kept = [param.data for param in low_precision]
+        for param in low_precision:
+            param.data = self.state[param]["master"].detach().clone()
+        try:
+            yield
+        finally:
+            for param, data in zip(low_precision, kept):
+                param.data = data
+
+    def restore_float32_weights(self) -> None:
+        """Make every low-precision parameter float32 again, holding its master's value (the end of training:
+        the model to save or return). The optimizer cannot step afterwards."""
+        for param in self._low_precision():
+            param.data = self.state.pop(param)["master"].detach()
+        self._update = None
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -169,6 +224,8 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._update is None:
+            raise RuntimeError("restore_float32_weights() ended this optimizer's training; build a new one.")
         grad_scale = getattr(self, "grad_scale", None)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
@@ -215,13 +272,22 @@ class MasterWeightAdamW(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """`torch.optim.Optimizer.load_state_dict`, keeping the master copies and moments in float32 (the base
-        class casts floating state to its parameter's dtype) and rounding the masters into the model's weights."""
+        class casts floating state to its parameter's dtype) and rounding the masters into the model's weights.
+        ValueError for a state without the master of a low-precision parameter (saved by another optimizer: the
+        float32 weights are not in it)."""
+        saved_ids = list(chain.from_iterable(group["params"] for group in state_dict["param_groups"]))
+        for saved_id, param in zip(saved_ids, self._parameters()):
+            if "master" in self.state[param] and "master" not in state_dict["state"].get(saved_id, {}):
+                raise ValueError(
+                    "This optimizer state has no float32 master of a bfloat16 weight: it was saved by another "
+                    "optimizer (resume it without bfloat16 weights)."
+                )
         super().load_state_dict(state_dict)
-        saved_ids = chain.from_iterable(group["params"] for group in state_dict["param_groups"])
         with torch.no_grad():
             for saved_id, param in zip(saved_ids, self._parameters()):
                 for key, value in state_dict["state"].get(saved_id, {}).items():
                     if torch.is_tensor(value) and value.is_floating_point():
                         self.state[param][key] = value.to(param.device, torch.float32, copy=True)
                 if "master" in self.state[param]:
+                    self.state[param]["master"].requires_grad_(param.requires_grad)
                     param.copy_(self.state[param]["master"])
