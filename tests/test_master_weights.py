@@ -13,6 +13,7 @@ import torch._dynamo.utils
 from flexvar_hf.training.flexvar_loss import flexvar_loss
 from flexvar_hf.training.master_weights import (
     MasterWeightAdamW,
+    adamw_update,
     float32_mean_allreduce_hook,
     float32_total_norm,
     linear_weights,
@@ -159,6 +160,10 @@ def test_compiled_update_equals_the_eager_one_and_is_compiled_once_per_group():
         results[compile] = optimizer.master_weights()
     for compiled, eager in zip(results[True], results[False]):
         assert ((compiled - eager).abs().max() / eager.abs().max()).item() < 1e-6
+    # By default: compiled for CUDA parameters (where they are when it steps), eager for others.
+    optimizer = build_optimizer(tiny_model(), 1e-2, bf16_weights=True)
+    assert optimizer._update_function(torch.device("cpu")) is adamw_update
+    assert optimizer._update_function(torch.device("cuda")) is not adamw_update
 
 
 def test_float32_total_norm_keeps_bfloat16_norms_in_float32():

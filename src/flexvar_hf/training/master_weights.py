@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from itertools import chain
 
@@ -136,8 +136,10 @@ class MasterWeightAdamW(torch.optim.Optimizer):
             `linear_weights(model)`.
         dtype (`torch.dtype`, defaults to `torch.bfloat16`): Their dtype in the model; bfloat16 only (float16 would
             need gradient scaling).
-        compile (`bool`, defaults to False): Run the update through `torch.compile`, which fuses it into a few
-            multi-tensor kernels (CUDA); eagerly it is a sequence of multi-tensor operations.
+        compile (`bool`, *optional*): Run the update through `torch.compile`, which fuses it into a few
+            multi-tensor kernels; eagerly it is a sequence of multi-tensor operations. None (the default): compiled
+            where the parameters are on CUDA when it steps (so the optimizer can be built before the model moves
+            to its device, as accelerate's `prepare` does).
 
     `master_weights()` lists the float32 weights in parameter-group order and `float32_weights(parameters)` those of
     given parameters (what to evaluate or average: an EMA); `float32_model()` puts copies of them in the model for a
@@ -156,7 +158,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         weight_decay: float = 1e-2,
         low_precision: Iterable[nn.Parameter] = (),
         dtype: torch.dtype = torch.bfloat16,
-        compile: bool = False,
+        compile: bool | None = None,
     ):
         if lr < 0 or eps < 0 or weight_decay < 0 or not all(0.0 <= beta < 1.0 for beta in betas):
             raise ValueError(
@@ -176,7 +178,15 @@ class MasterWeightAdamW(torch.optim.Optimizer):
             if "master" not in self.state[param]:
                 self.state[param]["master"] = param.detach().clone().requires_grad_(param.requires_grad)
                 param.data = param.data.to(dtype)
-        self._update = torch.compile(adamw_update, fullgraph=True, dynamic=False) if compile else adamw_update
+        self._compile, self._compiled_update, self._ended = compile, None, False
+
+    def _update_function(self, device: torch.device) -> Callable:
+        """`adamw_update`, compiled (once) if `compile` says so for parameters on `device`."""
+        if not (self._compile or (self._compile is None and device.type == "cuda")):
+            return adamw_update
+        if self._compiled_update is None:
+            self._compiled_update = torch.compile(adamw_update, fullgraph=True, dynamic=False)
+        return self._compiled_update
 
     def _parameters(self) -> list[nn.Parameter]:
         return [param for group in self.param_groups for param in group["params"]]
@@ -214,7 +224,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         the model to save or return). The optimizer cannot step afterwards."""
         for param in self._low_precision():
             param.data = self.state.pop(param)["master"].detach()
-        self._update = None
+        self._ended = True
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -224,7 +234,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self._update is None:
+        if self._ended:
             raise RuntimeError("restore_float32_weights() ended this optimizer's training; build a new one.")
         grad_scale = getattr(self, "grad_scale", None)
         for group in self.param_groups:
@@ -233,7 +243,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
                 def scalar(value: float, device=device) -> torch.Tensor:
                     return torch.full((), value, dtype=torch.float32, device=device)
 
-                self._update(
+                self._update_function(device)(
                     *lists, grad_scale=None if grad_scale is None else grad_scale.to(device),
                     decay=scalar(1 - group["lr"] * group["weight_decay"]),
                     step_size=scalar(group["lr"] / (1 - beta1**step)),

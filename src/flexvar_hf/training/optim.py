@@ -94,16 +94,14 @@ def build_optimizer(
     and decay by default). `fused=True` takes PyTorch's single-kernel AdamW (CUDA; the original's `--afuse`),
     None its default (the multi-tensor "foreach" implementation on CUDA). `bf16_weights=True` instead keeps the
     linear layers' weights in bfloat16 in the model (`master_weights.linear_weights`) with float32 masters in a
-    `MasterWeightAdamW`, its update compiled where the model is on CUDA; for bfloat16 autocast only."""
+    `MasterWeightAdamW`, its update compiled where the model is on CUDA when it steps; for bfloat16 autocast only."""
     groups = parameter_groups(model, weight_decay, decay_embeddings=decay_embeddings)
     if not bf16_weights:
         return torch.optim.AdamW(groups, lr=learning_rate, betas=tuple(betas), eps=eps, fused=fused)
     if fused:
         raise ValueError("bf16_weights takes its own optimizer (MasterWeightAdamW): pass fused=None or False.")
-    on_cuda = any(param.is_cuda for group in groups for param in group["params"])
-    return MasterWeightAdamW(
-        groups, lr=learning_rate, betas=tuple(betas), eps=eps, low_precision=linear_weights(model), compile=on_cuda
-    )
+    low_precision = linear_weights(model)
+    return MasterWeightAdamW(groups, lr=learning_rate, betas=tuple(betas), eps=eps, low_precision=low_precision)
 
 
 def flexvar_warmup_steps(total_steps: int) -> int:
