@@ -347,6 +347,7 @@ class OursTrainer:
         output = training_loss(
             self.transformer, self.vqvae, [(side, side) for side in sides], pixels, labels, NUM_CLASSES,
             CLASS_DROPOUT, generator=self.generator, latents=latents, drop_path_rate=self.drop_path_rate,
+            compile_loss=any(self.options[flag] for flag in COMPILE_FLAGS),
         )
         output.loss.backward()
         self.loss = output.loss.detach()

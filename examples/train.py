@@ -160,8 +160,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "--torch_compile",
         action="store_true",
         help="torch.compile the transformer's blocks (regional compilation with dynamic shapes: one graph for every "
-        "layer and scale schedule; LayerNorm rows up to 2048 wide in one pass, see flexvar_hf.utils.inductor); the "
-        "first steps compile.",
+        "layer and scale schedule; LayerNorm rows up to 2048 wide in one pass, see flexvar_hf.utils.inductor) and "
+        "the cross-entropy over the vocabulary; the first steps compile.",
     )
     training.add_argument(
         "--training_attention",
@@ -910,7 +910,7 @@ def main(args: argparse.Namespace) -> dict:
                     transformer, vqvae, scales, batch.get("pixel_values"), batch["labels"], num_classes,
                     args.class_dropout_prob, args.label_smoothing, generator=dropout_generator,
                     scale_weight_power=args.scale_weight_power, input_token_noise=args.input_token_noise,
-                    latents=batch.get("latents"), drop_path_rate=args.drop_path_rate,
+                    latents=batch.get("latents"), drop_path_rate=args.drop_path_rate, compile_loss=args.torch_compile,
                 )
                 loss, logits, teacher = step.loss, step.logits, step.teacher
                 accelerator.backward(loss)

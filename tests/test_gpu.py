@@ -5,8 +5,8 @@ Run on a GPU machine with `python -m pytest -q -m gpu` (docs/testing.md), which 
 tests/test_models.py. Covered here: CUDA-graph replay of fast sampling against the plain loop (eager and compiled
 blocks), the kernels being compiled rather than interpreted, float8 inference on CUDA, the training attentions'
 gradients on CUDA (cuDNN's masked backward kept finite where it gives NaN), training steps that never make the host
-wait for the GPU, the gradient clip folded into CUDA's fused AdamW kernel, and bfloat16 linear weights with float32
-masters and a compiled update.
+wait for the GPU, the gradient clip folded into CUDA's fused AdamW kernel, bfloat16 linear weights with float32
+masters and a compiled update, and the compiled cross-entropy.
 """
 
 from __future__ import annotations
@@ -333,6 +333,28 @@ def test_bf16_weights_train_like_the_fused_adamw_on_cuda_without_waiting():
     for mine, fused in zip(bf16_weights, weights):
         assert mine.dtype == torch.float32
         assert relative_error(mine, fused) < 1e-5
+
+
+def test_compiled_cross_entropy_on_cuda_is_the_chunked_one():
+    """`row_cross_entropy(compiled=True)` (Triton kernels) at the released vocabulary over more rows than a chunk,
+    with label smoothing: the chunked losses to float32 rounding and the bfloat16 gradients to a unit of their last
+    place."""
+    from flexvar_hf.training.cross_entropy import row_cross_entropy
+
+    generator = torch.Generator("cuda").manual_seed(0)
+    rows, vocab = 6000, 8912
+    logits = (torch.randn(rows, vocab, device="cuda", generator=generator) * 3).bfloat16().requires_grad_()
+    targets = torch.randint(0, vocab, (rows,), device="cuda", generator=generator)
+    upstream = torch.randn(rows, device="cuda", generator=generator)
+    results = []
+    for compiled in (False, True):
+        losses = row_cross_entropy(logits, targets, 0.1, compiled=compiled)
+        (losses * upstream).sum().backward()
+        results.append((losses.detach(), logits.grad))
+        logits.grad = None
+    (eager_losses, eager_grad), (losses, grad) = results
+    torch.testing.assert_close(losses, eager_losses, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad.float(), eager_grad.float(), rtol=1e-2, atol=1e-8)
 
 
 def test_wide_row_backend_reduces_d24_layernorm_rows_in_one_pass_forward_and_backward():

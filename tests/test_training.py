@@ -382,6 +382,33 @@ def test_row_cross_entropy_is_float32_cross_entropy_over_chunks(monkeypatch, dty
     assert torch.autograd.gradcheck(lambda x: cross_entropy.row_cross_entropy(x, targets[:5] % 7, 0.2), (double,))
 
 
+def test_compiled_cross_entropy_is_the_chunked_one(monkeypatch):
+    """`row_cross_entropy(compiled=True)` (train.py's `--torch_compile`): the chunked losses and bfloat16 gradients
+    to float32 rounding, for any number of rows from one compiled graph per direction (each training schedule has
+    its own row count)."""
+    from torch._dynamo.utils import counters
+
+    from flexvar_hf.training import cross_entropy
+
+    monkeypatch.setattr(cross_entropy, "CHUNK_VALUES", 200)  # the eager reference in chunks of 4 rows of 50
+    generator = torch.Generator().manual_seed(0)
+    graphs_before = counters["stats"]["unique_graphs"]
+    for rows in (37, 61, 90):
+        logits = (torch.randn(rows, 50, generator=generator) * 3).bfloat16().requires_grad_()
+        targets = torch.randint(0, 50, (rows,), generator=generator)
+        upstream = torch.randn(rows, generator=generator)
+        results = {}
+        for compiled in (False, True):
+            losses = cross_entropy.row_cross_entropy(logits, targets, 0.1, compiled=compiled)
+            (losses * upstream).sum().backward()
+            results[compiled], logits.grad = (losses.detach(), logits.grad), None
+        (eager_losses, eager_grad), (losses, grad) = results[False], results[True]
+        assert losses.dtype == torch.float32 and grad.dtype == torch.bfloat16
+        torch.testing.assert_close(losses, eager_losses, rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(grad.float(), eager_grad.float(), rtol=1e-2, atol=1e-7)  # a bf16 unit at most
+    assert counters["stats"]["unique_graphs"] - graphs_before == 2
+
+
 def test_row_cross_entropy_saves_no_float32_copy_of_the_logits():
     """What the backward pass keeps: bfloat16 logits and a value per row, not the (N, V) float32 log-probabilities
     that `F.cross_entropy(logits.float())` saves."""

@@ -610,7 +610,8 @@ def test_bench_train_stack_compiles_all_blocks_as_one_graph_for_every_schedule(b
         for sides in ([1, 2, 3, 4], [1, 3, 4]):
             trainer.step(pixels, labels, sides)
             losses[config].append(trainer.loss.item())
-    assert counters["stats"]["unique_graphs"] - graphs_before == 1
+    # The stack of blocks, and the cross-entropy's forward and backward (compiled with the blocks, as train.py does).
+    assert counters["stats"]["unique_graphs"] - graphs_before == 3
     assert regional == []
     assert losses["sdpa+stack"] == pytest.approx(losses["sdpa"], rel=1e-3)
 

@@ -222,13 +222,15 @@ def flexvar_loss(
     targets: torch.LongTensor,
     label_smoothing: float = 0.0,
     token_weights: torch.Tensor | None = None,
+    compiled: bool = False,
 ) -> torch.Tensor:
     """Cross-entropy of `logits` (B, L, V) against `targets` (B, L), in float32, averaged over all B * L tokens.
 
     The mean over every token of every scale is what the original computes (a 1/L weight per token, then the mean
     over the batch). `token_weights` (L,) with mean 1 (`scale_token_weights`) weights the tokens' terms instead. With
     `label_smoothing` eps the target distribution is `(1 - eps) * onehot + eps / V`, so the minimum of the loss is
-    that distribution's entropy, not 0.
+    that distribution's entropy, not 0. `compiled`: the cross-entropy through `torch.compile`
+    (`row_cross_entropy(compiled=True)`), the same numbers to float32 rounding.
     """
     if logits.shape[:2] != targets.shape:
         raise ValueError(f"`logits` {tuple(logits.shape)} and `targets` {tuple(targets.shape)} do not match.")
@@ -236,7 +238,7 @@ def flexvar_loss(
         raise ValueError(f"`token_weights` must have shape ({targets.shape[1]},), got {tuple(token_weights.shape)}.")
     # `row_cross_entropy` is `F.cross_entropy(logits.float(), ..., reduction="none")` without float32 copies of the
     # logits kept for the backward pass, which is when a training step's memory peaks.
-    loss = row_cross_entropy(logits.flatten(0, 1), targets.flatten(), label_smoothing)
+    loss = row_cross_entropy(logits.flatten(0, 1), targets.flatten(), label_smoothing, compiled)
     if token_weights is None:
         return loss.mean()
     return (loss.view_as(targets) * to_device(token_weights, loss.device)).mean()
@@ -287,6 +289,7 @@ def training_loss(
     input_token_noise: float = 0.0,
     latents: torch.Tensor | None = None,
     drop_path_rate: float = 0.0,
+    compile_loss: bool = False,
 ) -> TrainingLoss:
     """
     The forward half of one training step: tokenise `pixels` (or already encoded `latents`, e.g. from a
@@ -294,7 +297,8 @@ def training_loss(
     `labels` to the unconditional label `num_classes` with probability `class_dropout_prob` (`drop_class_labels`),
     draw stochastic depth with `drop_path_rate` (`drop_path_factors`; all three draw from `generator`, in this
     order), run `transformer` with teacher forcing and take `flexvar_loss`, with
-    `scale_token_weights(scales, scale_weight_power)` unless the power is 0.
+    `scale_token_weights(scales, scale_weight_power)` unless the power is 0 (compiled with `compile_loss`, as
+    train.py's `--torch_compile` does).
 
     `transformer` may be wrapped (DDP, an accelerate-prepared module): it is only called. Call `.backward()` on the
     returned loss (or `accelerator.backward`), then step the optimizer.
@@ -309,5 +313,5 @@ def training_loss(
         factors = drop_path_factors(num_layers, labels.shape[0], drop_path_rate, generator, labels.device)
     logits = transformer(class_labels, teacher.scales, teacher.scale_inputs, drop_path_factors=factors).logits
     weights = scale_token_weights(teacher.scales, scale_weight_power) if scale_weight_power else None
-    loss = flexvar_loss(logits, teacher.targets, label_smoothing, weights)
+    loss = flexvar_loss(logits, teacher.targets, label_smoothing, weights, compiled=compile_loss)
     return TrainingLoss(loss=loss, logits=logits, teacher=teacher)
