@@ -219,12 +219,13 @@ def test_sdpa_training_bias_keeps_cudnns_masked_backward_finite():
         assert relative_error(got, reference) < bound, (name, relative_error(other, reference))
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "flex"])
-def test_training_step_does_not_wait_for_the_gpu(backend):
+@pytest.mark.parametrize("backend, compile_loss", [("sdpa", False), ("flex", False), ("sdpa", True)])
+def test_training_step_does_not_wait_for_the_gpu(backend, compile_loss):
     """A warmed-up training step (random draws from a CPU generator, class dropout, stochastic depth, the block mask,
-    fused AdamW with the clip factor inside its kernel as train.py runs it, the step's metrics) queues its kernels
-    without one synchronisation: a copy from pageable host memory or a read-back would make the host wait for the GPU,
-    which then idles while the host queues the next step's first kernels."""
+    fused AdamW with the clip factor inside its kernel as train.py runs it, the step's metrics; the cross-entropy
+    compiled with dynamic shapes as under `--torch_compile`) queues its kernels without one synchronisation: a copy
+    from pageable host memory or a read-back would make the host wait for the GPU, which then idles while the host
+    queues the next step's first kernels."""
     from flexvar_hf.training.flexvar_loss import training_loss
     from flexvar_hf.training.metrics import StepMetrics
     from flexvar_hf.training.optim import build_optimizer, clip_and_step
@@ -240,7 +241,8 @@ def test_training_step_does_not_wait_for_the_gpu(backend):
 
     def step(number, scales):
         output = training_loss(
-            transformer, vqvae, scales, pixels, labels, 10, 0.1, generator=generator, drop_path_rate=0.1
+            transformer, vqvae, scales, pixels, labels, 10, 0.1, generator=generator, drop_path_rate=0.1,
+            compile_loss=compile_loss,
         )
         output.loss.backward()
         norm = clip_and_step(optimizer, transformer.parameters(), 2.0, fold_clip=True)
