@@ -805,7 +805,7 @@ def e2e_runs(args, results: dict, budget: Budget, device: torch.device, save) ->
             "--vqvae_model_name_or_path", str(vq_dir), "--depth", str(depth), "--num_classes", str(NUM_CLASSES),
             "--train_data_dir", str(data), "--resolution", str(args.resolution), "--train_batch_size", str(batch),
             "--max_train_steps", str(args.e2e_steps), "--allow_tf32",
-            "--mixed_precision", "no" if args.tiny else "bf16",
+            "--mixed_precision", "no" if args.tiny and not options["bf16weights"] else "bf16",
             "--dataloader_num_workers", str(args.e2e_workers), "--checkpointing_steps",
             str(args.e2e_checkpointing_steps), "--checkpoints_total_limit", "1", "--report_to", "none",
             "--output_dir", str(output), *flags,

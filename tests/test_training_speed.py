@@ -487,15 +487,15 @@ def test_bench_train_e2e_runs_train_py_on_the_datasets_stand_in(tmp_path):
     result_file = tmp_path / "e2e.json"
     subprocess.run(
         [sys.executable, "-W", "ignore", str(root / "benchmarks" / "bench_train.py"), "--no-steps", "--device", "cpu",
-         "--tiny", "--e2e", "--runs", "d16:2", "--configs", "per_scale+fused+cache", "--e2e_steps", "4",
-         "--e2e_warmup", "2", "--e2e_checkpointing_steps", "2", "--e2e_images", "30", "--e2e_workers", "0",
-         "--e2e_data", str(tmp_path / "jpegs"), "--json", str(result_file)],
+         "--tiny", "--e2e", "--runs", "d16:2", "--configs", "per_scale+fused+cache", "sdpa+bf16weights",
+         "--e2e_steps", "4", "--e2e_warmup", "2", "--e2e_checkpointing_steps", "2", "--e2e_images", "30",
+         "--e2e_workers", "0", "--e2e_data", str(tmp_path / "jpegs"), "--json", str(result_file)],
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600, check=True,
     )
     results = json.loads(result_file.read_text())
     assert "failures" not in results, results.get("failures")
-    (run,) = results["runs"]
-    assert run["mode"] == "e2e per_scale+fused+cache" and run["steps"] == 2 and run["tokens_per_s"] > 0
+    assert [run["mode"] for run in results["runs"]] == ["e2e per_scale+fused+cache", "e2e sdpa+bf16weights"]
+    assert all(run["steps"] == 2 and run["tokens_per_s"] > 0 for run in results["runs"])
 
 
 def test_to_device_copies_to_cuda_from_pinned_memory_without_blocking(monkeypatch):
