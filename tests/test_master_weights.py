@@ -229,3 +229,27 @@ def test_float32_mean_allreduce_hook_rounds_the_float32_mean_once():
     results = mp.Manager().dict()
     mp.spawn(_mean_of_ranks, args=(3, port, values, results), nprocs=3, join=True)
     assert [results[rank] for rank in range(3)] == [[[expected] * 4]] * 3
+
+
+@torch.no_grad()
+def test_bf16_weights_give_autocasts_parity_loss(parity_transformer, parity_vq, reference):
+    """The converted parity checkpoint with its linear weights in bfloat16 (a copy: `build_optimizer` casts them in
+    place) gives bf16 autocast's loss on the fixture's teacher-forcing batch exactly, and that is the original's
+    loss (its float32 logits') to bfloat16 noise."""
+    import copy
+
+    from flexvar_hf.training.flexvar_loss import build_teacher_inputs
+
+    scales = [(1, 1), (2, 2), (3, 3), (4, 4)]
+    teacher = build_teacher_inputs(parity_vq, scales, pixels=reference["image"])
+    model = copy.deepcopy(parity_transformer)
+    build_optimizer(model, 1e-4, bf16_weights=True)
+    losses = []
+    for transformer in (parity_transformer, model):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = transformer(reference["labels"], scales, teacher.scale_inputs).logits
+        losses.append(flexvar_loss(logits, teacher.targets).item())
+    assert model.blocks[0].attn.to_qkv.weight.dtype == torch.bfloat16
+    assert losses[1] == losses[0]
+    original = flexvar_loss(reference["teacher_logits"], reference["teacher_targets"]).item()
+    assert losses[1] == pytest.approx(original, rel=2e-3)  # measured 5.8e-4

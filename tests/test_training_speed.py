@@ -158,6 +158,15 @@ def test_training_attentions_give_the_parity_loss(parity_transformer, parity_vq,
         parity_transformer.set_training_attention("dense")
 
 
+def test_compiled_loss_gives_the_parity_loss(reference):
+    """The compiled cross-entropy (`--torch_compile`) on the original's teacher-forcing logits of the parity fixture
+    is the original's loss (cross-entropy over every token, as its trainer takes it) to float32 rounding."""
+    logits, targets = reference["teacher_logits"], reference["teacher_targets"]
+    original = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+    assert flexvar_loss(logits, targets, compiled=True).item() == pytest.approx(original.item(), rel=SPEED_TOLERANCE)
+    assert flexvar_loss(logits, targets, compiled=True).item() == pytest.approx(reference_loss(reference), rel=1e-6)
+
+
 def reference_loss(reference) -> float:
     """Cross-entropy of the original's logits against its targets, per token."""
     return flexvar_loss(reference["teacher_logits"], reference["teacher_targets"]).item()
