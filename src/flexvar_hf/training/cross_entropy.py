@@ -53,13 +53,18 @@ def logit_gradients(
     label_smoothing: float,
 ) -> torch.Tensor:
     """d loss / d logits = (softmax - target distribution) times each row's incoming gradient, in the logits' dtype.
-    The target's term is a comparison with the column index rather than a scatter, so that Inductor fuses it."""
-    grad = torch.exp(logits.to(log_sum_exp.dtype) - log_sum_exp[:, None])
+    Eagerly in place on one float32 copy, the target's term a scatter of one value per row; compiled, that term is
+    a comparison with the column index instead (the same values), so that Inductor fuses the whole function into
+    one kernel rather than writing the float32 gradient out for a scatter."""
+    grad = logits.to(log_sum_exp.dtype, copy=True).sub_(log_sum_exp[:, None]).exp_()
     if label_smoothing:
-        grad = grad - label_smoothing / logits.shape[1]
-    columns = torch.arange(logits.shape[1], device=logits.device)
-    grad = torch.where(columns == targets[:, None], grad - (1 - label_smoothing), grad)
-    return (grad * grad_losses[:, None]).to(logits.dtype)
+        grad.sub_(label_smoothing / logits.shape[1])
+    if torch.compiler.is_compiling():
+        is_target = torch.arange(logits.shape[1], device=logits.device) == targets[:, None]
+        grad = torch.where(is_target, grad - (1 - label_smoothing), grad)
+    else:
+        grad.scatter_add_(1, targets[:, None], grad.new_full((grad.shape[0], 1), -(1 - label_smoothing)))
+    return grad.mul_(grad_losses[:, None]).to(logits.dtype)
 
 
 @functools.cache
