@@ -29,9 +29,15 @@ import time
 
 import torch
 
-from bench_generate import CODE_DIM, NUM_CLASSES, VOCAB_SIZE
-from bench_train import BETAS, LEARNING_RATE, MAX_GRAD_NORM, WEIGHT_DECAY, model_size, synchronize
-from flexvar_hf import FlexVARTransformer2DModel
+from bench_train import (
+    BETAS,
+    LEARNING_RATE,
+    MAX_GRAD_NORM,
+    WEIGHT_DECAY,
+    model_size,
+    random_transformer,
+    synchronize,
+)
 from flexvar_hf.training.optim import build_optimizer, clip_and_step
 
 METHODS = ("fused", "compiled", "bf16weights")
@@ -49,15 +55,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--json", default=None, help="Write the results here.")
     return parser.parse_args(argv)
-
-
-def build_model(size: str, device: torch.device) -> FlexVARTransformer2DModel:
-    depth, width, heads = model_size(size, tiny=size == "tiny")
-    torch.manual_seed(0)
-    return FlexVARTransformer2DModel(
-        num_layers=depth, hidden_size=width, num_attention_heads=heads, num_classes=NUM_CLASSES,
-        vocab_size=VOCAB_SIZE, code_dim=CODE_DIM,
-    ).to(device)
 
 
 def fixed_gradients(model: torch.nn.Module) -> list[torch.Tensor]:
@@ -111,7 +108,7 @@ STEPS = {
 
 
 def run(method: str, size: str, device: torch.device, warmup: int, iters: int) -> tuple[dict, list[torch.Tensor]]:
-    model = build_model(size, device)
+    model = random_transformer(*model_size(size, tiny=size == "tiny"), device)
     gradients = fixed_gradients(model)
     parameters = list(model.parameters())
     step, optimizer = STEPS[method](model)

@@ -213,6 +213,15 @@ def model_size(size: str, tiny: bool) -> tuple[int, int, int]:
     return depth, 64 * depth, depth
 
 
+def random_transformer(depth: int, width: int, heads: int, device: torch.device) -> FlexVARTransformer2DModel:
+    """A transformer of the released vocabulary, class count and code size on `device`, initialised from seed 0."""
+    torch.manual_seed(0)
+    return FlexVARTransformer2DModel(
+        num_layers=depth, hidden_size=width, num_attention_heads=heads, num_classes=NUM_CLASSES,
+        vocab_size=VOCAB_SIZE, code_dim=CODE_DIM,
+    ).to(device)
+
+
 def model_flops(depth: int, width: int, sides: list[int], batch: int) -> float:
     """Model FLOPs of one training step (forward + backward) on `batch` images at `sides` (see the module doc)."""
     counts = [side * side for side in sides]
@@ -282,12 +291,9 @@ class OursTrainer:
     """Our transformer, VQ model and optimizer, one step as examples/train.py's under bf16 mixed precision."""
 
     def __init__(self, depth: int, width: int, heads: int, device: torch.device, options: dict, vq_config=None):
-        torch.manual_seed(0)
         self.device, self.options = device, options
-        self.transformer = FlexVARTransformer2DModel(
-            num_layers=depth, hidden_size=width, num_attention_heads=heads, num_classes=NUM_CLASSES,
-            vocab_size=VOCAB_SIZE, code_dim=CODE_DIM,
-        ).to(device)
+        self.compiled = any(options[flag] for flag in COMPILE_FLAGS)
+        self.transformer = random_transformer(depth, width, heads, device)
         self.transformer.train()
         self.transformer.set_training_attention(options["attention"])
         if options["ckpt"]:
@@ -308,7 +314,7 @@ class OursTrainer:
         block_causal.FLEX_KERNEL_OPTIONS.clear()
         if not options["defaulttiles"]:
             block_causal.FLEX_KERNEL_OPTIONS.update(LIBRARY_FLEX_KERNEL_OPTIONS)
-        if any(options[flag] for flag in COMPILE_FLAGS):
+        if self.compiled:
             modes = {"autotune": "max-autotune-no-cudagraphs", "graphs": "reduce-overhead"}
             mode = next((modes[flag] for flag in modes if options[flag]), None)
             compile_options = {"dynamic": None if options["autodynamic"] else True}
@@ -347,7 +353,7 @@ class OursTrainer:
         output = training_loss(
             self.transformer, self.vqvae, [(side, side) for side in sides], pixels, labels, NUM_CLASSES,
             CLASS_DROPOUT, generator=self.generator, latents=latents, drop_path_rate=self.drop_path_rate,
-            compile_loss=any(self.options[flag] for flag in COMPILE_FLAGS),
+            compile_loss=self.compiled,
         )
         output.loss.backward()
         self.loss = output.loss.detach()
@@ -496,11 +502,7 @@ def step_runs(args, results: dict, budget: Budget, device: torch.device, save) -
 def check_attention(args, results: dict, device: torch.device) -> None:
     """Loss and gradients of each attention against sdpa, on one batch and schedule, in float32 and bf16 autocast."""
     depth, width, heads = model_size(args.runs[0][0], args.tiny)
-    torch.manual_seed(0)
-    model = FlexVARTransformer2DModel(
-        num_layers=min(depth, 4), hidden_size=width, num_attention_heads=heads, num_classes=NUM_CLASSES,
-        vocab_size=VOCAB_SIZE, code_dim=CODE_DIM,
-    ).to(device)
+    model = random_transformer(min(depth, 4), width, heads, device)
     # Gates far from training's near-zero start (1e-5), so that the blocks, and so the attention, carry the loss.
     model.initialize_weights(adaln_gate_gain=20.0)
     sides = draw_schedules(args.resolution, 3, seed=5)[-1]
