@@ -952,9 +952,9 @@ def main(args: argparse.Namespace) -> dict:
                 )
             if validation_due:
                 model = gather_model(accelerator, transformer, FlexVARTransformer2DModel)  # on every process
-                # Generation runs without autocast: the float32 weights, for the time of the validation.
-                with optimizer.optimizer.float32_model() if args.bf16_weights else nullcontext():
-                    if accelerator.is_main_process:
+                if accelerator.is_main_process:
+                    # Generation runs without autocast: the float32 weights, for the time of the validation.
+                    with optimizer.optimizer.float32_model() if args.bf16_weights else nullcontext():
                         log_validation(args, accelerator, model, vqvae, scheduler, id2label, ema_model, global_step)
             if out_of_time:
                 logger.info(f"Stopping after {args.max_train_minutes} minutes at step {global_step}.")

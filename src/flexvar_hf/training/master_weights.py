@@ -116,6 +116,11 @@ def adamw_update(
         torch._foreach_copy_(copies, masters[: len(copies)])
 
 
+def _device_scalar(value: float, device: torch.device) -> torch.Tensor:
+    """A 0-d float32 tensor on `device`, filled by a kernel (no copy from the host, so no wait for the GPU)."""
+    return torch.full((), value, dtype=torch.float32, device=device)
+
+
 class MasterWeightAdamW(torch.optim.Optimizer):
     """
     AdamW whose `low_precision` parameters live in the model in `dtype` (bfloat16) while it updates float32
@@ -240,14 +245,11 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for (device, step), lists in self._step_lists(group).items():
-                def scalar(value: float, device=device) -> torch.Tensor:
-                    return torch.full((), value, dtype=torch.float32, device=device)
-
                 self._update_function(device)(
                     *lists, grad_scale=None if grad_scale is None else grad_scale.to(device),
-                    decay=scalar(1 - group["lr"] * group["weight_decay"]),
-                    step_size=scalar(group["lr"] / (1 - beta1**step)),
-                    bias_correction2_sqrt=scalar(math.sqrt(1 - beta2**step)),
+                    decay=_device_scalar(1 - group["lr"] * group["weight_decay"], device),
+                    step_size=_device_scalar(group["lr"] / (1 - beta1**step), device),
+                    bias_correction2_sqrt=_device_scalar(math.sqrt(1 - beta2**step), device),
                     beta1=beta1, beta2=beta2, eps=group["eps"],
                 )
         return loss
