@@ -794,6 +794,13 @@ def test_logging_steps_log_every_step_with_the_same_values(assets, tmp_path, tra
     assert runs[3] == runs[1] and len(set(runs[1])) == 5
 
 
+def copy_killed_before(run: Path, copy: Path, checkpoint: str) -> None:
+    """`copy` = the output folder `run` as it was when killed before writing `checkpoint` and the pipeline."""
+    shutil.copytree(run, copy)
+    shutil.rmtree(copy / checkpoint)
+    shutil.rmtree(copy / "pipeline")
+
+
 def test_resume_reproduces_the_uninterrupted_run(assets, tmp_path, train_script, fresh_accelerate):
     """4 steps straight == 2 steps, a kill, and a resume from checkpoint-2; EMA, accumulation, warmup/decay on.
 
@@ -806,9 +813,7 @@ def test_resume_reproduces_the_uninterrupted_run(assets, tmp_path, train_script,
     straight = train_script.main(train_script.parse_args(scratch_args(assets, tmp_path / "a", *options)))
 
     # The same command killed after the checkpoint at step 2, then run again with --resume_from_checkpoint latest.
-    shutil.copytree(tmp_path / "a", tmp_path / "b")
-    shutil.rmtree(tmp_path / "b" / "checkpoint-4")
-    shutil.rmtree(tmp_path / "b" / "pipeline")
+    copy_killed_before(tmp_path / "a", tmp_path / "b", "checkpoint-4")
     (tmp_path / "b" / ".checkpoint-4.tmp").mkdir()  # half-written when killed
     reset_accelerate()
     resumed = train_script.main(
@@ -903,17 +908,16 @@ def test_bf16_weights_train_like_the_fused_adamw_resume_and_save_float32(
     checkpoint = load_file(tmp_path / "a" / "checkpoint-2" / "model.safetensors")
     assert checkpoint["blocks.0.attn.to_qkv.weight"].dtype == torch.bfloat16
 
-    shutil.copytree(tmp_path / "a", tmp_path / "b")
-    shutil.rmtree(tmp_path / "b" / "checkpoint-4")
-    shutil.rmtree(tmp_path / "b" / "pipeline")
+    copy_killed_before(tmp_path / "a", tmp_path / "b", "checkpoint-4")
     reset_accelerate()
     resumed = train_script.main(train_script.parse_args(
         scratch_args(assets, tmp_path / "b", *options, "--bf16_weights", "--resume_from_checkpoint", "latest")
     ))
     assert resumed["losses"] == bf16["losses"][2:]
     assert all(torch.equal(tensor, weights[name]) for name, tensor in resumed["transformer"].state_dict().items())
-    assert load_file(tmp_path / "b" / file).keys() == saved.keys()
-    assert all(torch.equal(load_file(tmp_path / "b" / file)[name], saved[name]) for name in saved)
+    resumed_saved = load_file(tmp_path / "b" / file)
+    assert resumed_saved.keys() == saved.keys()
+    assert all(torch.equal(resumed_saved[name], saved[name]) for name in saved)
 
     # A checkpoint of float32 weights has no masters: resuming it with --bf16_weights would lose them.
     reset_accelerate()
