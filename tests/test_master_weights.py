@@ -19,27 +19,7 @@ from flexvar_hf.training.master_weights import (
     linear_weights,
 )
 from flexvar_hf.training.optim import build_optimizer, clip_and_step, parameter_groups
-from test_training_speed import SPEED_TOLERANCE, random_schedules, tiny_model
-
-MAX_GRAD_NORM = 0.05  # below the tiny model's gradient norms: the clip acts at every step
-
-
-def autocast_steps(model, optimizer, schedules, seed: int = 1) -> tuple[list[float], list[list[torch.Tensor]]]:
-    """AdamW steps under bfloat16 autocast on random teacher-forcing batches, the clip folded into the update; the
-    losses and every step's gradients in float32."""
-    generator = torch.Generator().manual_seed(seed)
-    losses, grads = [], []
-    for scales in schedules:
-        length = sum(h * w for h, w in scales)
-        inputs = torch.randn(3, length - 1, 4, generator=generator)
-        targets = torch.randint(0, 32, (3, length), generator=generator)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = flexvar_loss(model(torch.tensor([0, 2, 5]), scales, inputs).logits, targets)
-        loss.backward()
-        grads.append([param.grad.to(torch.float32, copy=True) for param in model.parameters()])
-        assert clip_and_step(optimizer, list(model.parameters()), MAX_GRAD_NORM, fold_clip=True) > MAX_GRAD_NORM
-        losses.append(loss.item())
-    return losses, grads
+from test_training_speed import SPEED_TOLERANCE, random_schedules, tiny_model, train_steps
 
 
 def float32_weights(optimizer) -> list[torch.Tensor]:
@@ -61,7 +41,7 @@ def test_bf16_weights_train_like_float32_weights_under_autocast():
     schedules = random_schedules(4, seed=2, size=96)
     plain_model = tiny_model()
     plain_optimizer = build_optimizer(plain_model, 1e-2, fused=True)
-    plain_losses, plain_grads = autocast_steps(plain_model, plain_optimizer, schedules)
+    plain_losses, plain_grads = train_steps(plain_model, schedules, plain_optimizer, fold_clip=True, autocast=True)
 
     model = tiny_model()
     selected = linear_weights(model)
@@ -71,7 +51,7 @@ def test_bf16_weights_train_like_float32_weights_under_autocast():
     others = [param for param in model.parameters() if all(param is not weight for weight in selected)]
     assert others and all(param.dtype == torch.float32 for param in others)
     assert optimizer.param_groups[0]["weight_decay"] == 0.05 and optimizer.param_groups[1]["weight_decay"] == 0.0
-    losses, grads = autocast_steps(model, optimizer, schedules)
+    losses, grads = train_steps(model, schedules, optimizer, fold_clip=True, autocast=True)
 
     assert losses[0] == plain_losses[0]  # the same bfloat16 weights
     for grad, plain in zip(grads[0], plain_grads[0]):  # autocast's float32 gradients are the bfloat16 ones
@@ -103,11 +83,11 @@ def test_resuming_from_the_state_dict_continues_the_same_run():
     schedules = random_schedules(4, seed=3, size=96)
     model = tiny_model()
     optimizer = build_optimizer(model, 1e-2, bf16_weights=True)
-    losses, _ = autocast_steps(model, optimizer, schedules)
+    losses, _ = train_steps(model, schedules, optimizer, fold_clip=True, autocast=True)
 
     first = tiny_model()
     first_optimizer = build_optimizer(first, 1e-2, bf16_weights=True)
-    first_losses, _ = autocast_steps(first, first_optimizer, schedules[:2])
+    first_losses, _ = train_steps(first, schedules[:2], first_optimizer, fold_clip=True, autocast=True)
     buffer = io.BytesIO()
     torch.save({"model": first.state_dict(), "optimizer": first_optimizer.state_dict()}, buffer)
     buffer.seek(0)
@@ -123,12 +103,12 @@ def test_resuming_from_the_state_dict_continues_the_same_run():
     for state in resumed_optimizer.state.values():
         assert all(state[key].dtype == torch.float32 for key in ("exp_avg", "exp_avg_sq"))
     assert_copies_are_rounded_masters(resumed, resumed_optimizer)
-    resumed_losses, _ = autocast_steps(resumed, resumed_optimizer, schedules[2:], seed=1)
+    resumed_losses, _ = train_steps(resumed, schedules[2:], resumed_optimizer, fold_clip=True, autocast=True)
     # The batches after the interruption come from a fresh generator: compare with the same batches.
     again = tiny_model()
     again_optimizer = build_optimizer(again, 1e-2, bf16_weights=True)
-    autocast_steps(again, again_optimizer, schedules[:2])
-    again_losses, _ = autocast_steps(again, again_optimizer, schedules[2:], seed=1)
+    train_steps(again, schedules[:2], again_optimizer, fold_clip=True, autocast=True)
+    again_losses, _ = train_steps(again, schedules[2:], again_optimizer, fold_clip=True, autocast=True)
     assert first_losses == losses[:2] and resumed_losses == again_losses
     for mine, theirs in zip(resumed_optimizer.master_weights(), again_optimizer.master_weights()):
         assert torch.equal(mine, theirs)

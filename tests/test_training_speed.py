@@ -173,36 +173,38 @@ def reference_loss(reference) -> float:
 
 
 def train_steps(
-    model, schedules, fused: bool | None = None, steps: int = 3, fold_clip: bool = False
-) -> tuple[list[float], list[torch.Tensor]]:
-    """A few AdamW steps on random teacher-forcing batches, the gradients clipped to a norm of 0.05 (below theirs);
-    the losses and the first step's gradients."""
-    optimizer = build_optimizer(model, 1e-2, fused=fused)
-    generator = torch.Generator().manual_seed(1)
-    losses, first_grads = [], None
-    for scales in schedules[:steps]:
+    model, schedules, optimizer=None, fused: bool | None = None, fold_clip: bool = False, autocast: bool = False,
+    seed: int = 1,
+) -> tuple[list[float], list[list[torch.Tensor]]]:
+    """An AdamW step (`optimizer`, by default `build_optimizer(model, 1e-2, fused=fused)`) per schedule on random
+    teacher-forcing batches, under bfloat16 autocast if `autocast`, the gradients clipped to a norm of 0.05 (below
+    theirs); the losses and every step's gradients (float32 copies)."""
+    optimizer = optimizer or build_optimizer(model, 1e-2, fused=fused)
+    generator = torch.Generator().manual_seed(seed)
+    losses, grads = [], []
+    for scales in schedules:
         length = sum(h * w for h, w in scales)
         inputs = torch.randn(3, length - 1, 4, generator=generator)
         targets = torch.randint(0, 32, (3, length), generator=generator)
-        loss = flexvar_loss(model(torch.tensor([0, 2, 5]), scales, inputs).logits, targets)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = flexvar_loss(model(torch.tensor([0, 2, 5]), scales, inputs).logits, targets)
         loss.backward()
-        if first_grads is None:
-            first_grads = [param.grad.clone() for param in model.parameters()]
+        grads.append([param.grad.to(torch.float32, copy=True) for param in model.parameters()])
         norm = clip_and_step(optimizer, list(model.parameters()), 0.05, fold_clip=fold_clip)
         assert norm > 0.05 and not hasattr(optimizer, "grad_scale")
         losses.append(loss.item())
-    return losses, first_grads
+    return losses, grads
 
 
 @pytest.mark.parametrize("option", ["per_scale", "fused_adamw", "folded_clip"])
 def test_speed_options_train_like_the_plain_path(option):
     """folded_clip: fused AdamW applying the clip factor inside its kernel (`clip_and_step(fold_clip=True)`)."""
     schedules = random_schedules(3, seed=2, size=96)
-    plain_losses, plain_grads = train_steps(tiny_model(), schedules)
+    plain_losses, (plain_grads, *_) = train_steps(tiny_model(), schedules)
     model = tiny_model()
     if option == "per_scale":
         model.set_training_attention("per_scale")
-    losses, grads = train_steps(
+    losses, (grads, *_) = train_steps(
         model, schedules, fused=option != "per_scale", fold_clip=option == "folded_clip"
     )
     assert losses == pytest.approx(plain_losses, rel=SPEED_TOLERANCE)
